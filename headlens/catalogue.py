@@ -1,0 +1,163 @@
+"""The per-head catalogue: one row per (layer, head), a score and evidence per role, and run metadata.
+
+Columns (see docs/catalogue.md): ``layer``, ``head``, ``head_id`` (``L18H6``), then for each detector
+that ran ``<role>_score``, its evidence columns ``<role>_<name>``, ``<role>_label`` (True where the head is
+labelled with that role) and ``<role>_status`` (``ok`` or ``not_applicable: <reason>``), and last ``roles``
+(the roles a head is labelled with, ``;``-separated). Run metadata (model, headlens version, seed,
+parameters, causal checks, timings) goes in a JSON sidecar ``<name>.json`` beside the CSV.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+
+from . import __version__
+from .errors import HeadlensError
+from .progress import progress
+
+FLOAT_FORMAT = "%.6g"
+
+
+@dataclass
+class Catalogue:
+    frame: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def roles(self) -> list[str]:
+        return [r for r in self.meta.get("detectors", {})]
+
+    def top(self, role: str, k: int = 10) -> pd.DataFrame:
+        """The k highest-scoring heads for ``role``."""
+        col = f"{role}_score"
+        if col not in self.frame:
+            raise HeadlensError(f"the catalogue has no role '{role}'; it has: {', '.join(self.roles) or 'none'}")
+        cols = ["head_id"] + [c for c in self.frame.columns if c.startswith(f"{role}_")]
+        return self.frame.sort_values(col, ascending=False, na_position="last", kind="stable")[cols].head(k)
+
+    def long(self) -> pd.DataFrame:
+        """Long form: one row per (layer, head, role) with score and label."""
+        rows = []
+        for role in self.roles:
+            part = self.frame[["layer", "head", "head_id", f"{role}_score", f"{role}_label"]].copy()
+            part.columns = ["layer", "head", "head_id", "score", "label"]
+            part.insert(3, "role", role)
+            rows.append(part)
+        return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write the CSV and its JSON sidecar atomically (temporary file, then rename)."""
+        path = Path(path)
+        text = self.frame.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+        meta = json.dumps(self.meta, indent=2, sort_keys=True, default=str) + "\n"
+        atomic_write(path, text)
+        atomic_write(sidecar_path(path), meta)
+        return path
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_suffix(".json") if path.suffix == ".csv" else path.with_name(path.name + ".json")
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early (before a long scan) if ``path`` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise HeadlensError(f"output path {path} is a directory; give a file name like {path}/catalogue.csv")
+    if not parent.is_dir():
+        raise HeadlensError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise HeadlensError(f"cannot write {path}: permission denied")
+    return path
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    check_writable(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_catalogue(path: str | os.PathLike) -> Catalogue:
+    """Load a catalogue CSV (and its JSON sidecar, when present)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadlensError(f"no catalogue at {path}")
+    try:
+        frame = pd.read_csv(path)
+    except Exception as exc:
+        raise HeadlensError(f"{path} is not a readable CSV: {exc}".splitlines()[0]) from exc
+    if not {"layer", "head", "head_id"} <= set(frame.columns):
+        raise HeadlensError(f"{path} is not a headlens catalogue (no layer/head/head_id columns)")
+    meta = {}
+    side = sidecar_path(path)
+    if side.is_file():
+        meta = json.loads(side.read_text())
+    else:
+        roles = [c[:-6] for c in frame.columns if c.endswith("_score")]
+        meta = {"detectors": {r: {} for r in roles}}
+    return Catalogue(frame=frame, meta=meta)
+
+
+def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None = None) -> Catalogue:
+    """Join detector results into one frame with labels, statuses and the ``roles`` column."""
+    L, H = model.n_layers, model.n_heads
+    base = pd.DataFrame({"layer": [l for l in range(L) for _ in range(H)],
+                         "head": [h for _ in range(L) for h in range(H)]})
+    base["head_id"] = [f"L{l}H{h}" for l, h in zip(base["layer"], base["head"])]
+    roles_of: dict[tuple[int, int], list[str]] = {}
+    detectors_meta = {}
+    frame = base
+    for res in results:
+        part = res.frame.copy()
+        label = pd.Series(False, index=part.index)
+        for l, h in res.labelled:
+            label[(part["layer"] == l) & (part["head"] == h)] = True
+            roles_of.setdefault((l, h), []).append(res.role)
+        part[f"{res.role}_label"] = label.values
+        part[f"{res.role}_status"] = res.status if res.status == "ok" else f"{res.status}: {res.reason}"
+        frame = frame.merge(part, on=["layer", "head"], how="left", validate="one_to_one")
+        detectors_meta[res.role] = {"status": res.status, "reason": res.reason, "params": res.params,
+                                    "labelled": [f"L{l}H{h}" for l, h in res.labelled],
+                                    "causal": res.causal, "info": res.info}
+    frame["roles"] = [";".join(roles_of.get((l, h), [])) for l, h in zip(frame["layer"], frame["head"])]
+    meta = {"headlens_version": __version__, "model": model.info.as_dict(), "seed": seed,
+            "torch_version": torch.__version__, "detectors": detectors_meta}
+    meta.update(extra_meta or {})
+    return Catalogue(frame=frame, meta=meta)
+
+
+def scan(model, detectors: Iterable, seed: int = 0) -> Catalogue:
+    """Run each detector on ``model`` (seeded) and build the catalogue."""
+    results, timings = [], {}
+    detectors = list(detectors)
+    for det in progress(detectors, "detectors"):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            res = det.run(model, seed=seed)
+        timings[det.name] = round(time.perf_counter() - t0, 2)
+        res.info.setdefault("seconds", timings[det.name])
+        results.append(res)
+    # Timings differ run to run, so they stay out of the CSV; the sidecar keeps them.
+    return build_catalogue(model, results, seed, {"timings_s": timings})

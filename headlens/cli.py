@@ -1,0 +1,182 @@
+"""The ``headlens`` command line: ``scan``, ``show`` and ``detectors``."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import HeadlensError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find and score attention-head roles into a per-head catalogue.")
+out = Console()
+err = Console(stderr=True)
+
+
+def _params(values: list[str]) -> dict[str, dict]:
+    """``--param induction.seq_len=20`` -> {"induction": {"seq_len": 20}} (values parsed as JSON when possible)."""
+    result: dict[str, dict] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        role, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise HeadlensError(f"bad --param '{item}'; write ROLE.NAME=VALUE, e.g. induction.seq_len=20")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        result.setdefault(role, {})[name] = value
+    return result
+
+
+def top_table(catalogue, role: str, k: int) -> Table:
+    frame = catalogue.top(role, k)
+    status = catalogue.frame[f"{role}_status"].iloc[0] if f"{role}_status" in catalogue.frame else "ok"
+    table = Table(title=f"{role}: top {k} heads" + ("" if status == "ok" else f"  [{status}]"))
+    for col in frame.columns:
+        table.add_column(col.removeprefix(f"{role}_"), justify="left" if col == "head_id" else "right")
+    for _, row in frame.iterrows():
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    return table
+
+
+@app.command()
+def scan(
+    model: str = typer.Argument("smollm2-135m", help="built-in name, local HF folder, .gguf file or hub id"),
+    detectors: str = typer.Option("all", "--detectors", "-d", help="comma-separated roles, or 'all'"),
+    out_path: str = typer.Option("catalogue.csv", "--out", "-o", help="where to write the catalogue CSV"),
+    seed: int = typer.Option(0, help="random seed (same seed, same catalogue)"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    batch_size: int = typer.Option(64, "--batch-size", help="most sequences in one batched forward pass"),
+    param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable)"),
+    report: Optional[str] = typer.Option(None, help="also write a self-contained HTML report here"),
+    top: int = typer.Option(10, help="heads per role in the summary table"),
+):
+    """Scan MODEL's attention heads with the chosen detectors and write the catalogue CSV."""
+    from . import progress
+    from .catalogue import check_writable
+    from .catalogue import scan as run_scan
+    from .detectors import get_detector, parse_detectors
+    from .models import load_model
+
+    names = parse_detectors(detectors)
+    overrides = _params(param)
+    for role in overrides:
+        if role not in names:
+            raise HeadlensError(f"--param for '{role}', which is not among the detectors run ({', '.join(names)})")
+    dets = [get_detector(n, **({"max_rows": batch_size} if _takes(n, "max_rows") else {}),
+                         **overrides.get(n, {})) for n in names]
+    check_writable(out_path)
+    if report:
+        check_writable(report)
+    t0 = time.perf_counter()
+    with err.status(f"loading {model}"):
+        m = load_model(model, device=device, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    err.print(f"loaded {m.info.name}: {m.n_layers} layers x {m.n_heads} heads "
+              f"({m.info.n_kv_heads} kv heads), {m.info.dtype} on {m.info.device} in {load_s:.1f} s")
+    with progress.bars():
+        cat = run_scan(m, dets, seed=seed)
+    cat.meta["timings_s"]["model_load"] = round(load_s, 2)
+    for role in names:
+        out.print(top_table(cat, role, top))
+        d = cat.meta["detectors"][role]
+        if d["status"] != "ok":
+            out.print(f"[yellow]{role}: not applicable: {d['reason']}[/yellow]")
+        elif not d["labelled"]:
+            out.print(f"[yellow]{role}: no head labelled. {d['reason']}[/yellow]")
+        c = d.get("causal") or {}
+        if c:
+            out.print(f"  causal check ({c['metric']}): clean {c['clean']:.4g}, top-{c['k']} ablated "
+                      f"{c['top_k_ablated']:.4g}, random-{c['k']} ablated {c['random_k_ablated_mean']:.4g} "
+                      f"+- {c['random_k_ablated_std']:.2g} ({len(c['random_k_ablated'])} draws)")
+    cat.to_csv(out_path)
+    out.print(f"wrote {out_path} ({len(cat.frame)} heads) and its metadata {_sidecar(out_path)}")
+    if report:
+        from .report import write_report
+        write_report(cat, report, model=m)
+        out.print(f"wrote {report}")
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in cat.meta["timings_s"].items())
+    err.print(f"timings: {timings}")
+
+
+def _takes(name: str, field: str) -> bool:
+    import dataclasses
+
+    from .detectors import detector_class
+    return field in {f.name for f in dataclasses.fields(detector_class(name).Params)}
+
+
+def _sidecar(path: str) -> str:
+    from pathlib import Path
+
+    from .catalogue import sidecar_path
+    return str(sidecar_path(Path(path)))
+
+
+@app.command()
+def show(
+    path: str = typer.Argument(..., help="a catalogue CSV written by headlens scan"),
+    role: Optional[str] = typer.Option(None, help="only this role"),
+    top: int = typer.Option(10, help="heads per role"),
+):
+    """Print the top heads of a saved catalogue."""
+    from .catalogue import read_catalogue
+
+    cat = read_catalogue(path)
+    roles = [role] if role else cat.roles
+    model = cat.meta.get("model", {}).get("name", "?")
+    out.print(f"{path}: model {model}, seed {cat.meta.get('seed', '?')}, {len(cat.frame)} heads")
+    for r in roles:
+        out.print(top_table(cat, r, top))
+
+
+@app.command("detectors")
+def list_detectors():
+    """List the available detectors."""
+    import dataclasses
+
+    from .detectors import REGISTRY, detector_class
+
+    for name in REGISTRY:
+        cls = detector_class(name)
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
+        out.print(f"[bold]{name}[/bold]: {cls.summary}")
+        out.print(f"    paper: {cls.paper}")
+        out.print(f"    params: {params}", highlight=False)
+
+
+def main() -> None:
+    """Entry point: user mistakes print one line and exit 1; no tracebacks for them."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except HeadlensError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # click's usage errors (typer vendors click, so match by shape, not by class)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            if not exc.format_message():  # bare `headlens`: the help was printed
+                sys.exit(0)
+            err.print(f"[red]error:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code or 2)
+        if type(exc).__name__ == "Abort":
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

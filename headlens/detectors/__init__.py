@@ -1,0 +1,38 @@
+"""Detector registry: role name -> detector class. A new head type is one module plus one line here."""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import HeadlensError
+from .base import NOT_APPLICABLE, OK, Detector, DetectorResult, causal_summary, head_frame
+
+# role name -> "module:Class" (imported on first use, so one broken detector cannot break the others)
+REGISTRY = {
+    "induction": "headlens.detectors.induction:InductionDetector",
+}
+
+
+def detector_class(name: str) -> type[Detector]:
+    if name not in REGISTRY:
+        raise HeadlensError(f"unknown detector '{name}'; available: {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_detector(name: str, **params) -> Detector:
+    """An instance of the detector for role ``name`` with ``params`` overriding the paper's defaults."""
+    return detector_class(name)(**params)
+
+
+def parse_detectors(spec: str | None) -> list[str]:
+    """``"induction,successor"`` -> names, checked; ``None``/``"all"`` -> every registered detector."""
+    if spec is None or spec.strip() in ("", "all"):
+        return list(REGISTRY)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        detector_class(n)
+    return names
+
+
+__all__ = ["REGISTRY", "Detector", "DetectorResult", "NOT_APPLICABLE", "OK", "causal_summary",
+           "detector_class", "get_detector", "head_frame", "parse_detectors"]

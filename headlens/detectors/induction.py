@@ -1,0 +1,177 @@
+"""Induction heads (Olsson et al. 2022, "In-context learning and induction heads"; Elhage et al. 2021).
+
+On sequences of random tokens repeated several times (BOS first), an induction head at a token of a
+repeat attends to the position just *after* the earlier copy of that token (prefix matching) and raises
+the logit of the token it attends to (copying). Columns:
+
+- ``induction_score`` = prefix-matching score: mean attention, over every position of repeats 2..R,
+  to the positions right after earlier occurrences of the current token.
+- ``induction_copying``: fraction of the head's positive direct logit raise (its output through the final
+  norm and W_U, minus the vocabulary mean, ReLU) that falls on the token it should copy (the next token),
+  on sampled positions of the last repeat; 1 = pure copying.
+- ``induction_ov_eigen``: weight-only copying proxy, sum(lambda) / sum(|lambda|) of the full OV circuit
+  W_E W_V W_O W_U (positive = copying).
+- ``induction_prev_token``: mean attention to the previous position; ``induction_duplicate_token``: mean
+  attention to earlier copies of the current token (the other two heads of the circuit).
+- ``induction_loss_rise``: causal evidence: rise in mean loss on the repeated part when that head alone is
+  ablated (mean ablation by default), for all heads in batched forward passes.
+
+Label rule: ``induction_score >= threshold`` (0.4) and ``induction_ov_eigen > 0`` (it copies).
+Causal check: the top-k heads by score ablated together vs k random heads (other than those), on the
+repeated-part loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+
+from ..methods import clean_run, loss_metric, run_variants, sweep_heads
+from ..methods.ablation import random_head_sets
+from .base import Detector, DetectorResult, causal_summary, head_frame
+
+
+def random_token_ids(model, n: int, length: int, generator: torch.Generator,
+                     id_range: tuple[float, float] = (0.01, 0.9)) -> torch.Tensor:
+    """``[n, length]`` random token ids, avoiding special tokens and (for real vocabularies) the
+    lowest and highest ids (BPE's bytes/most frequent merges and its rarest merges)."""
+    vocab = model.bridge.cfg.d_vocab
+    special = set(model.tokenizer.all_special_ids)
+    lo, hi = (int(vocab * id_range[0]), int(vocab * id_range[1])) if vocab >= 1000 else (0, vocab)
+    pool = torch.tensor([i for i in range(lo, hi) if i not in special])
+    return pool[torch.randint(len(pool), (n, length), generator=generator)]
+
+
+def repeated_tokens(model, n_seqs: int, seq_len: int, n_repeats: int, seed: int) -> torch.Tensor:
+    """BOS followed by a random sequence repeated ``n_repeats`` times: ``[n_seqs, 1 + seq_len*n_repeats]``."""
+    g = torch.Generator().manual_seed(seed)
+    seq = random_token_ids(model, n_seqs, seq_len, g)
+    bos = torch.full((n_seqs, 1), model.bos_token_id, dtype=torch.long)
+    return torch.cat([bos, seq.repeat(1, n_repeats)], dim=1)
+
+
+def induction_masks(tokens: torch.Tensor, first_repeat_end: int):
+    """Boolean ``[batch, q, k]`` masks: ``after_copy`` (k-1 is an earlier copy of token q),
+    ``copy`` (k is an earlier copy of token q), and the query positions that count (repeats 2..R)."""
+    same = tokens[:, :, None] == tokens[:, None, :]                       # [b, q, k]
+    n = tokens.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool).tril(-1)                  # k < q
+    copy = same & earlier
+    after_copy = torch.zeros_like(copy)
+    after_copy[:, :, 1:] = copy[:, :, :-1] & (torch.arange(1, n)[None, :] <= torch.arange(n)[:, None])
+    queries = torch.zeros(n, dtype=torch.bool)
+    queries[first_repeat_end:] = True
+    return after_copy, copy, queries
+
+
+def ov_eigen_ratio(model) -> torch.Tensor:
+    """``[n_layers, n_heads]``: sum(lambda)/sum(|lambda|) of W_E W_V W_O W_U, via the d_head x d_head
+    matrix W_O (W_U W_E) W_V that has the same non-zero eigenvalues."""
+    b = model.bridge
+    ue = b.W_U.float() @ b.W_E.float()                                      # [d, d]
+    rep = model.n_heads // model.info.n_kv_heads
+    w_v = b.W_V.float().repeat_interleave(rep, dim=1)                       # [L, H, d, dh]
+    m = einsum(b.W_O.float(), ue, w_v, "l h e d1, d1 d2, l h d2 f -> l h e f")
+    lam = torch.linalg.eigvals(m)
+    return lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-12)
+
+
+class InductionDetector(Detector):
+    name = "induction"
+    summary = "attends to the token after an earlier copy of the current token and copies it (prefix matching + copying)"
+    paper = "Olsson et al. 2022, In-context learning and induction heads"
+
+    @dataclass
+    class Params:
+        seq_len: int = 25          # random tokens per repeat (paper: 25)
+        n_repeats: int = 4         # paper: 4
+        n_seqs: int = 10           # random sequences averaged (paper: 10)
+        threshold: float = 0.4     # prefix-matching score for the label
+        copy_positions: int = 4    # sampled positions per sequence for the copying score
+        ablation: str = "mean"     # how a head is ablated for the causal evidence
+        causal_seqs: int = 4       # sequences used by the all-heads ablation sweep
+        top_k: int = 5             # causal check: top-k heads vs k random heads
+        n_random: int = 10         # random draws for the causal check
+        max_rows: int = 64         # sequences per batched forward pass
+
+    def run(self, model, seed: int = 0) -> DetectorResult:
+        p = self.params
+        model.check_length(1 + p.seq_len * p.n_repeats, "induction prompt (1 + seq_len * n_repeats)")
+        tokens = repeated_tokens(model, p.n_seqs, p.seq_len, p.n_repeats, seed).to(model.device)
+        after_copy, copy, queries = induction_masks(tokens.cpu(), 1 + p.seq_len)
+        names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)}
+        names |= {f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+        pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.n_layers)])
+        pattern = pattern.float().cpu()                                     # [L, b, H, q, k]
+
+        def mean_over_queries(weights, q_mask):
+            per_query = einsum(pattern, weights.float(), "l b h q k, b q k -> l b h q")
+            return per_query[..., q_mask].mean((1, 3))
+
+        prefix = mean_over_queries(after_copy, queries)
+        duplicate = mean_over_queries(copy, queries)
+        n = tokens.shape[1]
+        prev = torch.zeros(tokens.shape[0], n, n, dtype=torch.bool)
+        prev[:, torch.arange(1, n), torch.arange(n - 1)] = True
+        prev_token = mean_over_queries(prev, torch.arange(n) >= 1)
+        copying = self._copying(model, cache, tokens, seed)
+        ov = ov_eigen_ratio(model).cpu()
+        loss_rise, run, metric = self._loss_sweep(model, tokens)
+        clean_loss = float(metric(run.logits[None])[0])
+
+        score = prefix
+        labelled = [(l, h) for l, h in model.heads()
+                    if score[l, h] >= p.threshold and ov[l, h] > 0]
+        causal = self._causal_check(model, score, run, metric, clean_loss, seed)
+        frame = head_frame(model, self.name, score, {
+            "copying": copying, "ov_eigen": ov, "prev_token": prev_token,
+            "duplicate_token": duplicate, "loss_rise": loss_rise})
+        reason = "" if labelled else (f"no head reaches prefix-matching score {p.threshold} with a "
+                                      "copying OV circuit; the top rows are the best candidates")
+        return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
+                              causal=causal, params=self.param_dict(),
+                              info={"n_tokens": int(tokens.shape[1]), "clean_repeat_loss": clean_loss})
+
+    def _copying(self, model, cache, tokens, seed) -> torch.Tensor:
+        """Fraction of each head's positive direct logit raise that lands on the next (copied) token."""
+        p = self.params
+        b = model.bridge
+        g = torch.Generator().manual_seed(seed + 1)
+        last_start = 1 + p.seq_len * (p.n_repeats - 1)
+        pos = last_start + torch.randperm(p.seq_len - 1, generator=g)[:p.copy_positions]
+        target = tokens[:, pos + 1]                                          # [b, P]
+        scale = cache["ln_final.hook_scale"][:, pos]                          # [b, P, 1]
+        w_u = b.W_U.float()
+        out = torch.zeros(model.n_layers, model.n_heads)
+        for l in range(model.n_layers):
+            z = cache[f"blocks.{l}.attn.hook_z"][:, pos].float()             # [b, P, H, dh]
+            resid = einsum(z, b.W_O[l].float(), "b p h e, h e d -> b p h d") / scale[..., None].float()
+            logits = resid @ w_u                                              # [b, P, H, vocab]
+            raise_ = torch.relu(logits - logits.mean(-1, keepdim=True))
+            on_target = raise_.gather(-1, target[:, :, None, None].expand(-1, -1, model.n_heads, 1))[..., 0]
+            out[l] = (on_target / raise_.sum(-1).clamp_min(1e-12)).mean((0, 1)).cpu()
+        return out
+
+    def _loss_sweep(self, model, tokens):
+        """Per-head rise of the repeated-part loss when that head alone is ablated (batched)."""
+        p = self.params
+        sweep_tokens = tokens[:p.causal_seqs]
+        repeated = torch.zeros(sweep_tokens.shape[0], sweep_tokens.shape[1] - 1, dtype=torch.bool)
+        repeated[:, p.seq_len:] = True                      # targets inside repeats 2..R
+        metric = loss_metric(sweep_tokens, repeated)
+        run = clean_run(model, sweep_tokens)
+        clean_loss = float(metric(run.logits[None])[0])
+        losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=p.max_rows, run=run)
+        return losses - clean_loss, run, metric
+
+    def _causal_check(self, model, score, run, metric, clean_loss, seed) -> dict:
+        p = self.params
+        flat = torch.nan_to_num(score, nan=-1.0).flatten()
+        top = [divmod(int(i), model.n_heads) for i in flat.argsort(descending=True, stable=True)[:p.top_k]]
+        draws = random_head_sets(model, p.top_k, p.n_random, seed, exclude=top)
+        values = run_variants(model, run.tokens, [top] + draws, metric, p.ablation,
+                              max_rows=p.max_rows, run=run, description="causal check")
+        return causal_summary(top, float(values[0]), values[1:], clean_loss,
+                              f"repeated-part loss ({p.ablation} ablation)", draws)
