@@ -239,7 +239,7 @@ def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str 
 
     if getattr(hf_model.config, "_attn_implementation", "eager") != "eager":
         hf_model.config._attn_implementation = "eager"
-    hf_model.eval()
+    hf_model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     with _quiet():

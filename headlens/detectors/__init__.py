@@ -9,6 +9,10 @@ from .base import NOT_APPLICABLE, OK, Detector, DetectorResult, causal_summary, 
 # role name -> "module:Class" (imported on first use, so one broken detector cannot break the others)
 REGISTRY = {
     "induction": "headlens.detectors.induction:InductionDetector",
+    "successor": "headlens.detectors.successor:SuccessorDetector",
+    "copy_suppression": "headlens.detectors.copy_suppression:CopySuppressionDetector",
+    "retrieval": "headlens.detectors.retrieval:RetrievalDetector",
+    "safety": "headlens.detectors.safety:SafetyDetector",
 }
 
 

@@ -1,0 +1,272 @@
+"""Copy-suppression heads (McDougall, Conmy, Rushing, McGrath, Nanda 2023, "Copy Suppression:
+Comprehensively Understanding an Attention Head"; GPT-2 small L10H7, L11H10).
+
+When a token the model is about to predict already appeared earlier in the context, a copy-suppression
+head attends to that earlier token and LOWERS its logit. Columns (``W_EE`` = embedding through block 0
+with its attention ablated, normalised as the layer's norm would; tokens = a seeded sample of the
+vocabulary, ``n_tokens`` of them, listed in the metadata):
+
+- ``copy_suppression_score``: the signed OV score ``ov_suppress - ov_copy`` in [-1, 1]: positive for
+  suppressing heads, negative for copying heads (induction copying, name movers), ~0 otherwise.
+- ``copy_suppression_ov_suppress``: in ``W_U^T . W_OV . W_EE``, the fraction of sampled tokens whose own
+  logit is among the ``k`` (10) lowest of the whole vocabulary (paper, L10H7: 84.7%);
+  ``copy_suppression_ov_copy``: the fraction whose own logit is among the ``k`` highest.
+- ``copy_suppression_qk``: in ``W_U^T . W_QK . W_EE`` over the sampled tokens (query = the unembedding of
+  the predicted token, key = the effective embedding), the fraction of rows whose diagonal is the row's
+  strict maximum (paper, L10H7: 95.7%, over its token set). Positional rotation is ignored.
+- Behaviour on ``data/prose.txt`` (public-domain prose), at positions where the model's top prediction
+  already appears earlier in the context: ``attn_seen`` (the head's attention to those earlier copies),
+  ``dla_seen`` (its direct logit attribution to that predicted token; negative = suppression),
+  ``neg_share`` (of the head's negative direct effect on the model's top prediction over all positions,
+  the share at those positions), and ``cspa`` for the top ``cspa_heads`` heads: the share of the head's
+  effect (KL to the clean model, as the paper's CSPA) kept when its output is replaced by its mean plus
+  only the copy-suppression part: for each attended source token, the negative component of the head's
+  output from it along that token's unembedding. Simplification: the clean attention pattern is kept
+  (the paper also restricts the QK side to predicted tokens), so ``cspa`` is an OV-only CSPA.
+
+Label rule: ``ov_suppress >= ov_threshold`` (0.5) and ``qk >= qk_threshold`` (0.5) and ``dla_seen < 0``;
+a copying head (``ov_copy`` high) cannot be labelled. Causal check: the top-k heads by score mean-ablated
+together vs k random heads, on the mean log-prob of the model's own top prediction at positions where
+it repeats an earlier token: ablating real copy-suppression heads RAISES it (overconfidence).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import einsum
+
+from ..data import data_path
+from ..errors import HeadlensError
+from ..methods import clean_run, run_variants
+from ..methods.ablation import random_head_sets
+from ..methods.ablation import skip_blocks_before
+from ..methods.circuits import effective_embedding, head_dla, normalise, per_query_head
+from .base import Detector, DetectorResult, causal_summary, head_frame
+from .induction import random_token_ids
+
+
+def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, H]`` fractions of ``tokens`` whose own logit in ``W_U^T W_OV norm(W_EE)`` is among the ``k``
+    lowest (suppress) / ``k`` highest (copy) over the whole vocabulary; ties count against the token.
+
+    With more tokens than ``d_head``, ``W_O W_U`` (``[H, d_head, vocab]``) is formed once per layer, so
+    each token costs a d_head-sized product per head instead of a d_model-sized one.
+    """
+    b = model.bridge
+    x = normalise(model, effective_embedding(model, tokens))
+    w_v = per_query_head(model, b.W_V.float())
+    w_o = b.W_O.float()                 # the bridge re-stacks W_O on every access: read it once
+    w_u = b.W_U.float()
+    own = tokens.to(w_u.device)
+    lower = torch.empty(model.n_layers, model.n_heads, len(tokens), dtype=torch.long)
+    higher = torch.empty_like(lower)
+    for l in range(model.n_layers):
+        factor = len(tokens) > b.cfg.d_head
+        ou = einsum(w_o[l], w_u, "h e d, d v -> h e v") if factor else None
+        v = einsum(x, w_v[l], "n d, h d e -> h n e")
+        for i in range(0, len(tokens), chunk):
+            vi = v[:, i:i + chunk]
+            logits = vi @ ou if factor else (vi @ w_o[l]) @ w_u                         # [H, c, vocab]
+            mine = logits.gather(-1, own[i:i + chunk].expand(model.n_heads, -1)[..., None])
+            lower[l, :, i:i + chunk] = (logits <= mine).sum(-1).cpu() - 1   # others at or below its own
+            higher[l, :, i:i + chunk] = (logits >= mine).sum(-1).cpu() - 1
+    return (lower < k).float().mean(-1), (higher < k).float().mean(-1)
+
+
+def qk_diagonal(model, tokens: torch.Tensor) -> torch.Tensor:
+    """``[L, H]``: fraction of rows of ``W_U^T W_QK W_EE`` (over ``tokens``) whose diagonal is the strict max."""
+    b = model.bridge
+    query = normalise(model, b.W_U.float()[:, tokens.to(b.W_U.device)].T)
+    key = normalise(model, effective_embedding(model, tokens))
+    q = einsum(query, b.W_Q.float(), "n d, l h d e -> l h n e")
+    kk = einsum(key, per_query_head(model, b.W_K.float()), "n d, l h d e -> l h n e")
+    scores = einsum(q, kk, "l h n e, l h m e -> l h n m")
+    diag = scores.diagonal(dim1=-2, dim2=-1)
+    others = scores.masked_fill(torch.eye(len(tokens), dtype=torch.bool, device=scores.device), float("-inf"))
+    return (diag > others.amax(-1)).float().mean(-1).cpu()
+
+
+def prose_tokens(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
+    """``[n, 1 + seq_len]``: BOS + consecutive chunks of the corpus (a file in data/ or a path)."""
+    from pathlib import Path
+
+    path = Path(corpus) if Path(corpus).is_file() else data_path(corpus)
+    ids = model.tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
+    n = min(n_seqs, len(ids) // seq_len)
+    if n < 1:
+        raise HeadlensError(f"corpus {corpus} has {len(ids)} tokens, fewer than seq_len={seq_len}")
+    model.check_length(seq_len + 1, "copy-suppression text chunk (1 + seq_len)")
+    chunks = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+    return torch.cat([torch.full((n, 1), model.bos_token_id, dtype=torch.long), chunks], 1)
+
+
+def repeated_predictions(tokens: torch.Tensor, logits: torch.Tensor):
+    """The model's top prediction per position, and where it already appears earlier (BOS excluded).
+
+    Returns (pred ``[b, pos]``, seen ``[b, pos]`` bool, earlier ``[b, q, k]`` bool: key k holds pred[q]).
+    """
+    pred = logits.argmax(-1).cpu()
+    n = tokens.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    causal[:, 0] = False
+    earlier = (tokens.cpu()[:, None, :] == pred[:, :, None]) & causal
+    return pred, earlier.any(-1), earlier
+
+
+def repeat_logprob_metric(pred: torch.Tensor, seen: torch.Tensor):
+    """``[n]``: mean log-prob of the model's own clean top prediction at positions where it repeats."""
+    rows, pos = seen.nonzero(as_tuple=True)
+    target = pred[rows, pos]
+
+    def metric(logits: torch.Tensor, _rows=None) -> torch.Tensor:
+        sel = logits[:, rows.to(logits.device), pos.to(logits.device)].float()            # [n, N, vocab]
+        lp = sel.gather(-1, target.to(sel.device)[None, :, None].expand(sel.shape[0], -1, 1))[..., 0]
+        return (lp - sel.logsumexp(-1)).mean(-1)
+    return metric
+
+
+class CopySuppressionDetector(Detector):
+    name = "copy_suppression"
+    summary = "attends to an earlier token the model is about to predict and lowers its logit"
+    paper = "McDougall, Conmy, Rushing, McGrath, Nanda 2023, Copy Suppression"
+
+    @dataclass
+    class Params:
+        k: int = 10                  # own logit among the k most suppressed (paper: 10)
+        n_tokens: int = 200          # sampled tokens for the OV and QK circuits
+        ov_threshold: float = 0.5    # label: ov_suppress at least this
+        qk_threshold: float = 0.5    # label: qk at least this
+        corpus: str = "prose.txt"    # natural text (file in data/ or a path)
+        seq_len: int = 128           # tokens per text chunk
+        n_seqs: int = 8              # text chunks for the behavioural evidence
+        cspa_heads: int = 3          # top heads that get the CSPA-like ablation
+        cspa_seqs: int = 4           # text chunks used by the CSPA-like ablation
+        ablation: str = "mean"       # how heads are ablated in the causal check
+        top_k: int = 3               # causal check: top-k heads vs k random heads
+        n_random: int = 10           # random draws for the causal check
+        causal_seqs: int = 3         # text chunks used by the causal check
+        max_rows: int = 64           # sequences per batched forward pass
+
+    def run(self, model, seed: int = 0) -> DetectorResult:
+        p = self.params
+        tokens = prose_tokens(model, p.corpus, p.seq_len, p.n_seqs).to(model.device)
+        sample = random_token_ids(model, 1, p.n_tokens, torch.Generator().manual_seed(seed))[0].unique()
+        suppress, copy = ov_ranks(model, sample, p.k)
+        qk = qk_diagonal(model, sample)
+        score = suppress - copy
+
+        names = {f"blocks.{l}.{x}" for l in range(model.n_layers)
+                 for x in ("attn.hook_z", "attn.hook_pattern", "attn.hook_v", "hook_resid_pre")}
+        names.add("ln_final.hook_scale")
+        logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+        pred, seen, earlier = repeated_predictions(tokens, logits)
+        if not seen.any():
+            return self.not_applicable(model, "the model never predicts a token already in the context "
+                                       "of the corpus, so copy suppression cannot act")
+        attn_seen = torch.stack([einsum(cache[f"blocks.{l}.attn.hook_pattern"].float().cpu(),
+                                        earlier.float(), "b h q k, b q k -> b q h")[seen].mean(0)
+                                 for l in range(model.n_layers)])
+        rows, pos = torch.meshgrid(torch.arange(tokens.shape[0]), torch.arange(tokens.shape[1]), indexing="ij")
+        rows, pos = rows.flatten(), pos.flatten()
+        w_u = model.bridge.W_U.float()
+        dla = head_dla(model, cache, rows, pos, w_u[:, pred.flatten().to(w_u.device)].T)   # [L, H, b*pos]
+        is_seen = seen.flatten()
+        dla_seen = dla[..., is_seen].mean(-1)
+        neg = dla.clamp(max=0)
+        neg_share = neg[..., is_seen].sum(-1) / neg.sum(-1).clamp(max=-1e-9)
+
+        top = self._top(model, score, max(p.top_k, p.cspa_heads))
+        cspa = torch.full_like(score, float("nan"))
+        n = min(p.cspa_seqs, len(tokens))
+        for (l, h), v in zip(top[:p.cspa_heads], self._cspa(model, tokens[:n], logits[:n], cache,
+                                                            top[:p.cspa_heads])):
+            cspa[l, h] = v
+        del cache
+        labelled = [(l, h) for l, h in model.heads() if suppress[l, h] >= p.ov_threshold
+                    and qk[l, h] >= p.qk_threshold and dla_seen[l, h] < 0]
+        causal = self._causal_check(model, tokens[:p.causal_seqs], top[:p.top_k], seed)
+        frame = head_frame(model, self.name, score, {
+            "ov_suppress": suppress, "ov_copy": copy, "qk": qk, "attn_seen": attn_seen,
+            "dla_seen": dla_seen, "neg_share": neg_share, "cspa": cspa})
+        reason = "" if labelled else (
+            f"no head has ov_suppress >= {p.ov_threshold}, qk >= {p.qk_threshold} and a negative "
+            "attribution on repeated predictions; the top rows are the best candidates")
+        info = {"n_tokens_sampled": int(len(sample)), "sampled_token_ids": sample.tolist(),
+                "n_text_tokens": int(tokens.numel()), "n_repeat_positions": int(seen.sum()),
+                "clean_repeat_share": float(seen.float().mean())}
+        return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
+                              causal=causal, params=self.param_dict(), info=info)
+
+    @staticmethod
+    def _top(model, score, k):
+        flat = torch.nan_to_num(score, nan=-2.0).flatten()
+        return [divmod(int(i), model.n_heads) for i in flat.argsort(descending=True, stable=True)[:k]]
+
+    def _cspa(self, model, tokens, clean_logits, cache, heads) -> list[float]:
+        """Per head: 1 - KL(clean || CSPA-like) / KL(clean || mean-ablated), all heads in one batched pass
+        that starts at the first layer involved (the clean residual stream is reused below it)."""
+        if not heads:
+            return []
+        b = model.bridge
+        n_b, n_pos = tokens.shape
+        layers = sorted({l for l, _ in heads})
+        w_u = b.W_U.float()
+        u = w_u[:, tokens.flatten().to(w_u.device)].T
+        u = (u / u.norm(dim=-1, keepdim=True).clamp_min(1e-9)).view(n_b, n_pos, -1)      # [b, k, d]
+        deltas = {l: torch.zeros(2 * len(heads) * n_b, n_pos, b.cfg.d_model) for l in layers}
+        w_o_all = b.W_O.float()
+        for i, (l, h) in enumerate(heads):
+            z = cache[f"blocks.{l}.attn.hook_z"][:n_b, :, h].float()                      # [b, q, dh]
+            w_o = w_o_all[l, h]
+            out = z @ w_o                                                                    # [b, q, d]
+            mean = out.mean((0, 1), keepdim=True)
+            v = cache[f"blocks.{l}.attn.hook_v"][:n_b, :, model.kv_head(h)].float()         # [b, k, dh]
+            coef = einsum(v @ w_o, u, "b k d, b k d -> b k").clamp(max=0)                   # suppression only
+            attn = cache[f"blocks.{l}.attn.hook_pattern"][:n_b, h].float()                  # [b, q, k]
+            kept = einsum(attn, coef[..., None] * u, "b q k, b k d -> b q d")
+            deltas[l][2 * i * n_b:(2 * i + 1) * n_b] = (mean - out).cpu()                  # mean ablation
+            deltas[l][(2 * i + 1) * n_b:(2 * i + 2) * n_b] = (mean + kept - out).cpu()     # CSPA-like
+
+        def add(delta):
+            return lambda x, hook: x + delta.to(x.device, x.dtype)
+        hooks = [(f"blocks.{l}.hook_attn_out", add(deltas[l])) for l in layers]
+        first = layers[0]
+        resid = cache[f"blocks.{first}.hook_resid_pre"][:n_b].repeat(2 * len(heads), 1, 1)
+        with skip_blocks_before(model, first, self._returns_tuple(model)):
+            logits = b.run_with_hooks(resid, start_at_layer=first, fwd_hooks=hooks)
+        clean = torch.log_softmax(clean_logits.float(), -1)
+        kl = []
+        for j in range(2 * len(heads)):
+            abl = torch.log_softmax(logits[j * n_b:(j + 1) * n_b].float(), -1)
+            kl.append(float((clean.exp() * (clean - abl)).sum(-1).mean()))
+        return [1 - kl[2 * i + 1] / kl[2 * i] if kl[2 * i] > 0 else float("nan") for i in range(len(heads))]
+
+    @staticmethod
+    def _returns_tuple(model) -> bool:
+        """Whether the wrapped HF decoder block returns a tuple (needed to skip blocks; see ablation)."""
+        seen = {}
+        blk = model.bridge.blocks[0].original_component
+
+        def record(module, inputs, output):
+            seen["t"] = isinstance(output, tuple)   # returns None: the output is left alone
+        handle = blk.register_forward_hook(record)
+        try:
+            model.bridge(torch.tensor([[model.bos_token_id]], device=model.device))
+        finally:
+            handle.remove()
+        return seen["t"]
+
+    def _causal_check(self, model, tokens, top, seed) -> dict:
+        p = self.params
+        run = clean_run(model, tokens)
+        pred, seen, _ = repeated_predictions(tokens, run.logits)
+        metric = repeat_logprob_metric(pred, seen)
+        draws = random_head_sets(model, len(top), p.n_random, seed, exclude=top)
+        values = run_variants(model, tokens, [top] + draws, metric, p.ablation, max_rows=p.max_rows,
+                              run=run, description="copy-suppression causal check")
+        clean = float(metric(run.logits[None])[0])
+        return causal_summary(top, float(values[0]), values[1:], clean,
+                              "mean log-prob of the model's top prediction where it repeats an earlier "
+                              f"token ({p.ablation} ablation; copy suppression lowers it, so ablation raises it)",
+                              draws)

@@ -1,0 +1,181 @@
+"""Retrieval heads (Wu et al. 2024, "Retrieval Head Mechanistically Explains Long-Context Factuality").
+
+Needle-in-a-haystack: a needle sentence (``data/needles.json``) is put into filler text
+(``data/haystack.txt``) at several depths of contexts of several lengths (in tokens), followed by a
+question about it; the model answers greedily (through the chat template when it has one). The prompt is
+prefilled once and decoded with the KV cache; at every generated token only the last query row of each
+head's attention is read. Columns:
+
+- ``retrieval_score`` = copy-paste score: at each generated token, a head counts when its top-1 attended
+  position lies inside the needle span and holds the generated token; it then earns
+  1 / (needle length in tokens). Summed over a run's tokens, averaged over the runs where the model
+  retrieved the needle (ROUGE-1 recall of the needle's words in the answer > ``recall_threshold``).
+  Attention is per query head, so grouped-query attention needs nothing special.
+- ``retrieval_active_runs``: share of those runs in which the head copied at least one token.
+
+Label rule: ``retrieval_score >= threshold`` (0.1, the paper's cut; it finds under 5% of heads above it).
+Causal check: needle recall (mean ROUGE-1 recall) with the top-k heads' attention made uniform vs k random
+heads (``n_random`` draws), all variants of a prompt decoded together as one batch. If the model never
+retrieves the needle, the role is not applicable (no runs to score).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data import data_path
+from ..errors import HeadlensError
+from ..methods.ablation import random_head_sets
+from ..methods.generation import encode_prompt, greedy_generate, stop_token_ids
+from .base import Detector, DetectorResult, causal_summary, head_frame
+
+MARKER = "\x00CONTEXT\x00"
+
+
+def rouge1_recall(reference: str, answer: str) -> float:
+    """Share of the reference's words (lower-cased, multiset) that the answer contains."""
+    ref = Counter(re.findall(r"\w+", reference.lower()))
+    ans = Counter(re.findall(r"\w+", answer.lower()))
+    return sum(min(n, ans[w]) for w, n in ref.items()) / max(1, sum(ref.values()))
+
+
+@dataclass
+class NeedleRun:
+    needle: str
+    length: int
+    depth: float
+    tokens: list[int]
+    span: tuple[int, int]      # needle token positions [start, end) in tokens
+
+
+def _resolve(name: str) -> Path:
+    return Path(name) if Path(name).is_file() else data_path(name)
+
+
+def load_needles(name: str) -> list[dict]:
+    needles = json.loads(_resolve(name).read_text(encoding="utf-8"))
+    if not needles or not all({"needle", "question"} <= set(n) for n in needles):
+        raise HeadlensError(f"{name}: expected a list of {{'needle': ..., 'question': ...}} objects")
+    return needles
+
+
+def needle_prompts(model, needles: list[dict], haystack: str, lengths, depths, chat: bool,
+                   template: str) -> list[NeedleRun]:
+    """One prompt per (needle, context length, depth): the needle put after the last sentence end
+    before ``depth`` of a context of ``length`` tokens (haystack repeated if short)."""
+    tok = model.tokenizer
+    hay = tok(haystack, add_special_tokens=False)["input_ids"]
+    if not hay:
+        raise HeadlensError("the haystack text is empty")
+    ends = {i for i, t in enumerate(hay) if tok.decode([t]).rstrip().endswith((".", "!", "?"))}
+    runs = []
+    for item in needles:
+        pre, post = encode_prompt(model, template.format(context=MARKER, question=item["question"]),
+                                  chat, marker=MARKER)
+        needle = tok(" " + item["needle"].strip(), add_special_tokens=False)["input_ids"]
+        for length in lengths:
+            n_hay = length - len(needle)
+            if n_hay < 0:
+                raise HeadlensError(f"context length {length} is shorter than the needle ({len(needle)} tokens)")
+            filler = (hay * (n_hay // len(hay) + 1))[:n_hay]
+            for depth in depths:
+                if not 0 <= depth <= 1:
+                    raise HeadlensError(f"needle depth {depth} is outside [0, 1]")
+                cut = round(depth * n_hay)
+                at_end = [i + 1 for i in range(cut) if i % len(hay) in ends]
+                cut = at_end[-1] if at_end and depth < 1 else cut
+                tokens = pre + filler[:cut] + needle + filler[cut:] + post
+                model.check_length(len(tokens), f"needle prompt (context length {length})")
+                start = len(pre) + cut
+                runs.append(NeedleRun(item["needle"], length, depth, tokens, (start, start + len(needle))))
+    return runs
+
+
+def copy_scores(run: NeedleRun, generated: list[int], top1: torch.Tensor) -> torch.Tensor:
+    """Copy-paste score of every head on one run: ``[n_layers, n_heads]``.
+
+    ``top1[s, l, h]`` is head (l, h)'s top-1 key position at the step that produced ``generated[s]``.
+    """
+    start, end = run.span
+    prompt = torch.tensor(run.tokens)
+    steps = top1[:len(generated)]
+    gen = torch.tensor(generated)[:, None, None]
+    inside = (steps >= start) & (steps < end)
+    same = prompt[steps.clamp(0, len(run.tokens) - 1)] == gen
+    return (inside & same).float().sum(0) / (end - start)
+
+
+class RetrievalDetector(Detector):
+    name = "retrieval"
+    summary = "copies the needle from a long context into the answer (needle-in-a-haystack copy-paste score)"
+    paper = "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality"
+
+    @dataclass
+    class Params:
+        needles: str = "needles.json"
+        haystack: str = "haystack.txt"
+        context_lengths: tuple[int, ...] = (500, 1000, 2000)   # tokens of context (haystack + needle)
+        depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+        n_needles: int = 0              # needles used (0 = all)
+        chat: bool = True               # chat template when the model has one
+        template: str = "{context}\n\nBased on the text above, answer the question in one sentence: {question}"
+        plain_template: str = "{context}\n\nQuestion: {question}\nAnswer:"  # models without a chat template
+        max_new_tokens: int = 32
+        recall_threshold: float = 0.5   # ROUGE-1 recall for a run to count (paper: 0.5)
+        threshold: float = 0.1          # label rule (paper: 0.1)
+        top_k: int = 10                 # causal check: top-k heads vs k random heads
+        n_random: int = 5               # random draws
+        causal_runs: int = 6            # retrieved runs used for the causal check
+
+    def run(self, model, seed: int = 0) -> DetectorResult:
+        p = self.params
+        needles = load_needles(p.needles)[:p.n_needles or None]
+        haystack = _resolve(p.haystack).read_text(encoding="utf-8")
+        chat = p.chat and model.info.has_chat_template
+        runs = needle_prompts(model, needles, haystack, p.context_lengths, p.depths, chat,
+                              p.template if chat else p.plain_template)
+        stops = stop_token_ids(model)
+        scores, recalls, retrieved = [], [], []
+        for run in runs:
+            gen = greedy_generate(model, [run.tokens], p.max_new_tokens, record_top1=True, stop_ids=stops)
+            answer = model.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
+            recalls.append(rouge1_recall(run.needle, answer))
+            if recalls[-1] > p.recall_threshold:
+                retrieved.append(run)
+                scores.append(copy_scores(run, gen.tokens[0], gen.top1[:, :, 0]))
+        info = {"n_runs": len(runs), "n_retrieved": len(retrieved),
+                "needle_recall": sum(recalls) / len(recalls),
+                "retrieved_by_length": {str(n): sum(r.length == n for r in retrieved) for n in p.context_lengths}}
+        if not retrieved:
+            return self.not_applicable(model, f"the model retrieved the needle in none of {len(runs)} runs "
+                                       f"(ROUGE-1 recall > {p.recall_threshold}); nothing to score", **info)
+        per_run = torch.stack(scores)
+        score = per_run.mean(0)
+        labelled = [(l, h) for l, h in model.heads() if score[l, h] >= p.threshold]
+        causal = self._causal_check(model, score, retrieved[:p.causal_runs], stops, seed)
+        reason = "" if labelled else (f"no head reaches copy-paste score {p.threshold}; "
+                                      "the top rows are the best candidates")
+        frame = head_frame(model, self.name, score, {"active_runs": (per_run > 0).float().mean(0)})
+        return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
+                              causal=causal, params=self.param_dict(), info=info)
+
+    def _causal_check(self, model, score, runs, stops, seed) -> dict:
+        """Mean needle recall with the top-k heads' attention uniform vs k random heads."""
+        p = self.params
+        flat = score.flatten().argsort(descending=True, stable=True)[:p.top_k]
+        top = [divmod(int(i), model.n_heads) for i in flat]
+        draws = random_head_sets(model, len(top), p.n_random, seed, exclude=top)
+        variants = [[]] + [top] + draws
+        recall = torch.zeros(len(variants))
+        for run in runs:
+            gen = greedy_generate(model, [run.tokens] * len(variants), p.max_new_tokens,
+                                  ablate=variants, stop_ids=stops)
+            answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
+            recall += torch.tensor([rouge1_recall(run.needle, a) for a in answers]) / len(runs)
+        return causal_summary(top, float(recall[1]), recall[2:], float(recall[0]),
+                              "needle recall (ROUGE-1, uniform attention)", draws)

@@ -1,0 +1,74 @@
+"""Weight circuits and direct logit attribution shared by the OV-defined roles (successor, copy suppression).
+
+- :func:`effective_embedding`: ``W_EE``, the residual after block 0 with its attention ablated
+  (embedding + MLP0 output), computed by running the architecture's own block 0 with ``hook_attn_out``
+  zeroed and positional embeddings removed, so GPT-2 (sequential), Llama (gated MLP, RMSNorm) and
+  parallel-attention blocks are all handled by the model's own code.
+- :func:`normalise`: what a (folded) LayerNorm/RMSNorm does before ``W_Q/W_K/W_V``: centre (LN only)
+  and divide by the RMS; the gains are folded into the weights by the bridge's compatibility mode.
+- :func:`ov_out`: every head's OV output ``x . W_V . W_O`` for a batch of residual vectors, all
+  ``[n_layers, n_heads]`` at once, grouped-query attention aware.
+- :func:`head_dla`: every head's direct logit attribution at chosen positions, from cached ``hook_z``.
+"""
+from __future__ import annotations
+
+import torch
+from einops import einsum
+
+
+def effective_embedding(model, token_ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """``[n, d_model]``: each token's residual after block 0 with block 0's attention ablated."""
+    bridge = model.bridge
+
+    def zero(x, hook):
+        return torch.zeros_like(x)
+
+    hooks = [("blocks.0.hook_attn_out", zero)]
+    if "hook_pos_embed" in bridge.hook_dict:
+        hooks.append(("hook_pos_embed", zero))
+    ids = token_ids.reshape(-1, 1).to(model.device)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), chunk):
+            out.append(bridge.run_with_hooks(ids[i:i + chunk], stop_at_layer=1, fwd_hooks=hooks)[:, 0])
+    return torch.cat(out).float()
+
+
+def normalise(model, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a folded LayerNorm/RMSNorm leaves it (centred for LN, divided by its RMS)."""
+    x = x.float()
+    if "LN" in str(getattr(model.bridge.cfg, "normalization_type", "LN")):
+        x = x - x.mean(-1, keepdim=True)
+    eps = float(getattr(model.bridge.cfg, "eps", 1e-5))
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def per_query_head(model, w: torch.Tensor) -> torch.Tensor:
+    """Expand a ``[L, n_kv_heads, ...]`` key/value weight to ``[L, n_heads, ...]`` (GQA)."""
+    rep = model.n_heads // model.info.n_kv_heads
+    return w.repeat_interleave(rep, dim=1) if rep > 1 else w
+
+
+def ov_out(model, x: torch.Tensor) -> torch.Tensor:
+    """``[L, H, n, d_model]``: every head's OV image ``x . W_V . W_O`` of the rows of ``x`` (already normalised)."""
+    b = model.bridge
+    w_v = per_query_head(model, b.W_V.float())                                   # [L, H, d, dh]
+    v = einsum(x.float(), w_v, "n d, l h d e -> l h n e")
+    return einsum(v, b.W_O.float(), "l h n e, l h e d -> l h n d")
+
+
+def head_dla(model, cache, rows: torch.Tensor, positions: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """``[L, H, n]``: each head's direct effect at ``(rows[i], positions[i])`` along ``directions[i]`` (d_model).
+
+    The head's output ``z . W_O`` through the final norm's scale (from ``ln_final.hook_scale``), dotted
+    with the direction (e.g. ``W_U[:, a] - W_U[:, b]``). Exact with folded norms.
+    """
+    w_o = model.bridge.W_O.float()      # the bridge re-stacks W_O on every access: read it once
+    scale = cache["ln_final.hook_scale"][rows, positions].float().reshape(-1)           # [n]
+    d = directions.float().to(scale.device)
+    out = torch.zeros(model.n_layers, model.n_heads, len(positions))
+    for l in range(model.n_layers):  # one layer at a time keeps memory small; all heads at once
+        z = cache[f"blocks.{l}.attn.hook_z"][rows, positions].float()                   # [n, H, dh]
+        wd = einsum(w_o[l], d, "h e d, n d -> n h e")
+        out[l] = (einsum(z, wd, "n h e, n h e -> h n") / scale).cpu()
+    return out

@@ -1,0 +1,250 @@
+"""Plotly figures for exploring heads: layer x head maps of any catalogue column, a head's attention
+pattern on a prompt, per-head direct logit attribution, the causal check, and two catalogues compared.
+
+Every function returns a ``plotly.graph_objects.Figure`` (show it in a notebook, or ``fig.write_html``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from .errors import HeadlensError
+
+_SEQUENTIAL = "Viridis"
+_DIVERGING = "RdBu_r"
+
+
+def _frame(catalogue_or_frame) -> pd.DataFrame:
+    frame = getattr(catalogue_or_frame, "frame", catalogue_or_frame)
+    if not isinstance(frame, pd.DataFrame) or not {"layer", "head"} <= set(frame.columns):
+        raise HeadlensError("expected a Catalogue or a per-head DataFrame with layer and head columns")
+    frame = frame.copy()
+    if "head_id" not in frame:
+        frame["head_id"] = [f"L{l}H{h}" for l, h in zip(frame["layer"], frame["head"])]
+    return frame
+
+
+def _grid(frame: pd.DataFrame, values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``[n_layers, n_heads]`` grids of the values and of the head ids."""
+    L, H = int(frame["layer"].max()) + 1, int(frame["head"].max()) + 1
+    z = np.full((L, H), np.nan)
+    ids = np.full((L, H), "", dtype=object)
+    z[frame["layer"].to_numpy(), frame["head"].to_numpy()] = pd.to_numeric(values, errors="coerce")
+    ids[frame["layer"].to_numpy(), frame["head"].to_numpy()] = frame["head_id"].to_numpy()
+    return z, ids
+
+
+def head_heatmap(catalogue_or_frame, column: str, title: str | None = None,
+                 colorscale: str | None = None, mark_labelled: bool = True) -> go.Figure:
+    """Layer x head map of one catalogue column; hovering shows the head id and the value.
+
+    For a ``<role>_score`` column the heads labelled with that role (``<role>_label``) are circled.
+    """
+    frame = _frame(catalogue_or_frame)
+    if column not in frame:
+        numeric = [c for c in frame.columns if c not in ("layer", "head") and
+                   pd.api.types.is_numeric_dtype(frame[c])]
+        raise HeadlensError(f"no column '{column}'; numeric columns: {', '.join(numeric) or 'none'}")
+    values = frame[column].astype(float) if frame[column].dtype == bool else frame[column]
+    z, ids = _grid(frame, values)
+    finite = z[np.isfinite(z)]
+    diverging = finite.size and finite.min() < 0 < finite.max()
+    bound = float(np.abs(finite).max()) if finite.size else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z, customdata=ids, x=list(range(z.shape[1])), y=list(range(z.shape[0])),
+        colorscale=colorscale or (_DIVERGING if diverging else _SEQUENTIAL),
+        zmid=0 if diverging else None, zmin=-bound if diverging else None,
+        zmax=bound if diverging else None, colorbar={"title": {"text": column}},
+        hovertemplate="%{customdata}<br>" + column + " = %{z:.4g}<extra></extra>", hoverongaps=False))
+    role = column[:-len("_score")] if column.endswith("_score") else None
+    if mark_labelled and role and f"{role}_label" in frame:
+        lab = frame[frame[f"{role}_label"].astype(str).str.lower() == "true"]
+        if len(lab):
+            fig.add_trace(go.Scatter(
+                x=lab["head"], y=lab["layer"], mode="markers", name=f"labelled {role}",
+                customdata=lab["head_id"], hovertemplate="%{customdata}: labelled " + role + "<extra></extra>",
+                marker={"symbol": "circle-open", "size": 14, "color": "red", "line": {"width": 2}}))
+    if not finite.size:
+        fig.add_annotation(text=f"no values for {column} (role not applicable or not run)",
+                           showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.update_layout(title=title or column, xaxis_title="head", yaxis_title="layer",
+                      yaxis={"autorange": "reversed", "dtick": 1 if z.shape[0] <= 12 else None},
+                      xaxis={"dtick": 1 if z.shape[1] <= 24 else None}, showlegend=False,
+                      height=max(320, 16 * z.shape[0] + 120), width=max(420, 34 * z.shape[1] + 220),
+                      margin={"l": 60, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+# --- model-based figures ------------------------------------------------------------------------
+
+def _tokens(model, prompt) -> torch.Tensor:
+    """``[1, n]`` token ids from a string (BOS prepended) or from a sequence/tensor of ids."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise HeadlensError("the prompt is empty")
+        tokens = model.bridge.to_tokens(prompt, truncate=False)
+    else:
+        tokens = torch.as_tensor(prompt, dtype=torch.long)
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
+            raise HeadlensError("give one prompt: a string or a 1-D sequence of token ids")
+    model.check_length(tokens.shape[1])
+    return tokens.to(model.device)
+
+
+def _labels(model, tokens: torch.Tensor) -> list[str]:
+    """Unique axis labels ``"i:token"`` (plotly merges equal categories otherwise)."""
+    words = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
+    return [f"{i}:{w!r}"[:40] for i, w in enumerate(words)]
+
+
+def _check_head(model, layer: int, head: int) -> None:
+    if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
+        raise HeadlensError(f"head L{layer}H{head} does not exist: {model.info.name} has "
+                            f"{model.n_layers} layers x {model.n_heads} heads")
+
+
+def attention_pattern(model, prompt, layer: int, head: int, title: str | None = None) -> go.Figure:
+    """The attention pattern of head ``L{layer}H{head}`` on ``prompt`` (queries down, keys across)."""
+    _check_head(model, layer, head)
+    tokens = _tokens(model, prompt)
+    name = f"blocks.{layer}.attn.hook_pattern"
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n == name)
+    pattern = cache[name][0, head].float().cpu().numpy()
+    labels = _labels(model, tokens)
+    n = len(labels)
+    pattern = np.where(np.tri(n, dtype=bool), pattern, np.nan)   # keys after the query are masked
+    fig = go.Figure(go.Heatmap(
+        z=pattern, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1, hoverongaps=False,
+        colorbar={"title": {"text": "attention"}},
+        hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"))
+    side = max(420, min(1100, 22 * n + 220))
+    fig.update_layout(title=title or f"L{layer}H{head} attention on the prompt",
+                      xaxis={"title": "key (attended) token", "tickangle": -60},
+                      yaxis={"title": "query token", "autorange": "reversed"},
+                      width=side + 80, height=side, margin={"l": 140, "r": 20, "t": 50, "b": 140})
+    return fig
+
+
+def _token_id(model, target) -> int:
+    if isinstance(target, (int, np.integer)):
+        tid = int(target)
+    else:
+        ids = model.tokenizer.encode(str(target), add_special_tokens=False)
+        if len(ids) != 1:
+            raise HeadlensError(f"target {target!r} is {len(ids)} tokens; give a single token "
+                                "(often with its leading space, e.g. ' Paris') or a token id")
+        tid = ids[0]
+    if not 0 <= tid < model.bridge.cfg.d_vocab:
+        raise HeadlensError(f"token id {tid} is outside the vocabulary (0..{model.bridge.cfg.d_vocab - 1})")
+    return tid
+
+
+def head_logit_attribution(model, prompt, target, against=None, position: int = -1) -> torch.Tensor:
+    """``[n_layers, n_heads]`` direct logit attribution of each head at ``position`` of ``prompt``:
+    its output (``hook_z @ W_O``) over the final norm's scale, projected on ``W_U[:, target]`` (minus
+    ``W_U[:, against]`` when given: a logit difference). Uses
+    :func:`headlens.methods.attribution.direct_logit_attribution` (exact with the folded norm)."""
+    from .methods.attribution import direct_logit_attribution
+
+    tokens = _tokens(model, prompt)
+    if not -tokens.shape[1] <= position < tokens.shape[1]:
+        raise HeadlensError(f"position {position} is outside the prompt ({tokens.shape[1]} tokens)")
+    wrong = None if against is None else torch.tensor([_token_id(model, against)])
+    parts = direct_logit_attribution(model, tokens, torch.tensor([_token_id(model, target)]), wrong)
+    return parts.heads[:, :, 0, position].float().cpu()
+
+
+def logit_attribution_bars(model, prompt, target, against=None, position: int = -1,
+                           top: int | None = 20, title: str | None = None) -> go.Figure:
+    """Bars of per-head direct logit attribution to ``target`` (or ``target - against``) at
+    ``position``; ``top`` keeps the heads with the largest absolute values (None: all heads)."""
+    dla = head_logit_attribution(model, prompt, target, against, position).numpy()
+    L, H = dla.shape
+    ids = np.array([f"L{l}H{h}" for l in range(L) for h in range(H)])
+    flat = dla.reshape(-1)
+    order = np.argsort(-np.abs(flat), kind="stable")[: top or flat.size]
+    fig = go.Figure(go.Bar(
+        x=ids[order], y=flat[order], marker_color=np.where(flat[order] >= 0, "#2b6cb0", "#c53030"),
+        hovertemplate="%{x}<br>direct logit attribution %{y:.3f}<extra></extra>"))
+    what = repr(target) if against is None else f"{target!r} - {against!r}"
+    fig.update_layout(title=title or f"Direct logit attribution to {what} (position {position})",
+                      xaxis_title="head", yaxis_title="logit contribution", height=420,
+                      margin={"l": 60, "r": 20, "t": 50, "b": 80})
+    return fig
+
+
+# --- catalogue-level figures --------------------------------------------------------------------
+
+def causal_check(causal: dict, title: str | None = None) -> go.Figure:
+    """The causal check of a detector: the metric clean, with its top-k heads ablated together, and
+    with each of the random k-head draws ablated (points, with their mean and standard deviation)."""
+    need = {"clean", "top_k_ablated", "random_k_ablated", "k", "metric"}
+    if not causal or not need <= set(causal):
+        raise HeadlensError("no causal check recorded (the detector did not run one or was not applicable)")
+    k = causal["k"]
+    rand = np.asarray(causal["random_k_ablated"], float)
+    draws = causal.get("random_draws") or [[] for _ in rand]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(
+        x=["clean", f"top-{k} ablated", f"random {k} ablated"],
+        y=[causal["clean"], causal["top_k_ablated"], float(rand.mean()) if rand.size else np.nan],
+        error_y={"type": "data", "array": [0, 0, float(rand.std(ddof=1)) if rand.size > 1 else 0]},
+        marker_color=["#718096", "#c53030", "#2b6cb0"], name="value",
+        customdata=["", ", ".join(causal.get("top_heads", [])), f"mean of {rand.size} draws"],
+        hovertemplate="%{x}: %{y:.4g}<br>%{customdata}<extra></extra>"))
+    fig.add_trace(go.Scatter(
+        x=[f"random {k} ablated"] * rand.size, y=rand, mode="markers", name="random draws",
+        marker={"color": "black", "size": 7, "opacity": 0.7},
+        customdata=[", ".join(d) for d in draws],
+        hovertemplate="draw: %{customdata}<br>%{y:.4g}<extra></extra>"))
+    fig.update_layout(title=title or f"Causal check: top-{k} heads vs random {k} heads",
+                      yaxis_title=causal["metric"], showlegend=False, height=420, width=560,
+                      margin={"l": 70, "r": 20, "t": 50, "b": 50})
+    return fig
+
+
+def compare_catalogues(a, b, role: str, labels: Sequence[str] = ("a", "b"),
+                       kind: str = "scatter") -> go.Figure:
+    """Compare two catalogues (two models with the same layout, or two runs) head by head on
+    ``<role>_score``: ``kind="scatter"`` (b against a, one point per head, diagonal = equal) or
+    ``kind="difference"`` (layer x head map of b - a)."""
+    col = f"{role}_score"
+    fa, fb = _frame(a), _frame(b)
+    for name, f in zip(labels, (fa, fb)):
+        if col not in f:
+            raise HeadlensError(f"catalogue {name} has no role '{role}' (no column {col})")
+    both = fa[["layer", "head", "head_id", col]].merge(fb[["layer", "head", col]], on=["layer", "head"],
+                                                       suffixes=("_a", "_b"))
+    if both.empty:
+        raise HeadlensError("the two catalogues share no (layer, head)")
+    if kind == "difference":
+        diff = both[["layer", "head", "head_id"]].assign(**{
+            f"{col} ({labels[1]} - {labels[0]})": both[f"{col}_b"] - both[f"{col}_a"]})
+        return head_heatmap(diff, diff.columns[-1], title=f"{role}: {labels[1]} - {labels[0]}",
+                            mark_labelled=False)
+    if kind != "scatter":
+        raise HeadlensError(f"unknown comparison kind '{kind}'; use scatter or difference")
+    x, y = both[f"{col}_a"].to_numpy(float), both[f"{col}_b"].to_numpy(float)
+    finite = np.concatenate([x[np.isfinite(x)], y[np.isfinite(y)]])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    fig = go.Figure([
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dot", "color": "gray"},
+                   hoverinfo="skip", name="equal"),
+        go.Scatter(x=x, y=y, mode="markers", customdata=both["head_id"], name="heads",
+                   marker={"size": 7, "color": both["layer"], "colorscale": _SEQUENTIAL,
+                           "colorbar": {"title": {"text": "layer"}}},
+                   hovertemplate="%{customdata}<br>" + labels[0] + " %{x:.4g}<br>" + labels[1]
+                                 + " %{y:.4g}<extra></extra>")])
+    fig.update_layout(title=f"{role} score: {labels[1]} vs {labels[0]}", xaxis_title=f"{col} ({labels[0]})",
+                      yaxis_title=f"{col} ({labels[1]})", showlegend=False, height=480, width=560)
+    return fig
+
+
+__all__ = ["attention_pattern", "causal_check", "compare_catalogues", "head_heatmap",
+           "head_logit_attribution", "logit_attribution_bars"]

@@ -1,0 +1,123 @@
+"""Copy-suppression detector: planted ground truth, batched-vs-plain circuits, shared circuit helpers.
+
+The real-model run through ``headlens scan`` is in test_ov_roles_scan.py."""
+import random
+
+import pytest
+import torch
+
+from headlens.detectors import get_detector
+from headlens.detectors.copy_suppression import ov_ranks, qk_diagonal
+from headlens.errors import HeadlensError
+from headlens.methods.circuits import effective_embedding, head_dla, normalise
+
+from planted import COPY_SUPPRESSION_HEAD, COPYING_HEAD, copy_suppression_model
+
+
+@pytest.fixture(scope="module")
+def planted_cs(tmp_path_factory):
+    from headlens import load_model
+
+    folder = tmp_path_factory.mktemp("planted_cs")
+    model = load_model(str(copy_suppression_model(folder / "model")))
+    rng = random.Random(0)
+    text = folder / "text.txt"
+    text.write_text(" ".join(f"t{rng.randint(1, 31)}" for _ in range(200)))
+    return model, str(text)
+
+
+@pytest.fixture(scope="module")
+def planted_result(planted_cs):
+    model, text = planted_cs
+    det = get_detector("copy_suppression", corpus=text, seq_len=24, n_seqs=4, cspa_seqs=2,
+                       causal_seqs=2, top_k=1, n_random=4, cspa_heads=2)
+    return det.run(model, seed=0)
+
+
+def test_planted_cs_head_first_copying_head_kept_apart(planted_result):
+    res = planted_result
+    f = res.frame.set_index(["layer", "head"])
+    top = res.top(1).iloc[0]
+    assert (int(top["layer"]), int(top["head"])) == COPY_SUPPRESSION_HEAD
+    assert res.labelled == [COPY_SUPPRESSION_HEAD]
+    cs, cp = f.loc[COPY_SUPPRESSION_HEAD], f.loc[COPYING_HEAD]
+    assert cs["copy_suppression_score"] == 1.0 and cs["copy_suppression_qk"] == 1.0
+    # The copying head has the same QK but a positive OV: signed score -1, never labelled.
+    assert cp["copy_suppression_score"] == -1.0 and cp["copy_suppression_qk"] == 1.0
+    assert cp["copy_suppression_dla_seen"] > 0 > cs["copy_suppression_dla_seen"]
+    # Zero heads: no score, no suppression, no label (ties do not count as suppression).
+    others = f.drop([COPY_SUPPRESSION_HEAD, COPYING_HEAD])
+    assert (others["copy_suppression_score"] == 0).all() and (others["copy_suppression_qk"] == 0).all()
+
+
+def test_planted_behaviour_and_cspa(planted_result):
+    f = planted_result.frame.set_index(["layer", "head"])
+    cs = f.loc[COPY_SUPPRESSION_HEAD]
+    assert cs["copy_suppression_attn_seen"] > 0.5            # attends to earlier copies of the prediction
+    assert cs["copy_suppression_neg_share"] > 0.95           # all its negative effect is on repeats
+    assert cs["copy_suppression_cspa"] > 0.6                 # the suppression-only output keeps most effect
+    assert planted_result.info["n_tokens_sampled"] == 31
+
+
+def test_planted_causal_check_raises_repeat_logprob(planted_result):
+    c = planted_result.causal
+    assert c["top_heads"] == ["L1H2"]
+    assert c["top_k_ablated"] > c["clean"] + 0.1             # removing suppression -> overconfidence
+    assert c["top_k_ablated"] > max(c["random_k_ablated"]) + 0.1
+
+
+def test_ov_and_qk_batched_match_plain_per_head(smollm):
+    b = smollm.bridge
+    tokens = torch.tensor([1000, 2345, 5000, 7777, 12000, 20001, 30303, 41000])
+    suppress, copy = ov_ranks(smollm, tokens, k=10, chunk=3)
+    qk = qk_diagonal(smollm, tokens)
+    x = normalise(smollm, effective_embedding(smollm, tokens))
+    query = normalise(smollm, b.W_U.float()[:, tokens].T)
+    W_Q, W_K, W_V, W_O, W_U = b.W_Q.float(), b.W_K.float(), b.W_V.float(), b.W_O.float(), b.W_U.float()
+    for l, h in [(0, 4), (23, 3), (24, 4), (29, 8)]:
+        kv = smollm.kv_head(h)
+        w_v, w_o = W_V[l, kv], W_O[l, h]
+        n_sup = n_copy = n_diag = 0
+        for i, t in enumerate(tokens.tolist()):
+            logits = W_U.T @ (w_o.T @ (w_v.T @ x[i]))
+            n_sup += int((logits <= logits[t]).sum() - 1 < 10)
+            n_copy += int((logits >= logits[t]).sum() - 1 < 10)
+            row = torch.stack([(query[i] @ W_Q[l, h]) @ (x[j] @ W_K[l, kv])
+                               for j in range(len(tokens))])
+            n_diag += int(row[i] > torch.cat([row[:i], row[i + 1:]]).max())
+        assert suppress[l, h] == pytest.approx(n_sup / len(tokens))
+        assert copy[l, h] == pytest.approx(n_copy / len(tokens))
+        assert qk[l, h] == pytest.approx(n_diag / len(tokens))
+
+
+def test_effective_embedding_is_block0_mlp_without_attention(smollm):
+    """W_EE from the bridge's own block 0 equals embedding + MLP0(RMSNorm(embedding)) computed on the HF modules."""
+    ids = torch.tensor([330, 12397, 808])
+    hf = smollm.bridge.blocks[0].original_component
+    e = smollm.bridge.W_E[ids][:, None]
+    expected = (e + hf.mlp(hf.post_attention_layernorm(e)))[:, 0]
+    assert torch.allclose(effective_embedding(smollm, ids), expected, atol=1e-4)
+
+
+def test_head_dla_matches_per_head_loop(smollm):
+    tokens = smollm.bridge.to_tokens("The cat sat on the mat because the cat was tired")
+    names = {f"blocks.{l}.attn.hook_z" for l in range(smollm.n_layers)} | {"ln_final.hook_scale"}
+    _, cache = smollm.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+    rows, pos = torch.zeros(3, dtype=torch.long), torch.tensor([2, 5, 9])
+    dirs = smollm.bridge.W_U.float()[:, tokens[0, pos + 1]].T
+    batched = head_dla(smollm, cache, rows, pos, dirs)
+    W_O = smollm.bridge.W_O
+    for l, h in [(3, 1), (23, 3), (29, 6)]:
+        for i in range(3):
+            z = cache[f"blocks.{l}.attn.hook_z"][0, pos[i], h]
+            out = z @ W_O[l, h] / cache["ln_final.hook_scale"][0, pos[i], 0]
+            assert batched[l, h, i] == pytest.approx(float(out @ dirs[i]), rel=1e-4, abs=1e-5)
+
+
+def test_corpus_errors(smollm, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(HeadlensError, match="fewer than seq_len"):
+        get_detector("copy_suppression", corpus=str(short), n_tokens=8).run(smollm)
+    with pytest.raises(HeadlensError, match="not found"):
+        get_detector("copy_suppression", corpus="missing.txt", n_tokens=8).run(smollm)

@@ -1,0 +1,152 @@
+"""Retrieval heads: the copy-paste score on a planted retriever and on SmolLM2-135M, KV-cached decoding
+checked against re-running the whole context, and the causal check (uniform attention)."""
+import json
+import pandas as pd
+import pytest
+import torch
+
+from headlens import HeadlensError, load_model
+from headlens.detectors import get_detector
+from headlens.detectors.retrieval import NeedleRun, copy_scores, needle_prompts, rouge1_recall
+from headlens.methods import ablated
+from headlens.methods.generation import encode_prompt, greedy_generate
+from test_cli import headlens
+from planted import RETRIEVAL_HEAD, retrieval_model
+
+NEEDLE = "t20 t21 t22 t23 t24"
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("planted_retrieval")
+    model = load_model(str(retrieval_model(folder / "model")))
+    (folder / "needles.json").write_text(json.dumps([{"needle": NEEDLE, "question": "t20"}]))
+    (folder / "hay.txt").write_text(" ".join(f"t{1 + (i * 7) % 15}" for i in range(60)))
+    return model, folder
+
+
+def planted_detector(folder, **kw):
+    settings = dict(needles=str(folder / "needles.json"), haystack=str(folder / "hay.txt"),
+                    context_lengths=[30, 50], depths=[0.0, 0.5, 1.0], plain_template="{context} {question}",
+                    max_new_tokens=4, top_k=1, n_random=5)
+    return get_detector("retrieval", **{**settings, **kw})
+
+
+def test_rouge1_recall():
+    assert rouge1_recall("The code is purple walrus.", "the CODE is: purple walrus") == 1.0
+    assert rouge1_recall("a b c d", "a b x") == 0.5
+    assert rouge1_recall("a a b", "a b") == pytest.approx(2 / 3)
+
+
+def test_copy_scores_match_the_papers_loop():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 6, (20,), generator=g).tolist()
+    run = NeedleRun("x", 20, 0.5, tokens, (8, 14))
+    generated = torch.randint(0, 6, (7,), generator=g).tolist()
+    top1 = torch.randint(0, 20, (7, 3, 4), generator=g)
+    expected = torch.zeros(3, 4)
+    for s, t in enumerate(generated):           # Wu et al.'s retrieval_calculate, head by head
+        for l in range(3):
+            for h in range(4):
+                i = int(top1[s, l, h])
+                if 8 <= i < 14 and tokens[i] == t:
+                    expected[l, h] += 1 / 6
+    assert expected.sum() > 0
+    assert torch.allclose(copy_scores(run, generated, top1), expected)
+
+
+def test_needle_prompts_place_the_needle(planted):
+    model, folder = planted
+    det = planted_detector(folder)
+    from headlens.detectors.retrieval import load_needles
+    runs = needle_prompts(model, load_needles(str(folder / "needles.json")), (folder / "hay.txt").read_text(),
+                          [30, 50], [0.0, 0.5, 1.0], False, det.params.plain_template)
+    assert len(runs) == 6
+    for run in runs:
+        s, e = run.span
+        assert model.tokenizer.decode(run.tokens[s:e]) == NEEDLE
+        assert len(run.tokens) == 1 + run.length + 1            # BOS + context + question
+    assert [r.span[0] for r in runs[:3]] == [1, 1 + 12, 1 + 25]  # depths 0, 0.5, 1 of 25 filler tokens
+
+
+def test_planted_retrieval_head_found_and_causal(planted):
+    model, folder = planted
+    res = planted_detector(folder).run(model, seed=0)
+    assert res.status == "ok" and res.info["n_retrieved"] == res.info["n_runs"] == 6
+    assert res.labelled == [RETRIEVAL_HEAD]
+    top = res.top(2)
+    assert (top["layer"].iloc[0], top["head"].iloc[0]) == RETRIEVAL_HEAD
+    assert top.retrieval_score.iloc[0] == pytest.approx(4 / 5)   # copies t21..t24 of the 5-token needle
+    assert top.retrieval_score.iloc[1] == 0
+    c = res.causal
+    assert c["clean"] == pytest.approx(0.8) and c["top_k_ablated"] < 0.3
+    assert c["random_k_ablated_mean"] > c["top_k_ablated"] + 0.4
+    assert res.frame.equals(planted_detector(folder).run(model, seed=0).frame)   # deterministic
+
+
+def test_bad_settings_raise(planted):
+    model, folder = planted
+    with pytest.raises(HeadlensError, match="outside"):
+        planted_detector(folder, depths=[1.5]).run(model)
+    with pytest.raises(HeadlensError, match="context of 64 tokens"):
+        get_detector("retrieval", needles=str(folder / "needles.json"), haystack=str(folder / "hay.txt"),
+                     context_lengths=[100]).run(model)
+
+
+def plain_decode(model, ids, n, heads=()):
+    """Reference: re-run the whole sequence for every token, reading the full attention pattern."""
+    x = torch.tensor([ids])
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
+    top1 = []
+    with ablated(model, heads, "uniform"):
+        for _ in range(n):
+            logits, cache = model.bridge.run_with_cache(x, names_filter=lambda name: name in names)
+            top1.append(torch.stack([cache[name][0, :, -1].argmax(-1) for name in names]))
+            x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x[0, len(ids):].tolist(), torch.stack(top1)
+
+
+@pytest.mark.parametrize("which", ["planted", pytest.param("smollm", marks=pytest.mark.real)])
+def test_kv_cached_decoding_matches_full_reruns(which, planted, request):
+    if which == "planted":
+        model = planted[0]
+        prompts = [encode_prompt(model, "t3 t20 t21 t22 t4 t5 t20", False)[0],
+                   encode_prompt(model, "t9 t8 t20 t21 t7 t20", False)[0]]
+        heads = [RETRIEVAL_HEAD]
+    else:
+        model = request.getfixturevalue("smollm")
+        prompts = [encode_prompt(model, "The secret code is 4412. What is the secret code?")[0],
+                   encode_prompt(model, "Name a colour.")[0]]
+        heads = [(17, 3), (18, 7)]
+    n = 5
+    gen = greedy_generate(model, prompts, n, record_top1=True)
+    abl = greedy_generate(model, prompts, n, ablate=[heads, []])
+    for i, ids in enumerate(prompts):     # batched and left-padded, cached: same as one by one, uncached
+        tokens, top1 = plain_decode(model, ids, n)
+        assert gen.tokens[i] == tokens
+        assert torch.equal(gen.top1[:, :, i], top1)
+    assert abl.tokens[0] == plain_decode(model, prompts[0], n, heads)[0]
+    assert abl.tokens[1] == gen.tokens[1]
+
+
+@pytest.mark.real
+def test_smollm_retrieval_heads_via_cli(tmp_path):
+    """SmolLM2-135M-Instruct retrieves needles from ~250-token contexts; a few heads copy them, and
+    making those heads' attention uniform breaks retrieval far more than random heads."""
+    out = tmp_path / "cat.csv"
+    r = headlens("scan", "smollm2-135m", "-d", "retrieval", "-o", str(out),
+                 "-p", "retrieval.context_lengths=[250]", "-p", "retrieval.depths=[0.3, 0.7]",
+                 "-p", "retrieval.n_needles=3", "-p", "retrieval.max_new_tokens=24",
+                 "-p", "retrieval.top_k=5", "-p", "retrieval.n_random=3", "-p", "retrieval.causal_runs=2")
+    assert r.returncode == 0, r.stderr
+    assert "retrieval: top 10 heads" in r.stdout
+    frame = pd.read_csv(out)
+    meta = json.loads(out.with_suffix(".json").read_text())["detectors"]["retrieval"]
+    assert meta["status"] == "ok" and meta["info"]["n_retrieved"] >= 3
+    scores = frame.retrieval_score
+    assert scores.max() >= 0.1 and meta["labelled"]
+    assert (scores >= 0.1).mean() < 0.25            # a minority of heads copies the needle
+    assert set(meta["labelled"]) == set(frame.head_id[frame.retrieval_label])
+    c = meta["causal"]
+    assert c["clean"] > 0.8
+    assert c["top_k_ablated"] < c["random_k_ablated_mean"] - 0.2

@@ -1,0 +1,122 @@
+"""Safety heads: Ships on a planted refusal head, batched-with-padding Ships checked against one head and
+one prompt at a time, and SmolLM2-135M-Instruct, which does not refuse (the role is not applicable)."""
+import json
+import pandas as pd
+import pytest
+import torch
+
+from headlens import load_model
+from headlens.detectors import get_detector
+from headlens.detectors.safety import is_refusal, read_lines
+from headlens.methods import ablated, clean_run, kl_metric, sweep_heads
+from headlens.methods.generation import encode_prompt, left_pad
+from test_cli import headlens
+from planted import SAFETY_HEAD, safety_model
+
+HARMFUL = ["t7 t8 harm t9", "harm t3 t4", "t2 t10 t11 harm t12 t13", "t4 harm t4 t9"]
+HARMLESS = ["t7 t8 t14 t9", "t15 t3 t4", "t2 t10 t11 t1 t12 t13", "t4 t3 t4 t9"]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("planted_safety")
+    model = load_model(str(safety_model(folder / "model")))
+    (folder / "harmful.txt").write_text("\n".join(HARMFUL))
+    (folder / "harmless.txt").write_text("\n".join(HARMLESS))
+    (folder / "phrases.txt").write_text("# refusal word of the planted model\nsorry\n")
+    return model, folder
+
+
+def planted_detector(folder, harmful="harmful.txt", **kw):
+    return get_detector("safety", harmful=str(folder / harmful), harmless=str(folder / "harmless.txt"),
+                        refusal_phrases=str(folder / "phrases.txt"), max_new_tokens=3, **kw)
+
+
+def test_refusal_phrases():
+    phrases = read_lines("refusal_phrases.txt")
+    assert phrases and not any(p.startswith("#") for p in phrases)
+    assert is_refusal("I'm sorry, but I can't help with that.", phrases)
+    assert is_refusal("As an AI, I CANNOT do this", phrases)
+    assert not is_refusal("Sure! Here is a recipe for lemon cake.", phrases)
+
+
+def test_request_sets_are_balanced():
+    harmful, harmless = read_lines("harmful.txt"), read_lines("harmless.txt")
+    assert len(harmful) == len(harmless) >= 20 and not set(harmful) & set(harmless)
+    mean = lambda xs: sum(len(x.split()) for x in xs) / len(xs)
+    assert abs(mean(harmful) - mean(harmless)) < 1.0
+
+
+def test_planted_safety_head_found_and_causal(planted):
+    model, folder = planted
+    res = planted_detector(folder).run(model, seed=0)
+    assert res.status == "ok" and res.info["refusal_rate"] == 1.0
+    assert res.info["harmless_refusal_rate"] == 0.0
+    assert res.labelled == [SAFETY_HEAD] and res.info["group"] == ["L1H1"]
+    assert res.info["asr_top_head"] == 1.0 and res.info["asr_group"] == 1.0   # refusal broken
+    top = res.top(2)
+    assert (top["layer"].iloc[0], top["head"].iloc[0]) == SAFETY_HEAD
+    assert top.safety_score.iloc[0] > 0.01 and top.safety_score.iloc[1] == 0
+    assert top.safety_harmless_kl.iloc[0] < 1e-3
+    c = res.causal
+    assert c["clean"] == 1.0 and c["top_k_ablated"] == 0.0 and c["random_k_ablated_mean"] == 1.0
+
+
+def test_model_that_never_refuses_is_not_applicable(planted):
+    model, folder = planted
+    res = planted_detector(folder, harmful="harmless.txt").run(model)
+    assert res.status == "not_applicable" and res.labelled == []
+    assert res.info["refusal_rate"] == 0.0 and "refuses only 0%" in res.reason
+    assert res.frame.safety_score.isna().all()
+
+
+def one_at_a_time_kl(model, prompts, heads):
+    """Reference Ships: each prompt unpadded, each head ablated on its own with ablated()."""
+    out = torch.zeros(len(heads))
+    for ids in prompts:
+        x = torch.tensor([ids])
+        clean = torch.log_softmax(model.bridge(x)[0, -1], -1)
+        for i, head in enumerate(heads):
+            with ablated(model, [head], "uniform"):
+                abl = torch.log_softmax(model.bridge(x)[0, -1], -1)
+            out[i] += (clean.exp() * (clean - abl)).sum() / len(prompts)
+    return out
+
+
+@pytest.mark.parametrize("which", ["planted", pytest.param("smollm", marks=pytest.mark.real)])
+def test_batched_padded_ships_match_one_at_a_time(which, planted, request):
+    if which == "planted":
+        model = planted[0]
+        prompts = [encode_prompt(model, r)[0] for r in HARMFUL]
+        heads = model.heads()
+    else:
+        model = request.getfixturevalue("smollm")
+        prompts = [encode_prompt(model, r)[0] for r in read_lines("harmful.txt")[1:3]]
+        heads = [(0, 0), (29, 8)]
+    assert len({len(p) for p in prompts}) > 1             # different lengths: left padding is exercised
+    tokens, mask = left_pad(prompts, model.tokenizer.pad_token_id)
+    run = clean_run(model, tokens, mask, keep_z=False)
+    batched = sweep_heads(model, tokens, kl_metric(run.logits), "uniform", heads=heads,
+                          attention_mask=mask, run=run)
+    expected = one_at_a_time_kl(model, prompts, heads)
+    got = torch.stack([batched[l, h] for l, h in heads])
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-3)
+    if which == "planted":
+        assert got.max() == got[heads.index(SAFETY_HEAD)] > 0.01
+
+
+@pytest.mark.real
+def test_smollm_does_not_refuse_so_safety_is_not_applicable(tmp_path):
+    """SmolLM2-135M-Instruct complies with harmful requests: the catalogue says the role does not apply,
+    with the measured refusal rate, and ranks no head."""
+    out = tmp_path / "cat.csv"
+    r = headlens("scan", "smollm2-135m", "-d", "safety", "-o", str(out),
+                 "-p", "safety.n_prompts=8", "-p", "safety.max_new_tokens=24")
+    assert r.returncode == 0, r.stderr
+    assert "safety: not applicable" in r.stdout
+    frame = pd.read_csv(out)
+    meta = json.loads(out.with_suffix(".json").read_text())["detectors"]["safety"]
+    assert meta["status"] == "not_applicable" and meta["labelled"] == []
+    assert meta["info"]["refusal_rate"] < 0.5 and meta["info"]["n_harmful"] == 8
+    assert frame.safety_score.isna().all() and not frame.safety_label.any()
+    assert frame.safety_status.str.startswith("not_applicable").all()

@@ -1,0 +1,95 @@
+"""Successor-head detector: planted ground truth, tokenizer filtering, batched-vs-plain scoring.
+
+The real-model run through ``headlens scan`` is in test_ov_roles_scan.py."""
+import pytest
+import torch
+
+from headlens.detectors import get_detector
+from headlens.detectors.successor import load_tasks, single_token, succession_hits, task_groups
+from headlens.errors import HeadlensError
+from headlens.methods.circuits import effective_embedding, normalise
+
+from planted import SUCCESSOR_COPY_HEAD, SUCCESSOR_HEAD, successor_model
+
+
+@pytest.fixture(scope="module")
+def planted_successor(tmp_path_factory):
+    from headlens import load_model
+
+    return load_model(str(successor_model(tmp_path_factory.mktemp("planted_successor"))))
+
+
+@pytest.fixture(scope="module")
+def planted_result(planted_successor):
+    return get_detector("successor", top_k=1, n_random=3).run(planted_successor, seed=0)
+
+
+def test_planted_successor_head_ranked_first_and_alone_labelled(planted_result):
+    res = planted_result
+    top = res.top(2)
+    assert (int(top.iloc[0]["layer"]), int(top.iloc[0]["head"])) == SUCCESSOR_HEAD
+    assert top.iloc[0]["successor_score"] == 1.0
+    assert top.iloc[1]["successor_score"] < 0.1          # nothing else maps i -> i+1
+    assert res.labelled == [SUCCESSOR_HEAD]
+    # Per task: the planted head gets every pair right; tasks the vocabulary lacks have NaN, not zeros.
+    row = res.frame.set_index(["layer", "head"]).loc[SUCCESSOR_HEAD]
+    for task in ("days", "months", "numbers", "letters"):
+        assert row[f"successor_{task}"] == 1.0
+    assert row["successor_ordinals"] != row["successor_ordinals"]   # NaN
+    assert set(res.info["tasks_without_pairs"]) == {"number_words", "ordinals", "day_abbreviations",
+                                                     "month_abbreviations"}
+
+
+def test_planted_behaviour_separates_successor_from_copying(planted_result):
+    f = planted_result.frame.set_index(["layer", "head"])
+    assert f.loc[SUCCESSOR_HEAD, "successor_dla"] > 0.5      # pushes the successor over the current item
+    assert f.loc[SUCCESSOR_COPY_HEAD, "successor_dla"] < -0.1  # the copying head does the opposite
+    assert SUCCESSOR_COPY_HEAD not in planted_result.labelled
+
+
+def test_planted_causal_check(planted_result):
+    c = planted_result.causal
+    assert c["top_heads"] == ["L1H1"]
+    assert c["clean"] == 1.0 and c["top_k_ablated"] == 0.0
+    assert min(c["random_k_ablated"]) == 1.0                 # other heads do not carry succession
+
+
+def test_single_token_filtering(smollm, planted_successor):
+    tok = smollm.tokenizer
+    assert single_token(tok, " Monday") is not None
+    assert single_token(tok, " monday") is None               # two tokens in SmolLM2
+    assert single_token(tok, "12") is None and single_token(tok, "7") is not None
+    groups = task_groups(tok, load_tasks())
+    numbers = [g for g in groups if g.task == "numbers"]
+    assert numbers and all(len(g.candidates) == 9 for g in numbers)    # "1".."9": digits are single tokens
+    # Word-level vocabulary: lower-case variants are unknown words and are dropped, not mapped to <unk>.
+    assert single_token(planted_successor.tokenizer, "monday") is None
+    assert single_token(planted_successor.tokenizer, " Monday") is not None
+
+
+def test_batched_hits_match_plain_per_head(smollm):
+    """The all-heads einsum score equals a plain per-head, per-pair computation."""
+    groups = [g for g in task_groups(smollm.tokenizer, load_tasks()) if g.task in ("days", "letters")]
+    hits = succession_hits(smollm, groups)
+    b = smollm.bridge
+    ids = sorted({s for g in groups for s, _ in g.pairs()})
+    ee = dict(zip(ids, normalise(smollm, effective_embedding(smollm, torch.tensor(ids)))))
+    W_V, W_O, W_U = b.W_V.float(), b.W_O.float(), b.W_U.float()
+    for l, h in [(0, 0), (23, 3), (17, 8)]:
+        w_v, w_o = W_V[l, smollm.kv_head(h)], W_O[l, h]
+        plain = {}
+        for g in groups:
+            cand = g.candidates
+            for s, t in g.pairs():
+                logits = ((ee[s] @ w_v) @ w_o) @ W_U[:, cand]
+                others = torch.cat([logits[:cand.index(t)], logits[cand.index(t) + 1:]])
+                plain.setdefault(g.task, []).append(bool(logits[cand.index(t)] > others.max()))
+        for task, values in plain.items():
+            assert hits[task][l, h].tolist() == values
+
+
+def test_bad_parameter_and_missing_task_file(smollm):
+    with pytest.raises(HeadlensError, match="no parameter"):
+        get_detector("successor", thresold=0.3)
+    with pytest.raises(HeadlensError, match="not found"):
+        get_detector("successor", tasks_file="nope.json").run(smollm)
