@@ -17,6 +17,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("
 
 # Small settings per notebook (code run after the notebook's ``parameters`` cell).
 SMALL = {
+    "01_quickstart": "PARAMS = dict(seq_len=10, n_repeats=2, n_seqs=2, causal_seqs=1, n_random=4)",
     "02_induction": "PARAMS = dict(seq_len=8, n_repeats=2, n_seqs=2, causal_seqs=1, top_k=3, n_random=4)\n"
                     "REPEAT_LEN = 8\nCOMPARE_SEEDS = False",
     "03_successor": "PARAMS = dict(max_prompts=24, causal_prompts=12, top_k=3, n_random=4)",

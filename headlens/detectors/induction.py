@@ -144,10 +144,11 @@ class InductionDetector(Detector):
         target = tokens[:, pos + 1]                                          # [b, P]
         scale = cache["ln_final.hook_scale"][:, pos]                          # [b, P, 1]
         w_u = b.W_U.float()
+        w_o = b.W_O.float()  # the bridge re-stacks every layer's weights on each access: read once
         out = torch.zeros(model.n_layers, model.n_heads)
         for l in range(model.n_layers):
             z = cache[f"blocks.{l}.attn.hook_z"][:, pos].float()             # [b, P, H, dh]
-            resid = einsum(z, b.W_O[l].float(), "b p h e, h e d -> b p h d") / scale[..., None].float()
+            resid = einsum(z, w_o[l], "b p h e, h e d -> b p h d") / scale[..., None].float()
             logits = resid @ w_u                                              # [b, P, H, vocab]
             raise_ = torch.relu(logits - logits.mean(-1, keepdim=True))
             on_target = raise_.gather(-1, target[:, :, None, None].expand(-1, -1, model.n_heads, 1))[..., 0]

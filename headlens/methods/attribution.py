@@ -87,8 +87,9 @@ def direct_logit_attribution(model, tokens: torch.Tensor, target: torch.Tensor,
         embed = project(cache["hook_embed"])
         if "hook_pos_embed" in cache:
             embed = embed + project(cache["hook_pos_embed"])
+        W_O = bridge.W_O  # the bridge re-stacks all layers on every access: read it once
         heads = torch.stack([
-            torch.einsum("bphd,hdm,bpm->hbp", cache[z_name(l)], bridge.W_O[l], direction)
+            torch.einsum("bphd,hdm,bpm->hbp", cache[z_name(l)], W_O[l], direction)
             for l in range(L)])
         mlps = torch.stack([project(cache[f"blocks.{l}.hook_mlp_out"]) for l in range(L)])
         for l in range(L):
