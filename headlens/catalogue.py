@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .errors import HeadlensError
-from .progress import progress
+from .progress import note, progress
 
 FLOAT_FORMAT = "%.6g"
 
@@ -158,6 +158,7 @@ def scan(model, detectors: Iterable, seed: int = 0) -> Catalogue:
             res = det.run(model, seed=seed)
         timings[det.name] = round(time.perf_counter() - t0, 2)
         res.info.setdefault("seconds", timings[det.name])
+        note(f"{det.name}: done in {timings[det.name]:.1f} s")
         results.append(res)
     # Timings differ run to run, so they stay out of the CSV; the sidecar keeps them.
     return build_catalogue(model, results, seed, {"timings_s": timings})

@@ -15,8 +15,10 @@ from .errors import HeadlensError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find and score attention-head roles into a per-head catalogue.")
-out = Console()
-err = Console(stderr=True)
+# In a log (not a terminal) rich would squeeze tables into 80 columns: give them room unless COLUMNS says.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+out = Console(width=_WIDTH)
+err = Console(stderr=True, width=_WIDTH)
 
 
 def _params(values: list[str]) -> dict[str, dict]:
@@ -35,10 +37,14 @@ def _params(values: list[str]) -> dict[str, dict]:
     return result
 
 
-def top_table(catalogue, role: str, k: int) -> Table:
+def top_table(catalogue, role: str, k: int) -> Table | str:
+    """The role's top heads as a table; one line instead when the role could not be scored."""
     frame = catalogue.top(role, k)
     status = catalogue.frame[f"{role}_status"].iloc[0] if f"{role}_status" in catalogue.frame else "ok"
-    table = Table(title=f"{role}: top {k} heads" + ("" if status == "ok" else f"  [{status}]"))
+    if status != "ok":
+        kind, _, reason = str(status).partition(": ")
+        return f"[yellow]{role}: {kind.replace('_', ' ')}: {reason}[/yellow]"
+    table = Table(title=f"{role}: top {k} heads")
     for col in frame.columns:
         table.add_column(col.removeprefix(f"{role}_"), justify="left" if col == "head_id" else "right")
     for _, row in frame.iterrows():
@@ -88,9 +94,7 @@ def scan(
     for role in names:
         out.print(top_table(cat, role, top))
         d = cat.meta["detectors"][role]
-        if d["status"] != "ok":
-            out.print(f"[yellow]{role}: not applicable: {d['reason']}[/yellow]")
-        elif not d["labelled"]:
+        if d["status"] == "ok" and not d["labelled"]:
             out.print(f"[yellow]{role}: no head labelled. {d['reason']}[/yellow]")
         c = d.get("causal") or {}
         if c:

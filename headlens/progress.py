@@ -38,3 +38,9 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
             _active.advance(task)
     finally:
         _active.remove_task(task)
+
+
+def note(message: str) -> None:
+    """Print one line above the bars (and in logs, where bars are not drawn) while bars are shown."""
+    if _active is not None:
+        _active.console.print(message, highlight=False)

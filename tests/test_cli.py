@@ -30,6 +30,7 @@ def test_scan_writes_catalogue_and_sidecar(planted_folder, tmp_path):
     r = headlens("scan", str(planted_folder), *SMALL, "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "induction: top 10 heads" in r.stdout and "L1H2" in r.stdout
+    assert "induction: done in" in r.stderr  # progress shows in logs too, where no bars are drawn
     frame = pd.read_csv(out)
     assert list(frame.columns[:3]) == ["layer", "head", "head_id"]
     assert {"induction_score", "induction_label", "induction_status", "roles"} <= set(frame.columns)

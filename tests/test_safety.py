@@ -118,5 +118,8 @@ def test_smollm_does_not_refuse_so_safety_is_not_applicable(tmp_path):
     meta = json.loads(out.with_suffix(".json").read_text())["detectors"]["safety"]
     assert meta["status"] == "not_applicable" and meta["labelled"] == []
     assert meta["info"]["refusal_rate"] < 0.5 and meta["info"]["n_harmful"] == 8
+    shown = headlens("show", str(out), "--role", "safety")  # one line with the reason, no table of NaNs
+    assert shown.returncode == 0 and "safety: not applicable: the model refuses only" in shown.stdout
+    assert "nan" not in shown.stdout
     assert frame.safety_score.isna().all() and not frame.safety_label.any()
     assert frame.safety_status.str.startswith("not_applicable").all()

@@ -10,6 +10,7 @@ prompt's coordinates.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -35,7 +36,10 @@ def kv_cache_fix(model):
             return _orig(k, v, **kwargs)
         m._update_kv_cache = update
     try:
-        yield
+        with warnings.catch_warnings():
+            # The bridge passes ``past_key_values``, which transformers 5.x flags on every step.
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            yield
     finally:
         for m in mods:
             m.__dict__.pop("_update_kv_cache", None)
