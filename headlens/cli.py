@@ -39,11 +39,11 @@ def _params(values: list[str]) -> dict[str, dict]:
 
 def top_table(catalogue, role: str, k: int) -> Table | str:
     """The role's top heads as a table; one line instead when the role could not be scored."""
-    frame = catalogue.top(role, k)
     status = catalogue.frame[f"{role}_status"].iloc[0] if f"{role}_status" in catalogue.frame else "ok"
     if status != "ok":
         kind, _, reason = str(status).partition(": ")
         return f"[yellow]{role}: {kind.replace('_', ' ')}: {reason}[/yellow]"
+    frame = catalogue.top(role, k)
     table = Table(title=f"{role}: top {k} heads")
     for col in frame.columns:
         table.add_column(col.removeprefix(f"{role}_"), justify="left" if col == "head_id" else "right")
