@@ -61,6 +61,8 @@ def scan(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     batch_size: int = typer.Option(64, "--batch-size", help="most sequences in one batched forward pass"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="most memory on the device, weights "
+                                             "included, e.g. 8GB (default: what is free)"),
     param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable)"),
     report: Optional[str] = typer.Option(None, help="also write a self-contained HTML report here"),
     top: int = typer.Option(10, help="heads per role in the summary table"),
@@ -70,9 +72,12 @@ def scan(
     from .catalogue import check_writable
     from .catalogue import scan as run_scan
     from .detectors import get_detector, parse_detectors
+    from .memory import limit, parse_bytes
     from .models import load_model
 
     names = parse_detectors(detectors)
+    if max_memory is not None:
+        parse_bytes(max_memory)  # a bad size fails before the model loads
     overrides = _params(param)
     for role in overrides:
         if role not in names:
@@ -88,7 +93,7 @@ def scan(
     load_s = time.perf_counter() - t0
     err.print(f"loaded {m.info.name}: {m.n_layers} layers x {m.n_heads} heads "
               f"({m.info.n_kv_heads} kv heads), {m.info.dtype} on {m.info.device} in {load_s:.1f} s")
-    with progress.bars():
+    with progress.bars(), limit(max_memory):
         cat = run_scan(m, dets, seed=seed)
     cat.meta["timings_s"]["model_load"] = round(load_s, 2)
     for role in names:

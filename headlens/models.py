@@ -489,6 +489,8 @@ def process_weights_in_place(bridge) -> None:
             _centre_output(_module(attn["o"]))
             _centre_output(_module(mlp["out"]))
         _fold_value_bias(parts["attn"], n_heads, n_kv)
+        if "gate" in mlp:  # as TransformerLens does: the gated MLP's functional path, with its hooks
+            parts["mlp"]._use_processed_weights = True
         if layer_norm and _module(attn["o"]).bias is not None:
             b = _module(attn["o"]).bias
             b.sub_(b.float().mean().to(b.dtype))

@@ -332,7 +332,7 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
             mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
         hooks = _hooks_for(ablation, run, masks, ref_means, variant_of_row, prompt_of_row)
         with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple), \
-                logits_at(model, index):
+                logits_at(model, index):  # final norm + unembedding only at the metric's positions
             logits = model.bridge.run_with_hooks(resid, start_at_layer=first, attention_mask=mask,
                                                  fwd_hooks=hooks)
         del resid
@@ -356,10 +356,11 @@ def _limit_set() -> bool:
 
 @contextlib.contextmanager
 def logits_at(model, index: torch.Tensor | None):
-    """Within the block, the final norm (and so the unembedding) sees only positions ``index``.
+    """Within the block, the unembedding sees only positions ``index``.
 
-    A forward pre-hook on ``ln_final`` slices its input to ``[batch, len(index), d_model]``; the
-    model's logits come out as ``[batch, len(index), vocab]``. ``None``: every position.
+    A forward pre-hook on ``unembed`` slices its input to ``[batch, len(index), d_model]`` (the final
+    norm, a per-position map of ``d_model`` values, still runs everywhere); the model's logits come out
+    as ``[batch, len(index), vocab]``. ``None``: every position.
     """
     if index is None:
         yield
@@ -371,7 +372,7 @@ def logits_at(model, index: torch.Tensor | None):
         kwargs["hidden_states"] = kwargs["hidden_states"][:, index.to(kwargs["hidden_states"].device)]
         return args, kwargs
 
-    handle = model.bridge.ln_final.register_forward_pre_hook(select, with_kwargs=True)
+    handle = model.bridge.unembed.register_forward_pre_hook(select, with_kwargs=True, prepend=True)
     try:
         yield
     finally:
