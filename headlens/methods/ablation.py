@@ -28,8 +28,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from .. import distributed
+from ..checkpoint import digest
 from ..errors import HeadlensError
-from ..progress import progress
 
 KINDS = ("zero", "mean", "resample", "patch", "scale", "uniform")
 Head = tuple[int, int]  # (layer, head), or (layer, head, position) to act at one position only
@@ -257,23 +258,30 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
     order = sorted(range(len(variants)), key=lambda i: start[i])
     results: list[torch.Tensor | None] = [None] * len(variants)
     chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
-    for chunk in progress(chunks, description):
+
+    def run_chunk(chunk: list[int]) -> torch.Tensor:
         chunk_variants = [variants[i] for i in chunk]
         first = min(start[i] for i in chunk)
         n = len(chunk)
         if first >= model.n_layers:  # nothing ablated: the clean logits
-            out = metric(run.logits[None].expand(n, *run.logits.shape), slice(None))
-        else:
-            masks = _layer_masks(model, chunk_variants, run.tokens.shape[1])
-            resid = run.resid[first].repeat(n, 1, 1)
-            mask = None if run.attention_mask is None else run.attention_mask.repeat(n, 1)
-            hooks = _hooks_for(ablation, run, masks, ref_means)
-            with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple):
-                logits = model.bridge.run_with_hooks(resid, start_at_layer=first,
-                                                     attention_mask=mask, fwd_hooks=hooks)
-            out = metric(logits.view(n, batch, *logits.shape[1:]), _chunk_rows(chunk))
+            return metric(run.logits[None].expand(n, *run.logits.shape), slice(None))
+        masks = _layer_masks(model, chunk_variants, run.tokens.shape[1])
+        resid = run.resid[first].repeat(n, 1, 1)
+        mask = None if run.attention_mask is None else run.attention_mask.repeat(n, 1)
+        hooks = _hooks_for(ablation, run, masks, ref_means)
+        with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple):
+            logits = model.bridge.run_with_hooks(resid, start_at_layer=first,
+                                                 attention_mask=mask, fwd_hooks=hooks)
+        return metric(logits.view(n, batch, *logits.shape[1:]), _chunk_rows(chunk))
+
+    # Data parallel and resumable: with several ranks each computes its share of the chunks (the same
+    # chunks as one process) and all results are gathered; finished chunks are checkpointed in a scan.
+    key = digest(description, variants, ablation.kind, ablation.scale, ablation.seed, ablation.reference,
+                 run.tokens, chunks)
+    outs = distributed.map(run_chunk, chunks, description, key=key, resumable=True)
+    for chunk, out in zip(chunks, outs):
         for j, i in enumerate(chunk):
-            results[i] = out[j]
+            results[i] = out[j].to(run.logits.device)
     return torch.stack(results)
 
 
