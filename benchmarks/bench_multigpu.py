@@ -243,7 +243,8 @@ def cmd_mp(args) -> None:
         t1 = time.perf_counter()
         try:
             cat = scan(model, [det], seed=0)
-            statuses[det.name] = cat.meta["detectors"][det.name]["status"]
+            d = cat.meta["detectors"][det.name]
+            statuses[det.name] = d["status"] if d["status"] == "ok" else f"{d['status']}: {d['reason']}"
         except Exception as exc:  # report, do not hide: the JSON says which detector failed and why
             statuses[det.name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         timings[det.name] = round(time.perf_counter() - t1, 1)

@@ -92,7 +92,7 @@ def test_two_ranks_give_the_same_catalogue_bytes(tiny, tmp_path):
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     r1 = headlens("scan", tiny, *ARGS, "-o", one)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = headlens("scan", tiny, *ARGS, "-o", two, ranks=2)
+    r2 = headlens("scan", tiny, *ARGS, "-o", two, ranks=2, env={"HEADLENS_PROGRESS_EVERY": "0"})
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert one.read_bytes() == two.read_bytes()
     m1, m2 = (json.loads(p.with_suffix(".json").read_text()) for p in (one, two))
@@ -105,6 +105,10 @@ def test_two_ranks_give_the_same_catalogue_bytes(tiny, tmp_path):
     # Only rank 0 prints: one table per role, one 'done' line per detector.
     assert r2.stdout.count("induction: top 10 heads") == 1
     assert r2.stderr.count("induction: done in") == 1
+    # Progress in a log (no terminal): chunks done/total and an ETA per step of each detector, rank 0 only.
+    n = (m1["steps_s"]["induction"]["single-head ablations"]["chunks"] + 1) // 2
+    assert r2.stderr.count(f"induction: single-head ablations: {n}/{n} done") == 1
+    assert "ETA 0:00" in r2.stderr
     assert not list(tmp_path.glob("*.ckpt"))                 # the checkpoint folder is gone
 
 
