@@ -148,7 +148,7 @@ def _launch(n: int, device: str) -> int:
     from . import distributed
 
     distributed.check_device(device)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") or device == "auto":
         import torch
         if torch.cuda.device_count() < n:
             raise HeadlensError(f"--gpus {n} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")

@@ -64,8 +64,9 @@ def launched() -> bool:
 def init(device: str | None) -> str | None:
     """Join the process group torchrun set up (no-op without it); return this rank's device.
 
-    ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per rank). ``auto`` (one model split over every GPU)
-    and ``cuda:N`` (one fixed GPU for every rank) do not combine with data parallelism and are refused.
+    ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per rank). ``auto`` (data x model parallel) gives each
+    rank an equal group of this machine's GPUs (:func:`gpu_group`, through ``CUDA_VISIBLE_DEVICES``, so it
+    must run before CUDA starts) to spread its replica over. ``cuda:N`` (every rank on one GPU) is refused.
     """
     if not launched():
         return device
@@ -73,24 +74,46 @@ def init(device: str | None) -> str | None:
     dist = _dist()
     local = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = device is not None and device.startswith("cuda")
+    if device == "auto" and torch.cuda.device_count() > 0:
+        # Data x model parallel: this rank sees only its group of GPUs and spreads its replica over them.
+        if torch.cuda.is_initialized():
+            raise RuntimeError("distributed.init must run before CUDA is initialised (for --device auto)")
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]
+        mine = gpu_group(local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), visible)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+        torch.cuda.set_device(0)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl", timeout=_timeout(), device_id=torch.device("cuda:0"))
+        return device
     if on_gpu:
         if local >= torch.cuda.device_count():
             raise HeadlensError(f"process {local} has no GPU: torch sees {torch.cuda.device_count()}")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        minutes = float(os.environ.get("HEADLENS_DIST_TIMEOUT_MIN", "120"))
         kwargs = {"device_id": torch.device(device)} if on_gpu else {}
-        dist.init_process_group("nccl" if on_gpu else "gloo",
-                                timeout=datetime.timedelta(minutes=minutes), **kwargs)
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=_timeout(), **kwargs)
     return device
 
 
+def _timeout() -> datetime.timedelta:
+    """How long a rank waits for the others at a collective (HEADLENS_DIST_TIMEOUT_MIN, default 120)."""
+    return datetime.timedelta(minutes=float(os.environ.get("HEADLENS_DIST_TIMEOUT_MIN", "120")))
+
+
+def gpu_group(local_rank: int, local_world: int, visible: Sequence[str]) -> list[str]:
+    """The GPUs (of ``visible``) that rank ``local_rank`` of ``local_world`` on this machine places its
+    replica on with ``--device auto``: an equal, contiguous share."""
+    per = len(visible) // local_world
+    if per < 1:
+        raise HeadlensError(f"{local_world} processes per machine but only {len(visible)} GPU(s): "
+                            "with --device auto each process needs at least one")
+    return list(visible[local_rank * per:(local_rank + 1) * per])
+
+
 def check_device(device: str | None) -> None:
-    """Refuse devices that do not combine with one-GPU-per-process data parallelism."""
-    if device == "auto":
-        raise HeadlensError("--device auto splits one model over all GPUs; with torchrun or --gpus N "
-                            "each process takes one GPU: use --device cuda")
+    """Refuse a device that does not combine with data parallelism (``cuda:N``: every rank on one GPU)."""
     if device is not None and device.startswith("cuda") and device != "cuda":
         raise HeadlensError(f"--device {device} pins every process to one GPU; with torchrun or --gpus N "
                             "use --device cuda (process i takes GPU i)")

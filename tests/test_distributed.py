@@ -128,7 +128,16 @@ def test_two_ranks_padded_safety_prompts_same_bytes(tmp_path):
     assert meta["detectors"]["safety"]["status"] == "ok" and meta["detectors"]["safety"]["labelled"] == ["L1H1"]
 
 
-def test_gpus_with_model_parallel_device_is_refused(tiny, tmp_path):
-    r = headlens("scan", tiny, *ARGS, "-o", tmp_path / "x.csv", "--gpus", "2", "--device", "auto")
+def test_gpus_with_one_pinned_gpu_is_refused(tiny, tmp_path):
+    r = headlens("scan", tiny, *ARGS, "-o", tmp_path / "x.csv", "--gpus", "2", "--device", "cuda:1")
     assert r.returncode == 1 and "use --device cuda" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_gpu_groups_for_data_times_model_parallel():
+    # 8 GPUs, 4 ranks per machine with --device auto: each rank spreads its replica over 2 GPUs.
+    assert [distributed.gpu_group(r, 4, [str(i) for i in range(8)]) for r in range(4)] == \
+        [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]
+    assert distributed.gpu_group(1, 2, ["3", "5", "6"]) == ["5"]      # an odd GPU is left over
+    with pytest.raises(Exception, match="at least one"):
+        distributed.gpu_group(0, 4, ["0", "1"])
