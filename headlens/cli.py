@@ -66,8 +66,8 @@ def scan(
     report: Optional[str] = typer.Option(None, help="also write a self-contained HTML report here"),
     top: int = typer.Option(10, help="heads per role in the summary table"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed scan from its checkpoint <out>.ckpt"),
-    gpus: int = typer.Option(1, "--gpus", help="data parallel: run N processes (torchrun), one GPU each "
-                             "with --device cuda"),
+    gpus: int = typer.Option(1, "--gpus", help="data parallel: run N processes (torchrun); one GPU each "
+                             "with --device cuda, an equal group of GPUs each with --device auto"),
     checkpoint_every: float = typer.Option(300.0, "--checkpoint-every",
                                            help="save a running detector's finished chunks every S seconds "
                                                 "(0: every chunk; -1: finished detectors only)"),

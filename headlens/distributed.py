@@ -139,6 +139,31 @@ def broadcast(obj: T) -> T:
     return box[0]
 
 
+def agree_min(value: T) -> T:
+    """The smallest of every rank's ``value`` (e.g. rows per chunk planned from each GPU's free memory:
+    the plan every rank can afford), on every rank."""
+    if not active():
+        return value
+    parts: list = [None] * world_size()
+    _dist().all_gather_object(parts, value)
+    return min(parts)
+
+
+def segments(chunks: Sequence[Sequence[T]], key: Callable[[T], Any]) -> list[list[Sequence[T]]]:
+    """Consecutive ``chunks`` grouped so that no group boundary splits items of the same ``key``.
+
+    For a chunk plan where one variant's rows may straddle two chunks: a rank computes whole groups, so
+    every variant is assembled on one rank from the same chunks as in a one-process run.
+    """
+    groups: list[list[Sequence[T]]] = []
+    for chunk in chunks:
+        if groups and groups[-1][-1] and chunk and key(groups[-1][-1][-1]) == key(chunk[0]):
+            groups[-1].append(chunk)
+        else:
+            groups.append([chunk])
+    return groups
+
+
 def _to_cpu(obj):
     """Tensors moved to the CPU (so pickles from one GPU never land on another rank's GPU)."""
     if isinstance(obj, torch.Tensor):

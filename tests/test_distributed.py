@@ -66,6 +66,16 @@ def test_one_process_needs_no_process_group():
     assert not torch.distributed.is_initialized()
 
 
+def test_segments_keep_straddling_variants_together():
+    # rows (variant, prompt), 3 prompts per variant, chunks of 4 rows: variants straddle chunk ends.
+    rows = [(v, p) for v in range(4) for p in range(3)]
+    chunks = [rows[i:i + 4] for i in range(0, len(rows), 4)]
+    assert distributed.segments(chunks, key=lambda r: r[0]) == [chunks]          # one chain
+    chunks = [rows[i:i + 6] for i in range(0, len(rows), 6)]                     # whole variants
+    assert distributed.segments(chunks, key=lambda r: r[0]) == [[c] for c in chunks]
+    assert distributed.agree_min(7) == 7
+
+
 def test_map_gather_and_broadcast_on_two_gloo_ranks(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent("""
@@ -74,6 +84,7 @@ def test_map_gather_and_broadcast_on_two_gloo_ranks(tmp_path):
         who = d.map(lambda x: (x, d.rank()), list(range(5)), key="k")
         assert who == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)], who   # round-robin, results in order
         assert d.broadcast(f"plan of rank {d.rank()}") == "plan of rank 0"
+        assert d.agree_min(10 + d.rank()) == 10
         try:
             d.gather({}, 3 + d.rank(), key="plan")                   # ranks that planned different work
         except RuntimeError as exc:

@@ -122,13 +122,17 @@ def skip_blocks_before(model, layer: int, returns_tuple: bool = False):
         return (hidden,) if returns_tuple else hidden
 
     originals = [model.bridge.blocks[i].original_component for i in range(layer)]
+    own = [module.__dict__.get("forward") for module in originals]  # e.g. accelerate's device hooks
     for module in originals:
         module.forward = identity
     try:
         yield
     finally:
-        for module in originals:
-            del module.forward
+        for module, forward in zip(originals, own):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def uniform_pattern(n_query: int, n_key: int, key_mask: torch.Tensor | None, device, dtype) -> torch.Tensor:
