@@ -152,3 +152,18 @@ def test_gpu_groups_for_data_times_model_parallel():
     assert distributed.gpu_group(1, 2, ["3", "5", "6"]) == ["5"]      # an odd GPU is left over
     with pytest.raises(Exception, match="at least one"):
         distributed.gpu_group(0, 4, ["0", "1"])
+
+
+def test_layer_skip_keeps_a_modules_own_forward(tiny):
+    """Blocks skipped by start_at_layer runs get their own forward back (accelerate's device hooks on a
+    model split over GPUs live in the instance's ``forward``), and plain blocks get the class's."""
+    from headlens import load_model
+    from headlens.methods.ablation import skip_blocks_before
+
+    model = load_model(str(tiny))
+    block0, block1 = (model.bridge.blocks[i].original_component for i in (0, 1))
+    hooked = block0.forward  # a bound method, stored on the instance like accelerate does
+    block0.forward = hooked
+    with skip_blocks_before(model, 2):
+        assert block0.forward is not hooked and "forward" in block1.__dict__
+    assert block0.__dict__["forward"] is hooked and "forward" not in block1.__dict__
