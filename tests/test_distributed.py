@@ -167,3 +167,15 @@ def test_layer_skip_keeps_a_modules_own_forward(tiny):
     with skip_blocks_before(model, 2):
         assert block0.forward is not hooked and "forward" in block1.__dict__
     assert block0.__dict__["forward"] is hooked and "forward" not in block1.__dict__
+
+
+@pytest.mark.real
+def test_two_ranks_same_bytes_on_smollm(tmp_path):
+    args = ["smollm2-135m", "-d", "induction", "--batch-size", "32", "-p", "induction.seq_len=10",
+            "-p", "induction.n_seqs=2", "-p", "induction.causal_seqs=1", "-p", "induction.n_random=4"]
+    r1 = headlens("scan", *args, "-o", tmp_path / "one.csv")
+    r2 = headlens("scan", *args, "-o", tmp_path / "two.csv", ranks=2)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+    steps = json.loads((tmp_path / "two.json").read_text())["steps_s"]["induction"]
+    assert steps["single-head ablations"]["chunks"] == 5      # 270 heads / 32 per chunk = 9 chunks; rank 0: 5
