@@ -28,8 +28,9 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .. import distributed
+from ..checkpoint import digest
 from ..errors import HeadlensError
-from ..progress import progress
 from .metrics import Metric, position_index
 
 KINDS = ("zero", "mean", "resample", "patch", "scale", "uniform")
@@ -150,13 +151,17 @@ def skip_blocks_before(model, layer: int, returns_tuple: bool = False):
         return (hidden,) if returns_tuple else hidden
 
     originals = [model.bridge.blocks[i].original_component for i in range(layer)]
+    own = [module.__dict__.get("forward") for module in originals]  # e.g. accelerate's device hooks
     for module in originals:
         module.forward = identity
     try:
         yield
     finally:
-        for module in originals:
-            del module.forward
+        for module, forward in zip(originals, own):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def uniform_pattern(n_query: int, n_key: int, key_mask: torch.Tensor | None, device, dtype) -> torch.Tensor:
@@ -314,38 +319,57 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
     for i in order:
         if start[i] >= model.n_layers:
             results[i] = metric(run.logits)
+    # One chunk plan on every rank; whole variants per chunk when one fits, so that a rank assembles
+    # each variant from the same rows, in the same batches, as a one-process run.
+    rows_per_chunk = distributed.agree_min(rows_per_chunk)
+    if rows_per_chunk >= batch:
+        rows_per_chunk -= rows_per_chunk % batch
     rows = [(v, p) for v in order if start[v] < model.n_layers for p in range(batch)]
     chunks = [rows[i:i + rows_per_chunk] for i in range(0, len(rows), rows_per_chunk)]
+    groups = distributed.segments(chunks, key=lambda row: row[0])  # a variant never spans two groups
     if stats is not None:
         stats.update(rows_per_chunk=rows_per_chunk, chunks=len(chunks))
-    pending: dict[int, list[torch.Tensor]] = {}
-    for chunk in progress(chunks, description):
-        chunk_vars = sorted({v for v, _ in chunk}, key=order.index)
-        local = {v: j for j, v in enumerate(chunk_vars)}
-        variant_of_row = torch.tensor([local[v] for v, _ in chunk])
-        prompt_of_row = torch.tensor([p for _, p in chunk])
-        first = min(start[v] for v in chunk_vars)
-        masks = _layer_masks(model, [variants[v] for v in chunk_vars], n_pos)
-        resid = run.resid[first][prompt_of_row.to(run.resid[first].device)].to(model.device)
-        mask = None
-        if run.attention_mask is not None:
-            mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
-        hooks = _hooks_for(ablation, run, masks, ref_means, variant_of_row, prompt_of_row)
-        with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple), \
-                logits_at(model, index):  # final norm + unembedding only at the metric's positions
-            logits = model.bridge.run_with_hooks(resid, start_at_layer=first, attention_mask=mask,
-                                                 fwd_hooks=hooks)
-        del resid
-        j = 0
-        for v in chunk_vars:
-            n = sum(1 for vv, _ in chunk if vv == v)
-            pending.setdefault(v, []).append(logits[j:j + n])
-            j += n
-            if sum(len(x) for x in pending[v]) == batch:
-                parts = pending.pop(v)
-                full = parts[0] if len(parts) == 1 else torch.cat(parts)
-                results[v] = metric.on_positions(full) if index is not None else metric(full)
-        del logits
+
+    def run_group(group: list[list[tuple[int, int]]]) -> dict[int, torch.Tensor]:
+        """The metric of every variant whose rows are in ``group`` (consecutive chunks)."""
+        pending: dict[int, list[torch.Tensor]] = {}
+        done: dict[int, torch.Tensor] = {}
+        for chunk in group:
+            chunk_vars = sorted({v for v, _ in chunk}, key=order.index)
+            local = {v: j for j, v in enumerate(chunk_vars)}
+            variant_of_row = torch.tensor([local[v] for v, _ in chunk])
+            prompt_of_row = torch.tensor([p for _, p in chunk])
+            first = min(start[v] for v in chunk_vars)
+            masks = _layer_masks(model, [variants[v] for v in chunk_vars], n_pos)
+            resid = run.resid[first][prompt_of_row.to(run.resid[first].device)].to(model.device)
+            mask = None
+            if run.attention_mask is not None:
+                mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
+            hooks = _hooks_for(ablation, run, masks, ref_means, variant_of_row, prompt_of_row)
+            with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple), \
+                    logits_at(model, index):  # final norm + unembedding only at the metric's positions
+                logits = model.bridge.run_with_hooks(resid, start_at_layer=first, attention_mask=mask,
+                                                     fwd_hooks=hooks)
+            del resid
+            j = 0
+            for v in chunk_vars:
+                n = sum(1 for vv, _ in chunk if vv == v)
+                pending.setdefault(v, []).append(logits[j:j + n])
+                j += n
+                if sum(len(x) for x in pending[v]) == batch:
+                    parts = pending.pop(v)
+                    full = parts[0] if len(parts) == 1 else torch.cat(parts)
+                    done[v] = metric.on_positions(full) if index is not None else metric(full)
+            del logits
+        return done
+
+    # Data parallel and resumable: with several ranks each computes its share of the groups (the same
+    # groups as one process) and all results are gathered; finished groups are checkpointed in a scan.
+    key = digest(description, variants, ablation.kind, ablation.scale, ablation.seed, ablation.reference,
+                 run.tokens, chunks)
+    for done in distributed.map(run_group, groups, description, key=key, resumable=True):
+        for v, value in done.items():
+            results[v] = value.to(run.logits.device)
     return torch.stack(results)
 
 
