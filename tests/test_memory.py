@@ -114,16 +114,16 @@ def test_scan_under_small_max_memory_chunks_more(planted_induction):
         free = scan(m, [det()]).frame
         n_free = len(calls)
         calls.clear()
-        n_pos, batch = 31, 4  # 1 + seq_len * n_repeats; causal_seqs
-        budget = weight_bytes(m) + clean_run_bytes(m, batch, n_pos) + 3 * row_bytes(m, n_pos, n_pos - 1)
+        n_pos, batch, n_loss = 41, 4, 30  # 1 + seq_len * n_repeats; causal_seqs; repeated-part targets
+        budget = weight_bytes(m) + clean_run_bytes(m, batch, n_pos) + 3 * row_bytes(m, n_pos, n_loss)
         with limit(budget):
             small = scan(m, [det()]).frame
         n_small = len(calls)
     finally:
         handle.remove()
     assert n_small > n_free
-    # Ablated runs read the loss positions only (fewer than all 31): none held more than three rows.
-    ablated = [shape for shape in calls if shape[1] < n_pos]
+    # Ablated runs read the loss positions only (30 of 41): none held more than three rows.
+    ablated = [shape for shape in calls if shape[1] == n_loss]
     assert ablated and max(shape[0] for shape in ablated) <= 3
     assert (free.induction_label == small.induction_label).all()
     for col in free.columns:
