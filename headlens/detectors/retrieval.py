@@ -30,9 +30,8 @@ import torch
 
 from ..data import data_path
 from ..errors import HeadlensError
-from ..methods.ablation import random_head_sets
 from ..methods.generation import encode_prompt, greedy_generate, stop_token_ids
-from .base import Detector, DetectorResult, causal_summary, head_frame
+from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 MARKER = "\x00CONTEXT\x00"
 
@@ -116,7 +115,7 @@ class RetrievalDetector(Detector):
     paper = "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality"
 
     @dataclass
-    class Params:
+    class Params(ReviewParams):
         needles: str = "needles.json"
         haystack: str = "haystack.txt"
         context_lengths: tuple[int, ...] = (500, 1000, 2000)   # tokens of context (haystack + needle)
@@ -128,8 +127,8 @@ class RetrievalDetector(Detector):
         max_new_tokens: int = 32
         recall_threshold: float = 0.5   # ROUGE-1 recall for a run to count (paper: 0.5)
         threshold: float = 0.1          # label rule (paper: 0.1)
+        ablation: str = "uniform"       # the causal check makes attention uniform (the only kind here)
         top_k: int = 10                 # causal check: top-k heads vs k random heads
-        n_random: int = 5               # random draws
         causal_runs: int = 6            # retrieved runs used for the causal check
 
     def run(self, model, seed: int = 0) -> DetectorResult:
@@ -157,25 +156,26 @@ class RetrievalDetector(Detector):
         per_run = torch.stack(scores)
         score = per_run.mean(0)
         labelled = [(l, h) for l, h in model.heads() if score[l, h] >= p.threshold]
-        causal = self._causal_check(model, score, retrieved[:p.causal_runs], stops, seed)
+        if p.ablation != "uniform":
+            raise HeadlensError("the retrieval causal check decodes with uniform attention; "
+                                f"ablation '{p.ablation}' is not available here")
+        causal = self.causal_check(model, score, seed, "needle recall (ROUGE-1, uniform attention)", "lower",
+                                   runs=retrieved[:p.causal_runs], stops=stops).to_dict()
         reason = "" if labelled else (f"no head reaches copy-paste score {p.threshold}; "
                                       "the top rows are the best candidates")
-        frame = head_frame(model, self.name, score, {"active_runs": (per_run > 0).float().mean(0)})
+        frame = head_frame(model, self.name, score, {**self.interval(per_run, seed),
+                                                     "active_runs": (per_run > 0).float().mean(0)})
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
 
-    def _causal_check(self, model, score, runs, stops, seed) -> dict:
-        """Mean needle recall with the top-k heads' attention uniform vs k random heads."""
+    def causal_values(self, model, variants, runs=(), stops=(), **_) -> torch.Tensor:
+        """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``. All variants
+        of one run are decoded together as one batch (one generation per retrieved run)."""
         p = self.params
-        flat = score.flatten().argsort(descending=True, stable=True)[:p.top_k]
-        top = [divmod(int(i), model.n_heads) for i in flat]
-        draws = random_head_sets(model, len(top), p.n_random, seed, exclude=top)
-        variants = [[]] + [top] + draws
         recall = torch.zeros(len(variants))
         for run in runs:
             gen = greedy_generate(model, [run.tokens] * len(variants), p.max_new_tokens,
                                   ablate=variants, stop_ids=stops)
             answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
             recall += torch.tensor([rouge1_recall(run.needle, a) for a in answers]) / len(runs)
-        return causal_summary(top, float(recall[1]), recall[2:], float(recall[0]),
-                              "needle recall (ROUGE-1, uniform attention)", draws)
+        return recall

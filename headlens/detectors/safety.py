@@ -32,9 +32,8 @@ import torch
 from ..data import data_path
 from ..errors import HeadlensError
 from ..methods import clean_run, kl_metric, run_variants, sweep_heads
-from ..methods.ablation import random_head_sets
 from ..methods.generation import encode_prompt, greedy_generate, left_pad, stop_token_ids
-from .base import Detector, DetectorResult, causal_summary, head_frame
+from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 
 def read_lines(name: str) -> list[str]:
@@ -55,7 +54,7 @@ class SafetyDetector(Detector):
     paper = "Zhou et al. 2025, On the Role of Attention Heads in LLM Safety"
 
     @dataclass
-    class Params:
+    class Params(ReviewParams):
         harmful: str = "harmful.txt"
         harmless: str = "harmless.txt"
         refusal_phrases: str = "refusal_phrases.txt"
@@ -67,7 +66,7 @@ class SafetyDetector(Detector):
         group_size: int = 3             # greedy group of at most this many heads (Sahara: ~3)
         min_gain: float = 0.05          # stop growing when the group KL rises by less than this share
         min_asr_rise: float = 0.2       # label only if the group raises the attack success rate this much
-        n_random: int = 5               # random-head draws for the causal check
+        ablation: str = "uniform"       # undifferentiated attention (the only kind the check decodes with)
         max_rows: int = 64              # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
@@ -92,11 +91,10 @@ class SafetyDetector(Detector):
         harmless_kl = self._ships(model, good)[0]
         group = self._greedy_group(model, ships, bad_run)
         top = [group[0]]
-        draws = random_head_sets(model, len(group), p.n_random, seed, exclude=group)
-        rates = self._refusal_rates(model, bad, phrases, [top, group] + draws)
-        asr_top, asr_group = 1 - rates[0], 1 - rates[1]
-        causal = causal_summary(group, rates[1], torch.tensor(rates[2:]), refusal,
-                                "refusal rate on harmful requests (uniform attention)", draws)
+        check = self.causal_check(model, None, seed, "refusal rate on harmful requests (uniform attention)",
+                                  "lower", top=group, extra_variants=[top], prompts=bad, phrases=phrases)
+        asr_top, asr_group = 1 - float(check.raw[-1]), 1 - check.top_k_ablated
+        causal = check.to_dict()
         specific = [h for h in group if ships[h] > harmless_kl[h]]
         rise = asr_group - (1 - refusal)
         labelled = specific if rise >= p.min_asr_rise else []
@@ -109,6 +107,10 @@ class SafetyDetector(Detector):
             "specificity": ships / (ships + harmless_kl).clamp_min(1e-12)})
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
+
+    def causal_values(self, model, variants, prompts=(), phrases=(), **_) -> torch.Tensor:
+        """Refusal rate with each variant's heads' attention uniform, all decoded as one batch."""
+        return torch.tensor(self._refusal_rates(model, prompts, phrases, variants))
 
     def _refusal_rate(self, model, prompts, phrases) -> float:
         return self._refusal_rates(model, prompts, phrases, [[]])[0]
