@@ -135,8 +135,8 @@ class Detector:
         return {f"{name}_lo": lo, f"{name}_hi": hi}
 
     def direct_and_self_repair(self, model, run, metric, total: torch.Tensor, worse: str = "higher",
-                               clean: float | None = None, heads=None,
-                               max_rows: int | None = None) -> dict[str, torch.Tensor]:
+                               clean: float | None = None, heads=None, max_rows: int | None = None,
+                               positions: slice = slice(None)) -> dict[str, torch.Tensor]:
         """Per head, the direct effect of its ablation (its path straight to the logits only, everything
         else frozen; :func:`headlens.methods.direct_effects`) beside the ``total`` effect (the ordinary
         single-head ablation, ``[L, H]``, signed the same way), and ``self_repair = 1 - total / direct``.
@@ -146,11 +146,10 @@ class Detector:
         """
         from ..methods import direct_effects
         values = direct_effects(model, run, metric, self.causal_params.ablation, heads=heads,
-                                max_rows=max_rows or getattr(self.params, "max_rows", 64))
+                                max_rows=max_rows or getattr(self.params, "max_rows", 64), positions=positions)
         values = values if values.dim() == 2 else values[..., 0]
         if clean is None:
-            c = metric(run.logits[None])
-            clean = float(c.flatten()[0])
+            clean = float(metric(run.logits).flatten()[0])
         direct = (values - clean) * (1 if worse == "higher" else -1)
         return {"direct": direct, "self_repair": self_repair(direct, total)}
 

@@ -87,8 +87,8 @@ class SafetyDetector(Detector):
                 "no refusal behaviour to attribute to heads", **info)
 
         info["harmless_refusal_rate"] = self._refusal_rate(model, good, phrases)
-        ships, bad_run = self._ships(model, bad)
-        harmless_kl = self._ships(model, good)[0]
+        ships_per_prompt, bad_run = self._ships(model, bad)                    # [L, H, n_prompts]
+        ships, harmless_kl = ships_per_prompt.mean(-1), self._ships(model, good)[0].mean(-1)
         group = self._greedy_group(model, ships, bad_run)
         top = [group[0]]
         check = self.causal_check(model, None, seed, "refusal rate on harmful requests (uniform attention)",
@@ -102,7 +102,11 @@ class SafetyDetector(Detector):
                      "asr_group": asr_group, "group": [f"L{l}H{h}" for l, h in group]})
         reason = "" if labelled else (f"ablating the greedy group raises the attack success rate by only "
                                       f"{rise:.2f} (< {p.min_asr_rise}); the top rows are weak candidates")
+        # Direct effect: the head's uniform-attention change on its path straight to the logits only.
+        repair = self.direct_and_self_repair(model, bad_run, kl_metric(bad_run.logits), ships, "higher", 0.0,
+                                             positions=slice(-1, None))
         frame = head_frame(model, self.name, ships, {
+            **self.interval(ships_per_prompt.permute(2, 0, 1), seed), **repair,
             "harmless_kl": harmless_kl,
             "specificity": ships / (ships + harmless_kl).clamp_min(1e-12)})
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
@@ -126,12 +130,12 @@ class SafetyDetector(Detector):
         return refused.view(len(head_sets), len(prompts)).mean(1).tolist()
 
     def _ships(self, model, prompts):
-        """KL(clean || head uniform) at the last position, every head, mean over prompts: [L, H]."""
+        """KL(clean || head uniform) at the last position, every head, per prompt: [L, H, n_prompts]."""
         pad = model.tokenizer.pad_token_id or 0
         tokens, mask = left_pad(prompts, pad)
         tokens, mask = tokens.to(model.device), mask.to(model.device)
-        run = clean_run(model, tokens, mask, keep_z=False)
-        kl = sweep_heads(model, tokens, kl_metric(run.logits), "uniform", attention_mask=mask,
+        run = clean_run(model, tokens, mask)   # z kept for the direct effects
+        kl = sweep_heads(model, tokens, kl_metric(run.logits, per_prompt=True), "uniform", attention_mask=mask,
                          max_rows=self.params.max_rows, run=run)
         return kl.clamp_min(0), run
 

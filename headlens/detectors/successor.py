@@ -143,16 +143,16 @@ def ordinal_prompts(model, groups: list[Group], n_items: int, max_prompts: int, 
 
 
 def next_item_metric(target: torch.Tensor, candidates: torch.Tensor):
-    """``[n, 3]`` at the last position: accuracy among the prompt's task tokens (the succession score's
+    """``[3]`` at the last position: accuracy among the prompt's task tokens (the succession score's
     own criterion), accuracy over the full vocabulary, and mean log-prob of the next item."""
-    def metric(logits: torch.Tensor, rows=None) -> torch.Tensor:
-        last = torch.log_softmax(logits[:, :, -1].float(), -1)                 # [n, b, vocab]
-        t = target.to(last.device)[None]
-        in_task = last.masked_fill(~candidates.to(last.device)[None], float("-inf"))
-        acc_task = (in_task.argmax(-1) == t).float().mean(-1)
-        acc = (last.argmax(-1) == t).float().mean(-1)
-        lp = last.gather(-1, t[..., None].expand(last.shape[0], -1, 1))[..., 0].mean(-1)
-        return torch.stack([acc_task, acc, lp], -1)
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        last = torch.log_softmax(logits[:, -1].float(), -1)                    # [b, vocab]
+        t = target.to(last.device)
+        in_task = last.masked_fill(~candidates.to(last.device), float("-inf"))
+        acc_task = (in_task.argmax(-1) == t).float().mean()
+        acc = (last.argmax(-1) == t).float().mean()
+        lp = last.gather(-1, t[:, None])[:, 0].mean()
+        return torch.stack([acc_task, acc, lp])
     return metric
 
 
@@ -224,10 +224,11 @@ class SuccessorDetector(Detector):
                                 f"random_k_ablated_{name}_mean": float(values[2:, j].mean())})
         causal = check.to_dict()
         # Direct vs total effect per head on the next item's log-prob (accuracy is too coarse for one head).
-        logprob = lambda logits, rows=None: metric(logits, rows)[:, 2]
+        logprob = lambda logits: metric(logits)[2]
         clean_lp = float(values[0, 2])
         total = clean_lp - sweep_heads(model, run.tokens, logprob, p.ablation, max_rows=p.max_rows, run=run)
-        effects = {"total": total, **self.direct_and_self_repair(model, run, logprob, total, "lower", clean_lp)}
+        effects = {"total": total, **self.direct_and_self_repair(model, run, logprob, total, "lower", clean_lp,
+                                                                     positions=slice(-1, None))}
         return dla, causal, {"n_prompts": int(len(tokens)), "n_causal_prompts": int(len(sub))}, effects
 
     def _interval(self, hits: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -21,8 +21,9 @@ from typing import Sequence
 import torch
 
 from ..errors import HeadlensError
-from .ablation import (Ablation, CleanRun, Head, Metric, _replacement, as_ablation, clean_run,
+from .ablation import (Ablation, CleanRun, Head, _replacement, as_ablation, clean_run, per_variant,
                        reference_means, run_variants)
+from .metrics import Metric
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -67,7 +68,7 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
 
     Returns ``[n_layers, n_heads, ...]``, or ``[n_layers, n_heads, pos, ...]`` with ``per_position``
     (the head patched at that query position only). The unpatched target run's metric is
-    ``metric(target.logits[None], ...)``; see :func:`target_and_source`.
+    ``metric(target.logits)``; see :func:`target_and_source`.
     """
     target, source = target_and_source(model, clean, corrupted, direction, attention_mask)
     n_pos = target.tokens.shape[1]
@@ -111,9 +112,10 @@ def path_patch_logits(model, clean: torch.Tensor, corrupted: torch.Tensor, metri
 
 
 def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metric: Metric,
-                        max_rows: int) -> torch.Tensor:
+                        max_rows: int, positions: slice = slice(None)) -> torch.Tensor:
     """``metric`` of the target logits plus, per entry, only the direct-path change
-    ``norm(dz(entry) @ W_O[l, h]) @ W_U`` (the target run's final norm scale frozen): ``[n_entries, ...]``."""
+    ``norm(dz(entry) @ W_O[l, h]) @ W_U`` (the target run's final norm scale frozen): ``[n_entries, ...]``.
+    Only the ``positions`` slice of the logits is formed and given to the metric."""
     batch = target.tokens.shape[0]
     W_U, W_O = model.bridge.W_U, model.bridge.W_O   # the bridge re-stacks weights on each access: read once
     centre = _final_norm_centres(model)
@@ -121,11 +123,12 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
     results = []
     for start in range(0, len(entries), per_chunk):
         chunk = entries[start:start + per_chunk]
-        delta = torch.stack([(d := dz(e)) @ W_O[e[0], e[1]].to(d.device, d.dtype) for e in chunk])
+        delta = torch.stack([(d := dz(e)[:, positions]) @ W_O[e[0], e[1]].to(d.device, d.dtype)
+                             for e in chunk])
         if centre:
             delta = delta - delta.mean(-1, keepdim=True)
-        logits = target.logits[None] + (delta / target.scale[None]) @ W_U
-        results.append(metric(logits, torch.arange(start, start + len(chunk))))
+        logits = target.logits[None, :, positions] + (delta / target.scale[None, :, positions]) @ W_U
+        results.append(per_variant(metric, logits.flatten(0, 1), len(chunk), batch))
     return torch.cat(results)
 
 
@@ -148,7 +151,8 @@ def uniform_z(model, run: CleanRun) -> dict[int, torch.Tensor]:
 
 
 def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Ablation = "mean",
-                   heads: Sequence[Head] | None = None, max_rows: int = 64) -> torch.Tensor:
+                   heads: Sequence[Head] | None = None, max_rows: int = 64,
+                   positions: slice = slice(None)) -> torch.Tensor:
     """The metric when a head is ablated along its *direct* path to the logits only, every head one at a
     time: ``[n_layers, n_heads, ...]`` (NaN for heads not asked).
 
@@ -157,7 +161,9 @@ def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Ablatio
     frozen (they still see the clean head). This is the direct effect of the Hydra-effect literature
     (McGrath et al. 2023); the ordinary ablation (:func:`sweep_heads`) is the total effect. Any ablation
     kind works: ``uniform`` and ``scale`` need a forward pass for the value vectors / z, the others
-    none. Checked against a one-head-at-a-time version in ``tests/test_self_repair.py``.
+    none. ``positions`` limits the logits formed (and passed to ``metric``) to a slice, e.g.
+    ``slice(-1, None)`` for a last-position metric. Checked against a one-head-at-a-time version in
+    ``tests/test_self_repair.py``.
     """
     ablation = as_ablation(ablation)
     entries = [tuple(h) for h in (heads if heads is not None else model.heads())]
@@ -173,5 +179,5 @@ def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Ablatio
         l, h = entry
         z = run.z[l][:, :, h]
         return ablated_z[l][..., h, :].to(z.device, z.dtype).expand_as(z) - z
-    values = _direct_path_values(model, run, entries, dz, metric, max_rows)
+    values = _direct_path_values(model, run, entries, dz, metric, max_rows, positions)
     return _scatter(model, entries, values, False, run.tokens.shape[1])
