@@ -76,11 +76,24 @@ def test_smollm2_top_induction_heads_matter_causally(smollm_induction):
     causal = cat.meta["detectors"]["induction"]["causal"]
     rise_top = causal["top_k_ablated"] - causal["clean"]
     rise_random = causal["random_k_ablated_mean"] - causal["clean"]
-    assert causal["k"] == 5 and len(causal["random_k_ablated"]) == 10
+    assert causal["k"] == 5 and len(causal["random_k_ablated"]) == 20
     # Ablating the top 5 induction heads raises the repeated-part loss far more than 5 random heads.
     assert rise_top > 1.0
     assert rise_top > 5 * max(rise_random, 0.05)
     assert causal["top_k_ablated"] > max(causal["random_k_ablated"])
+    assert causal["p_value"] == pytest.approx(1 / 21) and causal["worse"] == "higher"
+
+
+@pytest.mark.real
+def test_smollm2_top_induction_heads_direct_and_total_effects(smollm_induction):
+    """The strongest induction heads matter both through their direct path to the logits and in total
+    (the single-head ablation); self-repair is defined for them and each score has an interval."""
+    f = smollm_induction.frame
+    top = f.sort_values("induction_score", ascending=False).head(3)
+    assert (top.induction_direct > 0).all() and (top.induction_loss_rise > 0).all()
+    assert top.induction_self_repair.notna().all()
+    assert ((top.induction_score_lo <= top.induction_score) & (top.induction_score <= top.induction_score_hi)).all()
+    assert (top.induction_score_hi - top.induction_score_lo < 0.3).all()
 
 
 @pytest.mark.real

@@ -92,12 +92,12 @@ class Detector:
         return CausalParams(**{f.name: getattr(p, f.name) for f in dataclasses.fields(CausalParams)
                                if hasattr(p, f.name)})
 
-    def causal_check(self, model, score: torch.Tensor | None, seed: int, metric: str, worse: str = "higher",
+    def causal_check(self, model, score: torch.Tensor | None, seed: int, metric_name: str, worse: str = "higher",
                      top: list[tuple[int, int]] | None = None, extra_variants=(), **context) -> CausalCheck:
         """The top-k heads by ``score`` (or the given ``top``) ablated together vs ``n_random`` draws of
         as many random heads (other than those), all variants batched by :meth:`causal_values`.
 
-        ``metric`` names the metric; ``context`` goes to :meth:`causal_values`. ``extra_variants`` are
+        ``metric_name`` names the metric; ``context`` goes to :meth:`causal_values`. ``extra_variants`` are
         decoded in the same batch; the full per-variant values (clean, top, draws, extras) are in
         ``check.raw``. A metric with several columns is checked on its first.
         """
@@ -109,7 +109,7 @@ class Detector:
         values = self.causal_values(model, [[], top] + draws + [list(v) for v in extra_variants], **context)
         values = torch.as_tensor(values).float().cpu()
         first = values if values.dim() == 1 else values[:, 0]
-        return CausalCheck(metric=metric, top_heads=_names(top), clean=float(first[0]),
+        return CausalCheck(metric=metric_name, top_heads=_names(top), clean=float(first[0]),
                            top_k_ablated=float(first[1]),
                            random_k_ablated=[float(x) for x in first[2:2 + len(draws)]],
                            random_draws=[_names(d) for d in draws], worse=worse, ablation=cp.ablation,
