@@ -130,6 +130,7 @@ class RetrievalDetector(Detector):
         ablation: str = "uniform"       # the causal check makes attention uniform (the only kind here)
         top_k: int = 10                 # causal check: top-k heads vs k random heads
         causal_runs: int = 6            # retrieved runs used for the causal check
+        effect_runs: int = 2            # retrieved runs for the top-k heads' direct vs total effect (0 = none)
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -139,13 +140,14 @@ class RetrievalDetector(Detector):
         runs = needle_prompts(model, needles, haystack, p.context_lengths, p.depths, chat,
                               p.template if chat else p.plain_template)
         stops = stop_token_ids(model)
-        scores, recalls, retrieved = [], [], []
+        scores, recalls, retrieved, answers = [], [], [], []
         for run in runs:
             gen = greedy_generate(model, [run.tokens], p.max_new_tokens, record_top1=True, stop_ids=stops)
             answer = model.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
             recalls.append(rouge1_recall(run.needle, answer))
             if recalls[-1] > p.recall_threshold:
                 retrieved.append(run)
+                answers.append([int(t) for t in gen.tokens[0]])
                 scores.append(copy_scores(run, gen.tokens[0], gen.top1[:, :, 0]))
         info = {"n_runs": len(runs), "n_retrieved": len(retrieved),
                 "needle_recall": sum(recalls) / len(recalls),
@@ -163,10 +165,39 @@ class RetrievalDetector(Detector):
                                    runs=retrieved[:p.causal_runs], stops=stops).to_dict()
         reason = "" if labelled else (f"no head reaches copy-paste score {p.threshold}; "
                                       "the top rows are the best candidates")
+        effects = self._effects(model, score, retrieved[:p.effect_runs], answers[:p.effect_runs])
         frame = head_frame(model, self.name, score, {**self.interval(per_run, seed),
-                                                     "active_runs": (per_run > 0).float().mean(0)})
+                                                     "active_runs": (per_run > 0).float().mean(0), **effects})
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
+
+    def _effects(self, model, score, runs, answers) -> dict[str, torch.Tensor]:
+        """Direct vs total effect of the top-k heads (attention made uniform one head at a time) on the
+        teacher-forced log-prob of the model's own answer, mean over ``runs``; NaN for the other heads.
+        Total drop: every layer reacts; direct drop: only the head's path to the logits carries it."""
+        from ..methods import clean_run, sweep_heads
+        from .base import top_heads
+        nan = torch.full((model.n_layers, model.n_heads), float("nan"))
+        if not runs:
+            return {"total": nan, "direct": nan, "self_repair": nan}
+        heads = top_heads(score, self.params.top_k)
+        total, direct = torch.zeros_like(nan), torch.zeros_like(nan)
+        for run, answer in zip(runs, answers):
+            n = len(answer)
+            tokens = torch.tensor([run.tokens + answer], device=model.device)
+            target = tokens[:, -n:]
+
+            def logprob(logits, n=n, target=target):   # mean log-prob of the answer given what precedes it
+                lp = torch.log_softmax(logits[:, -(n + 1):-1].float(), -1)
+                return lp.gather(-1, target.to(lp.device)[..., None]).mean()
+            clean = clean_run(model, tokens)
+            base = float(logprob(clean.logits))
+            total += (base - sweep_heads(model, tokens, logprob, "uniform", heads=heads, max_rows=1, run=clean)) / len(runs)
+            d = self.direct_and_self_repair(model, clean, logprob, nan, "lower", base, heads=heads, max_rows=4,
+                                            positions=slice(-(n + 1), None))["direct"]
+            direct += d / len(runs)
+        from .base import self_repair
+        return {"total": total, "direct": direct, "self_repair": self_repair(direct, total)}
 
     def causal_values(self, model, variants, runs=(), stops=(), **_) -> torch.Tensor:
         """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``. All variants
