@@ -39,5 +39,5 @@ def parse_detectors(spec: str | None) -> list[str]:
     return names
 
 
-__all__ = ["REGISTRY", "Detector", "DetectorResult", "NOT_APPLICABLE", "OK", "CausalCheck", "CausalParams", "format_causal", "top_heads",
-           "detector_class", "get_detector", "head_frame", "parse_detectors"]
+__all__ = ["REGISTRY", "Detector", "DetectorResult", "NOT_APPLICABLE", "OK", "CausalCheck", "CausalParams",
+           "format_causal", "top_heads", "detector_class", "get_detector", "head_frame", "parse_detectors"]

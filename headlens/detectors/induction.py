@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from ..methods import clean_run, loss_metric, run_variants, sweep_heads
+from ..methods import clean_run, loss_metric, sweep_heads
 from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 
