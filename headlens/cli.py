@@ -129,9 +129,8 @@ def scan(
             out.print(f"[yellow]{role}: no head labelled. {d['reason']}[/yellow]")
         c = d.get("causal") or {}
         if c:
-            out.print(f"  causal check ({c['metric']}): clean {c['clean']:.4g}, top-{c['k']} ablated "
-                      f"{c['top_k_ablated']:.4g}, random-{c['k']} ablated {c['random_k_ablated_mean']:.4g} "
-                      f"+- {c['random_k_ablated_std']:.2g} ({len(c['random_k_ablated'])} draws)")
+            from .detectors import format_causal
+            out.print(f"  causal check: {format_causal(c)}", highlight=False)
     cat.to_csv(out_path)
     out.print(f"wrote {out_path} ({len(cat.frame)} heads) and its metadata {_sidecar(out_path)}")
     if report:

@@ -203,7 +203,10 @@ def causal_check(causal: dict, title: str | None = None) -> go.Figure:
         marker={"color": "black", "size": 7, "opacity": 0.7},
         customdata=[", ".join(d) for d in draws],
         hovertemplate="draw: %{customdata}<br>%{y:.4g}<extra></extra>"))
-    fig.update_layout(title=title or f"Causal check: top-{k} heads vs random {k} heads",
+    title = title or f"Causal check: top-{k} heads vs random {k} heads"
+    if causal.get("p_value") is not None:
+        title += f" (p = {causal['p_value']:.3g}, {rand.size} draws)"
+    fig.update_layout(title=title,
                       yaxis_title=causal["metric"], showlegend=False, height=420, width=560,
                       margin={"l": 70, "r": 20, "t": 50, "b": 50})
     return fig

@@ -85,11 +85,9 @@ def _details(det: dict) -> str:
 
 
 def _causal_text(c: dict) -> str:
-    rnd = c.get("random_k_ablated", [])
-    return (f"<p>Metric: {html.escape(str(c['metric']))}. Clean {c['clean']:.4g}; top-{c['k']} heads "
-            f"({html.escape(', '.join(c.get('top_heads', [])))}) ablated together: "
-            f"<b>{c['top_k_ablated']:.4g}</b>; {len(rnd)} draws of {c['k']} random heads: "
-            f"<b>{c['random_k_ablated_mean']:.4g}</b> ± {c.get('random_k_ablated_std', 0):.3g}.</p>")
+    from .detectors import format_causal
+    return (f"<p>Causal check: {html.escape(format_causal(c))}. Top heads: "
+            f"{html.escape(', '.join(c.get('top_heads', [])))}.</p>")
 
 
 def _role_section(catalogue: Catalogue, role: str, model, figs: list, prompts: dict) -> str:

@@ -64,6 +64,11 @@ def test_planted_causal_check_raises_repeat_logprob(planted_result):
     assert c["top_heads"] == ["L1H2"]
     assert c["top_k_ablated"] > c["clean"] + 0.1             # removing suppression -> overconfidence
     assert c["top_k_ablated"] > max(c["random_k_ablated"]) + 0.1
+    assert c["worse"] == "higher" and c["p_value"] == pytest.approx(1 / 5)   # the minimum with 4 draws
+    cs = planted_result.frame.set_index(["layer", "head"]).loc[COPY_SUPPRESSION_HEAD]
+    # Its ablation raises the repeat log-prob, directly and in total (last layer: nothing to repair it).
+    assert cs.copy_suppression_direct > 0.1 and cs.copy_suppression_total > 0.1
+    assert cs.copy_suppression_score_lo <= cs.copy_suppression_score <= cs.copy_suppression_score_hi
 
 
 def test_ov_and_qk_batched_match_plain_per_head(smollm):

@@ -76,11 +76,33 @@ def test_smollm2_top_induction_heads_matter_causally(smollm_induction):
     causal = cat.meta["detectors"]["induction"]["causal"]
     rise_top = causal["top_k_ablated"] - causal["clean"]
     rise_random = causal["random_k_ablated_mean"] - causal["clean"]
-    assert causal["k"] == 5 and len(causal["random_k_ablated"]) == 10
+    assert causal["k"] == 5 and len(causal["random_k_ablated"]) == 20
     # Ablating the top 5 induction heads raises the repeated-part loss far more than 5 random heads.
     assert rise_top > 1.0
     assert rise_top > 5 * max(rise_random, 0.05)
     assert causal["top_k_ablated"] > max(causal["random_k_ablated"])
+    assert causal["p_value"] == pytest.approx(1 / 21) and causal["worse"] == "higher"
+
+
+@pytest.mark.real
+def test_smollm2_top_induction_heads_direct_and_total_effects(smollm_induction):
+    """Direct vs total effect on the repeated-part loss. The strongest induction head hurts the loss
+    both through its own path to the logits and in total; but the prefix-matching heads act mostly
+    through later components (their total effect is far larger than their direct one), so the direct
+    path alone would badly understate them. Self-repair is 1 - total / direct where the direct effect is
+    not negligible (>= 10% of the largest), NaN elsewhere; each score has a bootstrap interval."""
+    f = smollm_induction.frame
+    top = f.sort_values("induction_score", ascending=False).head(5)
+    best = top.iloc[0]
+    assert best.induction_direct > 0 and best.induction_loss_rise > 0
+    assert top.induction_loss_rise.sum() > 2 * top.induction_direct.sum()
+    floor = 0.1 * f.induction_direct.abs().max()
+    defined = f.induction_direct.abs() >= floor
+    assert f.induction_self_repair[defined].notna().all() and f.induction_self_repair[~defined].isna().all()
+    d = f[defined]
+    assert ((1 - d.induction_loss_rise / d.induction_direct - d.induction_self_repair).abs() < 1e-3).all()
+    assert ((top.induction_score_lo <= top.induction_score) & (top.induction_score <= top.induction_score_hi)).all()
+    assert (top.induction_score_hi - top.induction_score_lo < 0.3).all()
 
 
 @pytest.mark.real

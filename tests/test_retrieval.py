@@ -81,6 +81,17 @@ def test_planted_retrieval_head_found_and_causal(planted):
     c = res.causal
     assert c["clean"] == pytest.approx(0.8) and c["top_k_ablated"] < 0.3
     assert c["random_k_ablated_mean"] > c["top_k_ablated"] + 0.4
+    # Only draws that hit the circuit's previous-token head (L0H1) break retrieval as much: p counts them.
+    with_prev = sum("L0H1" in d for d in c["random_draws"])
+    assert c["worse"] == "lower" and c["n_as_extreme"] == with_prev
+    assert c["p_value"] == pytest.approx((1 + with_prev) / 6)
+    row = top.iloc[0]
+    assert row.retrieval_score_lo <= row.retrieval_score <= row.retrieval_score_hi
+    # Direct vs total effect on the answer's log-prob: the planted head matters through its own path
+    # (it sits in the last layer: nothing downstream can repair it); heads outside the top-k are NaN.
+    assert row.retrieval_direct > 0.5 and row.retrieval_total > 0.5
+    assert abs(row.retrieval_self_repair) < 0.2
+    assert res.frame.retrieval_direct.isna().sum() == len(res.frame) - 1
     assert res.frame.equals(planted_detector(folder).run(model, seed=0).frame)   # deterministic
 
 

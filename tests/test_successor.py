@@ -52,6 +52,19 @@ def test_planted_causal_check(planted_result):
     assert c["top_heads"] == ["L1H1"]
     assert c["clean"] == 1.0 and c["top_k_ablated"] == 0.0
     assert min(c["random_k_ablated"]) == 1.0                 # other heads do not carry succession
+    assert c["worse"] == "lower" and c["p_value"] == pytest.approx(1 / 4)   # the minimum with 3 draws
+
+
+def test_planted_interval_and_direct_vs_total(planted_result):
+    f = planted_result.frame.set_index(["layer", "head"])
+    row = f.loc[SUCCESSOR_HEAD]
+    # Every pair succeeds, so every resample does: the interval is the point.
+    assert row.successor_score_lo == row.successor_score_hi == 1.0
+    assert ((f.successor_score_lo <= f.successor_score) & (f.successor_score <= f.successor_score_hi)).all()
+    # The planted head writes straight to the logits from the last layer: its ablation hurts the next
+    # item's log-prob directly, and nothing downstream can repair it.
+    assert row.successor_direct > 0.5 and row.successor_total > 0.5
+    assert abs(row.successor_self_repair) < 0.2
 
 
 def test_single_token_filtering(smollm, planted_successor):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 
 from ..errors import HeadlensError
-from .base import NOT_APPLICABLE, OK, Detector, DetectorResult, causal_summary, head_frame
+from .base import (NOT_APPLICABLE, OK, CausalCheck, CausalParams, Detector, DetectorResult, format_causal,
+                   head_frame, top_heads)
 
 # role name -> "module:Class" (imported on first use, so one broken detector cannot break the others)
 REGISTRY = {
@@ -38,5 +39,5 @@ def parse_detectors(spec: str | None) -> list[str]:
     return names
 
 
-__all__ = ["REGISTRY", "Detector", "DetectorResult", "NOT_APPLICABLE", "OK", "causal_summary",
-           "detector_class", "get_detector", "head_frame", "parse_detectors"]
+__all__ = ["REGISTRY", "Detector", "DetectorResult", "NOT_APPLICABLE", "OK", "CausalCheck", "CausalParams",
+           "format_causal", "top_heads", "detector_class", "get_detector", "head_frame", "parse_detectors"]

@@ -17,6 +17,8 @@ import pandas as pd
 import torch
 
 from ..errors import HeadlensError
+from ..methods import run_variants
+from ..methods.ablation import random_head_sets
 
 OK = "ok"
 NOT_APPLICABLE = "not_applicable"
@@ -84,6 +86,73 @@ class Detector:
     def run(self, model, seed: int = 0) -> DetectorResult:
         raise NotImplementedError
 
+    @property
+    def causal_params(self) -> CausalParams:
+        p = self.params
+        return CausalParams(**{f.name: getattr(p, f.name) for f in dataclasses.fields(CausalParams)
+                               if hasattr(p, f.name)})
+
+    def causal_check(self, model, score: torch.Tensor | None, seed: int, metric_name: str, worse: str = "higher",
+                     top: list[tuple[int, int]] | None = None, extra_variants=(), **context) -> CausalCheck:
+        """The top-k heads by ``score`` (or the given ``top``) ablated together vs ``n_random`` draws of
+        as many random heads (other than those), all variants batched by :meth:`causal_values`.
+
+        ``metric_name`` names the metric; ``context`` goes to :meth:`causal_values`. ``extra_variants`` are
+        decoded in the same batch; the full per-variant values (clean, top, draws, extras) are in
+        ``check.raw``. A metric with several columns is checked on its first.
+        """
+        cp = self.causal_params
+        if worse not in ("higher", "lower"):
+            raise ValueError(f"worse must be 'higher' or 'lower', not {worse!r}")
+        top = list(top) if top is not None else top_heads(score, cp.top_k)
+        draws = random_head_sets(model, len(top), cp.n_random, seed, exclude=top)
+        values = self.causal_values(model, [[], top] + draws + [list(v) for v in extra_variants], **context)
+        values = torch.as_tensor(values).float().cpu()
+        first = values if values.dim() == 1 else values[:, 0]
+        return CausalCheck(metric=metric_name, top_heads=_names(top), clean=float(first[0]),
+                           top_k_ablated=float(first[1]),
+                           random_k_ablated=[float(x) for x in first[2:2 + len(draws)]],
+                           random_draws=[_names(d) for d in draws], worse=worse, ablation=cp.ablation,
+                           raw=values)
+
+    def causal_values(self, model, variants: list[list[tuple[int, int]]], run=None, metric=None,
+                      **_) -> torch.Tensor:
+        """The metric with each variant's heads ablated together (variant 0 ablates none): ``[n, ...]``.
+
+        Default: one batched :func:`headlens.methods.run_variants` over a clean ``run`` with a forward
+        ``metric``. Detectors whose check needs generation (retrieval, safety) override this one method.
+        """
+        return run_variants(model, run.tokens, variants, metric, self.causal_params.ablation,
+                            run.attention_mask, getattr(self.params, "max_rows", 64), run,
+                            description=f"{self.name} causal check")
+
+    def interval(self, per_item: torch.Tensor, seed: int, name: str = "score") -> dict[str, torch.Tensor]:
+        """``{"<name>_lo": [L, H], "<name>_hi": [L, H]}``: the seeded percentile-bootstrap interval of the
+        mean over the items (dimension 0) of ``per_item`` ``[n, L, H]``."""
+        from ..stats import bootstrap_ci
+        p = self.params
+        lo, hi = bootstrap_ci(per_item, getattr(p, "n_boot", 1000), seed, getattr(p, "ci_level", 0.95))
+        return {f"{name}_lo": lo, f"{name}_hi": hi}
+
+    def direct_and_self_repair(self, model, run, metric, total: torch.Tensor, worse: str = "higher",
+                               clean: float | None = None, heads=None, max_rows: int | None = None,
+                               positions: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """Per head, the direct effect of its ablation (its path straight to the logits only, everything
+        else frozen; :func:`headlens.methods.direct_effects`) beside the ``total`` effect (the ordinary
+        single-head ablation, ``[L, H]``, signed the same way), and ``self_repair = 1 - total / direct``.
+
+        Effects are signed so that positive = the metric moves the ``worse`` way. Returns
+        ``{"direct": [L, H], "self_repair": [L, H]}`` (NaN for heads outside ``heads``, default all).
+        """
+        from ..methods import direct_effects
+        values = direct_effects(model, run, metric, self.causal_params.ablation, heads=heads,
+                                max_rows=max_rows or getattr(self.params, "max_rows", 64), positions=positions)
+        values = values if values.dim() == 2 else values[..., 0]
+        if clean is None:
+            clean = float(metric(run.logits).flatten()[0])
+        direct = (values - clean) * (1 if worse == "higher" else -1)
+        return {"direct": direct, "self_repair": self_repair(direct, total)}
+
     def param_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
 
@@ -94,18 +163,122 @@ class Detector:
                               status=NOT_APPLICABLE, reason=reason, params=self.param_dict(), info=info)
 
 
-def causal_summary(top_heads, top_value: float, random_values: torch.Tensor, clean_value: float,
-                   metric: str, random_draws) -> dict[str, Any]:
-    """The standard causal-check record: effect of ablating the top-k heads vs random k heads."""
-    r = random_values.float()
-    return {
-        "metric": metric,
-        "k": len(top_heads),
-        "top_heads": [f"L{l}H{h}" for l, h in top_heads],
-        "clean": float(clean_value),
-        "top_k_ablated": float(top_value),
-        "random_k_ablated_mean": float(r.mean()),
-        "random_k_ablated_std": float(r.std()) if len(r) > 1 else 0.0,
-        "random_k_ablated": [float(x) for x in r],
-        "random_draws": [[f"L{l}H{h}" for l, h in d] for d in random_draws],
-    }
+def top_heads(score: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The ``k`` highest-scoring heads of an ``[n_layers, n_heads]`` score, best first (ties: lower
+    layer, then lower head). NaN scores rank last, so an unscored head is picked only if nothing else is."""
+    s = torch.as_tensor(score).detach().float().cpu()
+    flat = torch.nan_to_num(s.flatten(), nan=float("-inf"))
+    return [divmod(int(i), s.shape[1]) for i in flat.argsort(descending=True, stable=True)[:k]]
+
+
+def _names(heads) -> list[str]:
+    return [h if isinstance(h, str) else f"L{h[0]}H{h[1]}" for h in heads]
+
+
+@dataclass
+class CausalParams:
+    """The causal check's parameters, shared by every detector's ``Params`` (which may change defaults)."""
+    ablation: str = "mean"     # how the heads are ablated in the causal check (and the per-head sweeps)
+    top_k: int = 5             # causal check: the top-k heads ablated together vs k random heads
+    n_random: int = 20         # random k-head draws (the p-value's resolution is 1 / (n_random + 1))
+
+
+@dataclass
+class ReviewParams(CausalParams):
+    """:class:`CausalParams` plus the bootstrap interval of the score (``<role>_score_lo/_hi``)."""
+    n_boot: int = 1000         # bootstrap resamples over prompts/sequences/runs/tokens
+    ci_level: float = 0.95     # interval level
+
+
+@dataclass
+class CausalCheck:
+    """Top-k heads ablated together vs ``n_random`` draws of k random heads (other than those).
+
+    ``worse`` says which way the metric moves when the ablated heads matter more (``higher``: e.g. a loss;
+    ``lower``: e.g. an accuracy). ``p_value`` = (1 + #random draws at least as extreme as the top-k
+    ablation, in that direction) / (1 + n_draws): its minimum is 1 / (n_draws + 1).
+    """
+    metric: str
+    top_heads: list[str]
+    clean: float
+    top_k_ablated: float
+    random_k_ablated: list[float]
+    random_draws: list[list[str]]
+    worse: str = "higher"
+    ablation: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)     # detector-specific figures, kept in to_dict
+    raw: Any = field(default=None, repr=False, compare=False)  # every variant's full metric (not saved)
+
+    @property
+    def k(self) -> int:
+        return len(self.top_heads)
+
+    @property
+    def n_random(self) -> int:
+        return len(self.random_k_ablated)
+
+    @property
+    def random_mean(self) -> float:
+        return float(np.mean(self.random_k_ablated)) if self.random_k_ablated else float("nan")
+
+    @property
+    def random_std(self) -> float:
+        r = self.random_k_ablated
+        return float(np.std(r, ddof=1)) if len(r) > 1 else 0.0
+
+    @property
+    def n_as_extreme(self) -> int:
+        r = np.asarray(self.random_k_ablated, float)
+        return int((r >= self.top_k_ablated).sum() if self.worse == "higher" else (r <= self.top_k_ablated).sum())
+
+    @property
+    def p_value(self) -> float:
+        from ..stats import empirical_p_value
+        return empirical_p_value(self.top_k_ablated, self.random_k_ablated, self.worse == "higher")
+
+    def format(self) -> str:
+        """One line for the CLI, the report and the notebooks."""
+        return (f"{self.metric}: clean {self.clean:.4g}; top-{self.k} ablated {self.top_k_ablated:.4g}; "
+                f"random {self.k} ablated {self.random_mean:.4g} ± {self.random_std:.2g} "
+                f"({self.n_random} draws; {self.n_as_extreme} as extreme); "
+                f"p = {self.p_value:.3g} ({self.worse} = the heads matter more)")
+
+    __str__ = format
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar record: the keys of earlier catalogues plus ``p_value``, ``worse``, ``ablation``..."""
+        return {"metric": self.metric, "k": self.k, "top_heads": list(self.top_heads),
+                "clean": float(self.clean), "top_k_ablated": float(self.top_k_ablated),
+                "random_k_ablated_mean": self.random_mean, "random_k_ablated_std": self.random_std,
+                "random_k_ablated": [float(x) for x in self.random_k_ablated],
+                "random_draws": [list(d) for d in self.random_draws],
+                "n_random": self.n_random, "worse": self.worse, "ablation": self.ablation,
+                "n_as_extreme": self.n_as_extreme, "p_value": self.p_value, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CausalCheck":
+        """Read a sidecar record (older ones lack ``worse``: then ``higher`` is assumed)."""
+        own = {"metric", "k", "top_heads", "clean", "top_k_ablated", "random_k_ablated_mean",
+               "random_k_ablated_std", "random_k_ablated", "random_draws", "n_random", "worse",
+               "ablation", "n_as_extreme", "p_value"}
+        return cls(metric=d["metric"], top_heads=list(d.get("top_heads", [])), clean=d["clean"],
+                   top_k_ablated=d["top_k_ablated"], random_k_ablated=list(d.get("random_k_ablated", [])),
+                   random_draws=[list(x) for x in d.get("random_draws", [])],
+                   worse=d.get("worse", "higher"), ablation=d.get("ablation", ""),
+                   extra={k: v for k, v in d.items() if k not in own})
+
+
+def format_causal(causal: dict[str, Any] | CausalCheck) -> str:
+    """The one-line causal check of a sidecar record (or a CausalCheck)."""
+    return str(causal if isinstance(causal, CausalCheck) else CausalCheck.from_dict(causal))
+
+
+def self_repair(direct: torch.Tensor, total: torch.Tensor, min_share: float = 0.1) -> torch.Tensor:
+    """``1 - total / direct`` per head (both effects signed so that positive = the head matters): 0 = no
+    repair, 1 = the rest of the model fully makes up for the head, > 1 over-compensation, < 0 the head
+    matters more than its direct path (its effect is amplified downstream or mostly indirect). NaN where
+    ``|direct|`` is below ``min_share`` of the largest ``|direct|`` of the role (a ratio of noise)."""
+    d, t = direct.float(), total.float()
+    floor = min_share * torch.nan_to_num(d.abs(), nan=0.0).max()
+    out = 1 - t / d
+    return torch.where((d.abs() >= floor) & (d.abs() > 0), out, torch.full_like(out, float("nan")))

@@ -38,17 +38,18 @@ from einops import einsum
 
 from ..data import data_path
 from ..errors import HeadlensError
-from ..methods import clean_run, run_variants
-from ..methods.ablation import random_head_sets
+from ..methods import clean_run, sweep_heads
 from ..methods.ablation import skip_blocks_before
 from ..methods.circuits import effective_embedding, head_dla, normalise, per_query_head
-from .base import Detector, DetectorResult, causal_summary, head_frame
+from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
 from .induction import random_token_ids
 
 
-def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128,
+             per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``[L, H]`` fractions of ``tokens`` whose own logit in ``W_U^T W_OV norm(W_EE)`` is among the ``k``
     lowest (suppress) / ``k`` highest (copy) over the whole vocabulary; ties count against the token.
+    With ``per_token``, the per-token indicators ``[n_tokens, L, H]`` instead of their means.
 
     With more tokens than ``d_head``, ``W_O W_U`` (``[H, d_head, vocab]``) is formed once per layer, so
     each token costs a d_head-sized product per head instead of a d_model-sized one.
@@ -71,6 +72,8 @@ def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128) -> tuple[tor
             mine = logits.gather(-1, own[i:i + chunk].expand(model.n_heads, -1)[..., None])
             lower[l, :, i:i + chunk] = (logits <= mine).sum(-1).cpu() - 1   # others at or below its own
             higher[l, :, i:i + chunk] = (logits >= mine).sum(-1).cpu() - 1
+    if per_token:
+        return (lower < k).float().permute(2, 0, 1), (higher < k).float().permute(2, 0, 1)
     return (lower < k).float().mean(-1), (higher < k).float().mean(-1)
 
 
@@ -132,7 +135,7 @@ class CopySuppressionDetector(Detector):
     paper = "McDougall, Conmy, Rushing, McGrath, Nanda 2023, Copy Suppression"
 
     @dataclass
-    class Params:
+    class Params(ReviewParams):
         k: int = 10                  # own logit among the k most suppressed (paper: 10)
         n_tokens: int = 200          # sampled tokens for the OV and QK circuits
         ov_threshold: float = 0.5    # label: ov_suppress at least this
@@ -142,9 +145,8 @@ class CopySuppressionDetector(Detector):
         n_seqs: int = 8              # text chunks for the behavioural evidence
         cspa_heads: int = 3          # top heads that get the CSPA-like ablation
         cspa_seqs: int = 4           # text chunks used by the CSPA-like ablation
-        ablation: str = "mean"       # how heads are ablated in the causal check
         top_k: int = 3               # causal check: top-k heads vs k random heads
-        n_random: int = 10           # random draws for the causal check
+        effect_heads: int = 10       # top heads that get direct vs total effect (NaN elsewhere)
         causal_seqs: int = 3         # text chunks used by the causal check
         max_rows: int = 64           # sequences per batched forward pass
 
@@ -152,7 +154,8 @@ class CopySuppressionDetector(Detector):
         p = self.params
         tokens = prose_tokens(model, p.corpus, p.seq_len, p.n_seqs).to(model.device)
         sample = random_token_ids(model, 1, p.n_tokens, torch.Generator().manual_seed(seed))[0].unique()
-        suppress, copy = ov_ranks(model, sample, p.k)
+        suppress_tok, copy_tok = ov_ranks(model, sample, p.k, per_token=True)     # [n_tokens, L, H]
+        suppress, copy = suppress_tok.mean(0), copy_tok.mean(0)
         qk = qk_diagonal(model, sample)
         score = suppress - copy
 
@@ -176,7 +179,7 @@ class CopySuppressionDetector(Detector):
         neg = dla.clamp(max=0)
         neg_share = neg[..., is_seen].sum(-1) / neg.sum(-1).clamp(max=-1e-9)
 
-        top = self._top(model, score, max(p.top_k, p.cspa_heads))
+        top = top_heads(score, max(p.top_k, p.cspa_heads))
         cspa = torch.full_like(score, float("nan"))
         n = min(p.cspa_seqs, len(tokens))
         for (l, h), v in zip(top[:p.cspa_heads], self._cspa(model, tokens[:n], logits[:n], cache,
@@ -185,10 +188,10 @@ class CopySuppressionDetector(Detector):
         del cache
         labelled = [(l, h) for l, h in model.heads() if suppress[l, h] >= p.ov_threshold
                     and qk[l, h] >= p.qk_threshold and dla_seen[l, h] < 0]
-        causal = self._causal_check(model, tokens[:p.causal_seqs], top[:p.top_k], seed)
-        frame = head_frame(model, self.name, score, {
+        causal, effects = self._causal_check(model, tokens[:p.causal_seqs], top[:p.top_k], score, seed)
+        frame = head_frame(model, self.name, score, {**self.interval(suppress_tok - copy_tok, seed),
             "ov_suppress": suppress, "ov_copy": copy, "qk": qk, "attn_seen": attn_seen,
-            "dla_seen": dla_seen, "neg_share": neg_share, "cspa": cspa})
+            "dla_seen": dla_seen, "neg_share": neg_share, "cspa": cspa, **effects})
         reason = "" if labelled else (
             f"no head has ov_suppress >= {p.ov_threshold}, qk >= {p.qk_threshold} and a negative "
             "attribution on repeated predictions; the top rows are the best candidates")
@@ -197,11 +200,6 @@ class CopySuppressionDetector(Detector):
                 "clean_repeat_share": float(seen.float().mean())}
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
-
-    @staticmethod
-    def _top(model, score, k):
-        flat = torch.nan_to_num(score, nan=-2.0).flatten()
-        return [divmod(int(i), model.n_heads) for i in flat.argsort(descending=True, stable=True)[:k]]
 
     def _cspa(self, model, tokens, clean_logits, cache, heads) -> list[float]:
         """Per head: 1 - KL(clean || CSPA-like) / KL(clean || mean-ablated), all heads in one batched pass
@@ -257,16 +255,22 @@ class CopySuppressionDetector(Detector):
             handle.remove()
         return seen["t"]
 
-    def _causal_check(self, model, tokens, top, seed) -> dict:
+    def _causal_check(self, model, tokens, top, score, seed):
+        """The top-k vs random-k check on the repeat log-prob, and the direct vs total effect of the
+        ``effect_heads`` top heads on it (signed so that positive = ablation raises it, as suppression)."""
         p = self.params
         run = clean_run(model, tokens)
         pred, seen, _ = repeated_predictions(tokens, run.logits)
         metric = repeat_logprob_metric(pred, seen)
-        draws = random_head_sets(model, len(top), p.n_random, seed, exclude=top)
-        values = run_variants(model, tokens, [top] + draws, metric, p.ablation, max_rows=p.max_rows,
-                              run=run, description="copy-suppression causal check")
-        clean = float(metric(run.logits))
-        return causal_summary(top, float(values[0]), values[1:], clean,
-                              "mean log-prob of the model's top prediction where it repeats an earlier "
-                              f"token ({p.ablation} ablation; copy suppression lowers it, so ablation raises it)",
-                              draws)
+        check = self.causal_check(
+            model, None, seed, "mean log-prob of the model's top prediction where it repeats an earlier "
+            f"token ({p.ablation} ablation; copy suppression lowers it, so ablation raises it)",
+            "higher", top=top, run=run, metric=metric)
+        heads = top_heads(score, p.effect_heads)
+        # Full logits of every ablated copy are [rows, pos, vocab]: keep a chunk near 512 MB.
+        rows = max(1, min(p.max_rows, 2 ** 27 // (tokens.shape[1] * model.bridge.cfg.d_vocab)))
+        total = sweep_heads(model, run.tokens, metric, p.ablation, heads=heads, max_rows=rows, run=run)
+        total = total - check.clean
+        direct = self.direct_and_self_repair(model, run, metric, total, "higher", check.clean, heads=heads,
+                                             max_rows=rows)
+        return check.to_dict(), {"total": total, **direct}

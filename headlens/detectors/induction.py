@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from ..methods import clean_run, loss_metric, run_variants, sweep_heads
-from ..methods.ablation import logits_at, random_head_sets
-from .base import Detector, DetectorResult, causal_summary, head_frame
+from ..methods import clean_run, loss_metric, sweep_heads
+from ..methods.ablation import logits_at
+from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 
 def random_token_ids(model, n: int, length: int, generator: torch.Generator,
@@ -83,16 +83,13 @@ class InductionDetector(Detector):
     paper = "Olsson et al. 2022, In-context learning and induction heads"
 
     @dataclass
-    class Params:
+    class Params(ReviewParams):
         seq_len: int = 25          # random tokens per repeat (paper: 25)
         n_repeats: int = 4         # paper: 4
         n_seqs: int = 10           # random sequences averaged (paper: 10)
         threshold: float = 0.4     # prefix-matching score for the label
         copy_positions: int = 4    # sampled positions per sequence for the copying score
-        ablation: str = "mean"     # how a head is ablated for the causal evidence
         causal_seqs: int = 4       # sequences used by the all-heads ablation sweep
-        top_k: int = 5             # causal check: top-k heads vs k random heads
-        n_random: int = 10         # random draws for the causal check
         max_rows: int = 64         # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
@@ -107,16 +104,17 @@ class InductionDetector(Detector):
         pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.n_layers)])
         pattern = pattern.float().cpu()                                     # [L, b, H, q, k]
 
-        def mean_over_queries(weights, q_mask):
+        def mean_over_queries(weights, q_mask):   # per sequence: [b, L, H]
             per_query = einsum(pattern, weights.float(), "l b h q k, b q k -> l b h q")
-            return per_query[..., q_mask].mean((1, 3))
+            return per_query[..., q_mask].mean(3).transpose(0, 1)
 
-        prefix = mean_over_queries(after_copy, queries)
-        duplicate = mean_over_queries(copy, queries)
+        prefix_per_seq = mean_over_queries(after_copy, queries)
+        prefix = prefix_per_seq.mean(0)
+        duplicate = mean_over_queries(copy, queries).mean(0)
         n = tokens.shape[1]
         prev = torch.zeros(tokens.shape[0], n, n, dtype=torch.bool)
         prev[:, torch.arange(1, n), torch.arange(n - 1)] = True
-        prev_token = mean_over_queries(prev, torch.arange(n) >= 1)
+        prev_token = mean_over_queries(prev, torch.arange(n) >= 1).mean(0)
         copying = self._copying(model, cache, tokens, seed)
         ov = ov_eigen_ratio(model).cpu()
         loss_rise, run, metric = self._loss_sweep(model, tokens)
@@ -125,10 +123,12 @@ class InductionDetector(Detector):
         score = prefix
         labelled = [(l, h) for l, h in model.heads()
                     if score[l, h] >= p.threshold and ov[l, h] > 0]
-        causal = self._causal_check(model, score, run, metric, clean_loss, seed)
+        causal = self.causal_check(model, score, seed, f"repeated-part loss ({p.ablation} ablation)",
+                                   "higher", run=run, metric=metric).to_dict()
+        repair = self.direct_and_self_repair(model, run, metric, loss_rise, "higher", clean_loss)
         frame = head_frame(model, self.name, score, {
-            "copying": copying, "ov_eigen": ov, "prev_token": prev_token,
-            "duplicate_token": duplicate, "loss_rise": loss_rise})
+            **self.interval(prefix_per_seq, seed), "copying": copying, "ov_eigen": ov,
+            "prev_token": prev_token, "duplicate_token": duplicate, "loss_rise": loss_rise, **repair})
         reason = "" if labelled else (f"no head reaches prefix-matching score {p.threshold} with a "
                                       "copying OV circuit; the top rows are the best candidates")
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
@@ -167,13 +167,3 @@ class InductionDetector(Detector):
         clean_loss = float(metric(run.logits))
         losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=p.max_rows, run=run)
         return losses - clean_loss, run, metric
-
-    def _causal_check(self, model, score, run, metric, clean_loss, seed) -> dict:
-        p = self.params
-        flat = torch.nan_to_num(score, nan=-1.0).flatten()
-        top = [divmod(int(i), model.n_heads) for i in flat.argsort(descending=True, stable=True)[:p.top_k]]
-        draws = random_head_sets(model, p.top_k, p.n_random, seed, exclude=top)
-        values = run_variants(model, run.tokens, [top] + draws, metric, p.ablation,
-                              max_rows=p.max_rows, run=run, description="causal check")
-        return causal_summary(top, float(values[0]), values[1:], clean_loss,
-                              f"repeated-part loss ({p.ablation} ablation)", draws)

@@ -30,9 +30,8 @@ import torch
 
 from ..data import data_path
 from ..errors import HeadlensError
-from ..methods.ablation import random_head_sets
 from ..methods.generation import encode_prompt, greedy_generate, stop_token_ids
-from .base import Detector, DetectorResult, causal_summary, head_frame
+from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 MARKER = "\x00CONTEXT\x00"
 
@@ -116,7 +115,7 @@ class RetrievalDetector(Detector):
     paper = "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality"
 
     @dataclass
-    class Params:
+    class Params(ReviewParams):
         needles: str = "needles.json"
         haystack: str = "haystack.txt"
         context_lengths: tuple[int, ...] = (500, 1000, 2000)   # tokens of context (haystack + needle)
@@ -128,9 +127,10 @@ class RetrievalDetector(Detector):
         max_new_tokens: int = 32
         recall_threshold: float = 0.5   # ROUGE-1 recall for a run to count (paper: 0.5)
         threshold: float = 0.1          # label rule (paper: 0.1)
+        ablation: str = "uniform"       # the causal check makes attention uniform (the only kind here)
         top_k: int = 10                 # causal check: top-k heads vs k random heads
-        n_random: int = 5               # random draws
         causal_runs: int = 6            # retrieved runs used for the causal check
+        effect_runs: int = 2            # retrieved runs for the top-k heads' direct vs total effect (0 = none)
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -140,13 +140,14 @@ class RetrievalDetector(Detector):
         runs = needle_prompts(model, needles, haystack, p.context_lengths, p.depths, chat,
                               p.template if chat else p.plain_template)
         stops = stop_token_ids(model)
-        scores, recalls, retrieved = [], [], []
+        scores, recalls, retrieved, answers = [], [], [], []
         for run in runs:
             gen = greedy_generate(model, [run.tokens], p.max_new_tokens, record_top1=True, stop_ids=stops)
             answer = model.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
             recalls.append(rouge1_recall(run.needle, answer))
             if recalls[-1] > p.recall_threshold:
                 retrieved.append(run)
+                answers.append([int(t) for t in gen.tokens[0]])
                 scores.append(copy_scores(run, gen.tokens[0], gen.top1[:, :, 0]))
         info = {"n_runs": len(runs), "n_retrieved": len(retrieved),
                 "needle_recall": sum(recalls) / len(recalls),
@@ -157,25 +158,55 @@ class RetrievalDetector(Detector):
         per_run = torch.stack(scores)
         score = per_run.mean(0)
         labelled = [(l, h) for l, h in model.heads() if score[l, h] >= p.threshold]
-        causal = self._causal_check(model, score, retrieved[:p.causal_runs], stops, seed)
+        if p.ablation != "uniform":
+            raise HeadlensError("the retrieval causal check decodes with uniform attention; "
+                                f"ablation '{p.ablation}' is not available here")
+        causal = self.causal_check(model, score, seed, "needle recall (ROUGE-1, uniform attention)", "lower",
+                                   runs=retrieved[:p.causal_runs], stops=stops).to_dict()
         reason = "" if labelled else (f"no head reaches copy-paste score {p.threshold}; "
                                       "the top rows are the best candidates")
-        frame = head_frame(model, self.name, score, {"active_runs": (per_run > 0).float().mean(0)})
+        effects = self._effects(model, score, retrieved[:p.effect_runs], answers[:p.effect_runs])
+        frame = head_frame(model, self.name, score, {**self.interval(per_run, seed),
+                                                     "active_runs": (per_run > 0).float().mean(0), **effects})
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
 
-    def _causal_check(self, model, score, runs, stops, seed) -> dict:
-        """Mean needle recall with the top-k heads' attention uniform vs k random heads."""
+    def _effects(self, model, score, runs, answers) -> dict[str, torch.Tensor]:
+        """Direct vs total effect of the top-k heads (attention made uniform one head at a time) on the
+        teacher-forced log-prob of the model's own answer, mean over ``runs``; NaN for the other heads.
+        Total drop: every layer reacts; direct drop: only the head's path to the logits carries it."""
+        from ..methods import clean_run, sweep_heads
+        from .base import top_heads
+        nan = torch.full((model.n_layers, model.n_heads), float("nan"))
+        if not runs:
+            return {"total": nan, "direct": nan, "self_repair": nan}
+        heads = top_heads(score, self.params.top_k)
+        total, direct = torch.zeros_like(nan), torch.zeros_like(nan)
+        for run, answer in zip(runs, answers):
+            n = len(answer)
+            tokens = torch.tensor([run.tokens + answer], device=model.device)
+            target = tokens[:, -n:]
+
+            def logprob(logits, n=n, target=target):   # mean log-prob of the answer given what precedes it
+                lp = torch.log_softmax(logits[:, -(n + 1):-1].float(), -1)
+                return lp.gather(-1, target.to(lp.device)[..., None]).mean()
+            clean = clean_run(model, tokens)
+            base = float(logprob(clean.logits))
+            total += (base - sweep_heads(model, tokens, logprob, "uniform", heads=heads, max_rows=1, run=clean)) / len(runs)
+            d = self.direct_and_self_repair(model, clean, logprob, nan, "lower", base, heads=heads, max_rows=4,
+                                            positions=slice(-(n + 1), None))["direct"]
+            direct += d / len(runs)
+        from .base import self_repair
+        return {"total": total, "direct": direct, "self_repair": self_repair(direct, total)}
+
+    def causal_values(self, model, variants, runs=(), stops=(), **_) -> torch.Tensor:
+        """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``. All variants
+        of one run are decoded together as one batch (one generation per retrieved run)."""
         p = self.params
-        flat = score.flatten().argsort(descending=True, stable=True)[:p.top_k]
-        top = [divmod(int(i), model.n_heads) for i in flat]
-        draws = random_head_sets(model, len(top), p.n_random, seed, exclude=top)
-        variants = [[]] + [top] + draws
         recall = torch.zeros(len(variants))
         for run in runs:
             gen = greedy_generate(model, [run.tokens] * len(variants), p.max_new_tokens,
                                   ablate=variants, stop_ids=stops)
             answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
             recall += torch.tensor([rouge1_recall(run.needle, a) for a in answers]) / len(runs)
-        return causal_summary(top, float(recall[1]), recall[2:], float(recall[0]),
-                              "needle recall (ROUGE-1, uniform attention)", draws)
+        return recall

@@ -32,9 +32,8 @@ import torch
 from ..data import data_path
 from ..errors import HeadlensError
 from ..methods import clean_run, kl_metric, run_variants, sweep_heads
-from ..methods.ablation import random_head_sets
 from ..methods.generation import encode_prompt, greedy_generate, left_pad, stop_token_ids
-from .base import Detector, DetectorResult, causal_summary, head_frame
+from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 
 def read_lines(name: str) -> list[str]:
@@ -55,7 +54,7 @@ class SafetyDetector(Detector):
     paper = "Zhou et al. 2025, On the Role of Attention Heads in LLM Safety"
 
     @dataclass
-    class Params:
+    class Params(ReviewParams):
         harmful: str = "harmful.txt"
         harmless: str = "harmless.txt"
         refusal_phrases: str = "refusal_phrases.txt"
@@ -67,7 +66,7 @@ class SafetyDetector(Detector):
         group_size: int = 3             # greedy group of at most this many heads (Sahara: ~3)
         min_gain: float = 0.05          # stop growing when the group KL rises by less than this share
         min_asr_rise: float = 0.2       # label only if the group raises the attack success rate this much
-        n_random: int = 5               # random-head draws for the causal check
+        ablation: str = "uniform"       # undifferentiated attention (the only kind the check decodes with)
         max_rows: int = 64              # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
@@ -88,15 +87,14 @@ class SafetyDetector(Detector):
                 "no refusal behaviour to attribute to heads", **info)
 
         info["harmless_refusal_rate"] = self._refusal_rate(model, good, phrases)
-        ships, bad_run = self._ships(model, bad)
-        harmless_kl = self._ships(model, good)[0]
+        ships_per_prompt, bad_run = self._ships(model, bad)                    # [L, H, n_prompts]
+        ships, harmless_kl = ships_per_prompt.mean(-1), self._ships(model, good)[0].mean(-1)
         group = self._greedy_group(model, ships, bad_run)
         top = [group[0]]
-        draws = random_head_sets(model, len(group), p.n_random, seed, exclude=group)
-        rates = self._refusal_rates(model, bad, phrases, [top, group] + draws)
-        asr_top, asr_group = 1 - rates[0], 1 - rates[1]
-        causal = causal_summary(group, rates[1], torch.tensor(rates[2:]), refusal,
-                                "refusal rate on harmful requests (uniform attention)", draws)
+        check = self.causal_check(model, None, seed, "refusal rate on harmful requests (uniform attention)",
+                                  "lower", top=group, extra_variants=[top], prompts=bad, phrases=phrases)
+        asr_top, asr_group = 1 - float(check.raw[-1]), 1 - check.top_k_ablated
+        causal = check.to_dict()
         specific = [h for h in group if ships[h] > harmless_kl[h]]
         rise = asr_group - (1 - refusal)
         labelled = specific if rise >= p.min_asr_rise else []
@@ -104,11 +102,19 @@ class SafetyDetector(Detector):
                      "asr_group": asr_group, "group": [f"L{l}H{h}" for l, h in group]})
         reason = "" if labelled else (f"ablating the greedy group raises the attack success rate by only "
                                       f"{rise:.2f} (< {p.min_asr_rise}); the top rows are weak candidates")
+        # Direct effect: the head's uniform-attention change on its path straight to the logits only.
+        repair = self.direct_and_self_repair(model, bad_run, kl_metric(bad_run.logits), ships, "higher", 0.0,
+                                             positions=slice(-1, None))
         frame = head_frame(model, self.name, ships, {
+            **self.interval(ships_per_prompt.permute(2, 0, 1), seed), **repair,
             "harmless_kl": harmless_kl,
             "specificity": ships / (ships + harmless_kl).clamp_min(1e-12)})
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
+
+    def causal_values(self, model, variants, prompts=(), phrases=(), **_) -> torch.Tensor:
+        """Refusal rate with each variant's heads' attention uniform, all decoded as one batch."""
+        return torch.tensor(self._refusal_rates(model, prompts, phrases, variants))
 
     def _refusal_rate(self, model, prompts, phrases) -> float:
         return self._refusal_rates(model, prompts, phrases, [[]])[0]
@@ -124,12 +130,12 @@ class SafetyDetector(Detector):
         return refused.view(len(head_sets), len(prompts)).mean(1).tolist()
 
     def _ships(self, model, prompts):
-        """KL(clean || head uniform) at the last position, every head, mean over prompts: [L, H]."""
+        """KL(clean || head uniform) at the last position, every head, per prompt: [L, H, n_prompts]."""
         pad = model.tokenizer.pad_token_id or 0
         tokens, mask = left_pad(prompts, pad)
         tokens, mask = tokens.to(model.device), mask.to(model.device)
-        run = clean_run(model, tokens, mask, keep_z=False)
-        kl = sweep_heads(model, tokens, kl_metric(run.logits), "uniform", attention_mask=mask,
+        run = clean_run(model, tokens, mask)   # z kept for the direct effects
+        kl = sweep_heads(model, tokens, kl_metric(run.logits, per_prompt=True), "uniform", attention_mask=mask,
                          max_rows=self.params.max_rows, run=run)
         return kl.clamp_min(0), run
 

@@ -33,11 +33,10 @@ from einops import einsum
 
 from ..data import data_path
 from ..errors import HeadlensError
-from ..methods import clean_run, run_variants
+from ..methods import clean_run, sweep_heads
 from ..methods.ablation import logits_at
-from ..methods.ablation import random_head_sets
 from ..methods.circuits import effective_embedding, head_dla, normalise, ov_out
-from .base import Detector, DetectorResult, causal_summary, head_frame
+from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 
 @dataclass
@@ -164,15 +163,12 @@ class SuccessorDetector(Detector):
     paper = "Gould, Ong, Ogden, Conmy 2024, Successor Heads: Recurring, Interpretable Attention Heads In The Wild"
 
     @dataclass
-    class Params:
+    class Params(ReviewParams):
         tasks_file: str = "ordinal_tasks.json"   # in data/
         threshold: float = 0.5       # succession score for the label
         prompt_items: int = 3        # items shown before the one to predict ("Monday Tuesday Wednesday")
         max_prompts: int = 200       # in-context prompts for the attribution (seeded sample if more)
         causal_prompts: int = 64     # of those, prompts used by the causal check
-        ablation: str = "mean"       # how heads are ablated in the causal check
-        top_k: int = 5               # causal check: top-k heads vs k random heads
-        n_random: int = 10           # random draws for the causal check
         max_rows: int = 512          # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
@@ -186,14 +182,16 @@ class SuccessorDetector(Detector):
         per_task = {t: hits[t].float().mean(-1) if t in hits
                     else torch.full((model.n_layers, model.n_heads), float("nan")) for t in tasks}
         score = torch.stack([per_task[t] for t in hits]).mean(0)
+        ci = self._interval(hits, seed)
 
         prompts = ordinal_prompts(model, groups, p.prompt_items, p.max_prompts, seed)
         nan = torch.full_like(score, float("nan"))
         dla, causal, info = nan, {}, {}
+        effects = {"total": nan, "direct": nan, "self_repair": nan}
         if prompts is not None:
-            dla, causal, info = self._behaviour(model, score, *prompts, seed)
+            dla, causal, info, effects = self._behaviour(model, score, *prompts, seed)
         labelled = [(l, h) for l, h in model.heads() if score[l, h] >= p.threshold and dla[l, h] > 0]
-        frame = head_frame(model, self.name, score, {**per_task, "dla": dla})
+        frame = head_frame(model, self.name, score, {**ci, **per_task, "dla": dla, **effects})
         reason = "" if labelled else (
             f"no head reaches succession score {p.threshold} with a positive in-context successor "
             "attribution; the top rows are the best candidates")
@@ -215,19 +213,32 @@ class SuccessorDetector(Detector):
         last = torch.full((len(tokens),), tokens.shape[1] - 1)
         dla = head_dla(model, cache, torch.arange(len(tokens)), last, direction).mean(-1)
 
-        flat = torch.nan_to_num(score, nan=-1.0).flatten()
-        top = [divmod(int(i), model.n_heads) for i in flat.argsort(descending=True, stable=True)[:p.top_k]]
-        draws = random_head_sets(model, p.top_k, p.n_random, seed, exclude=top)
         sub = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed + 1))
         sub = sub[:p.causal_prompts].sort().values
         metric = next_item_metric(target[sub], candidates[sub])
         run = clean_run(model, tokens[sub])
-        clean = metric(run.logits)
-        values = run_variants(model, run.tokens, [top] + draws, metric, p.ablation, max_rows=p.max_rows,
-                              run=run, description="successor causal check")
-        causal = causal_summary(top, float(values[0, 0]), values[1:, 0], float(clean[0]),
-                                f"next-item accuracy among the task's tokens ({p.ablation} ablation)", draws)
+        check = self.causal_check(model, score, seed,
+                                  f"next-item accuracy among the task's tokens ({p.ablation} ablation)",
+                                  "lower", run=run, metric=metric)
+        values = check.raw
         for j, name in ((1, "full_vocab_accuracy"), (2, "logprob")):
-            causal.update({f"clean_{name}": float(clean[j]), f"top_k_ablated_{name}": float(values[0, j]),
-                           f"random_k_ablated_{name}_mean": float(values[1:, j].mean())})
-        return dla, causal, {"n_prompts": int(len(tokens)), "n_causal_prompts": int(len(sub))}
+            check.extra.update({f"clean_{name}": float(values[0, j]), f"top_k_ablated_{name}": float(values[1, j]),
+                                f"random_k_ablated_{name}_mean": float(values[2:, j].mean())})
+        causal = check.to_dict()
+        # Direct vs total effect per head on the next item's log-prob (accuracy is too coarse for one head).
+        logprob = lambda logits: metric(logits)[2]
+        clean_lp = float(values[0, 2])
+        total = clean_lp - sweep_heads(model, run.tokens, logprob, p.ablation, max_rows=p.max_rows, run=run)
+        effects = {"total": total, **self.direct_and_self_repair(model, run, logprob, total, "lower", clean_lp,
+                                                                     positions=slice(-1, None))}
+        return dla, causal, {"n_prompts": int(len(tokens)), "n_causal_prompts": int(len(sub))}, effects
+
+    def _interval(self, hits: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        """Bootstrap interval of the score, stratified by task: each task's pairs are resampled within
+        the task (the score is a mean over a fixed set of tasks, each a mean over its pairs)."""
+        from ..stats import bootstrap_means, percentile_interval
+        p = self.params
+        boots = [bootstrap_means(h.permute(2, 0, 1).float(), p.n_boot, seed + i)
+                 for i, h in enumerate(hits.values())]
+        lo, hi = percentile_interval(torch.stack(boots).mean(0), p.ci_level)
+        return {"score_lo": lo, "score_hi": hi}

@@ -4,10 +4,10 @@ from .ablation import (KINDS, Ablation, CleanRun, ablate_group, ablated, clean_r
 from .attribution import (LogitAttribution, attribution_patching, attribution_vs_exact,
                           direct_logit_attribution, pearson)
 from .metrics import kl_metric, logit_diff_metric, loss_metric
-from .patching import patch_heads, path_patch_logits, target_and_source
+from .patching import direct_effects, patch_heads, path_patch_logits, target_and_source
 
 __all__ = ["KINDS", "Ablation", "CleanRun", "ablate_group", "ablated", "clean_run", "random_baseline",
            "random_head_sets", "run_variants", "sweep_heads", "uniform_pattern", "kl_metric",
            "logit_diff_metric", "loss_metric", "LogitAttribution", "attribution_patching",
            "attribution_vs_exact", "direct_logit_attribution", "pearson",
-           "patch_heads", "path_patch_logits", "target_and_source"]
+           "direct_effects", "patch_heads", "path_patch_logits", "target_and_source"]

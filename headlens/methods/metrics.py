@@ -102,14 +102,16 @@ def loss_metric(tokens: torch.Tensor, positions: torch.Tensor | None = None) -> 
     return positioned(metric, read)
 
 
-def kl_metric(clean_logits: torch.Tensor, position: int = -1) -> PositionMetric:
-    """Mean KL(clean || ablated) of the next-token distribution at ``position`` (reads only there)."""
+def kl_metric(clean_logits: torch.Tensor, position: int = -1, per_prompt: bool = False) -> PositionMetric:
+    """Mean KL(clean || ablated) of the next-token distribution at ``position`` (reads only there;
+    ``[batch]``, one per prompt, with ``per_prompt``)."""
     clean = torch.log_softmax(clean_logits[:, position].float(), dim=-1)
 
     def metric(logits: Float[Tensor, "batch 1 d_vocab"]) -> Float[Tensor, ""]:
         abl = torch.log_softmax(logits[:, 0].float(), dim=-1)
         c = clean.to(abl.device)
-        return (c.exp() * (c - abl)).sum(-1).mean()
+        kl = (c.exp() * (c - abl)).sum(-1)
+        return kl if per_prompt else kl.mean()
     return positioned(metric, [position])
 
 

@@ -9,6 +9,8 @@
   head's change in output goes through ``W_O`` straight to the unembedding, divided by the target run's
   final norm scale; every later layer still sees the unpatched head. Computed from cached ``z`` with no
   extra forward pass.
+- :func:`direct_effects`: a head *ablated* (any ablation kind) along its direct path only, every head
+  one at a time: the direct effect beside the total effect of :func:`sweep_heads` (self-repair).
 
 Clean and corrupted prompts are paired row by row and must have the same shape.
 """
@@ -19,7 +21,8 @@ from typing import Sequence
 import torch
 
 from ..errors import HeadlensError
-from .ablation import Ablation, CleanRun, Head, clean_run, per_variant, run_variants
+from .ablation import (Ablation, CleanRun, Head, _replacement, as_ablation, clean_run, per_variant,
+                       reference_means, run_variants)
 from .metrics import Metric
 
 DIRECTIONS = ("denoise", "noise")
@@ -93,27 +96,88 @@ def path_patch_logits(model, clean: torch.Tensor, corrupted: torch.Tensor, metri
     :func:`patch_heads`.
     """
     target, source = target_and_source(model, clean, corrupted, direction, attention_mask)
-    batch, n_pos = target.tokens.shape
+    n_pos = target.tokens.shape[1]
     entries = _head_entries(model, heads, per_position, n_pos)
-    W_U = model.bridge.W_U
+
+    def dz(entry):
+        l, h = entry[:2]
+        d = source.z[l][:, :, h] - target.z[l][:, :, h]                  # [batch, pos, d_head]
+        if len(entry) == 3:
+            keep = torch.zeros(n_pos, dtype=d.dtype, device=d.device)
+            keep[entry[2]] = 1
+            d = d * keep[None, :, None]
+        return d
+    values = _direct_path_values(model, target, entries, dz, metric, max_rows)
+    return _scatter(model, entries, values, per_position, n_pos)
+
+
+def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metric: Metric,
+                        max_rows: int, positions: slice = slice(None)) -> torch.Tensor:
+    """``metric`` of the target logits plus, per entry, only the direct-path change
+    ``norm(dz(entry) @ W_O[l, h]) @ W_U`` (the target run's final norm scale frozen): ``[n_entries, ...]``.
+    Only the ``positions`` slice of the logits is formed and given to the metric."""
+    batch = target.tokens.shape[0]
+    W_U, W_O = model.bridge.W_U, model.bridge.W_O   # the bridge re-stacks weights on each access: read once
     centre = _final_norm_centres(model)
     per_chunk = max(1, max_rows // batch)
     results = []
     for start in range(0, len(entries), per_chunk):
         chunk = entries[start:start + per_chunk]
-        deltas = []
-        for e in chunk:
-            l, h = e[:2]
-            dz = (source.z[l][:, :, h] - target.z[l][:, :, h])  # [batch, pos, d_head]
-            d = dz @ model.bridge.W_O[l, h].to(dz.dtype)          # [batch, pos, d_model]
-            if len(e) == 3:
-                keep = torch.zeros(n_pos, dtype=d.dtype, device=d.device)
-                keep[e[2]] = 1
-                d = d * keep[None, :, None]
-            deltas.append(d)
-        delta = torch.stack(deltas)
+        delta = torch.stack([(d := dz(e)[:, positions]) @ W_O[e[0], e[1]].to(d.device, d.dtype)
+                             for e in chunk])
         if centre:
             delta = delta - delta.mean(-1, keepdim=True)
-        logits = target.logits[None] + (delta / target.scale[None]) @ W_U
+        logits = target.logits[None, :, positions] + (delta / target.scale[None, :, positions]) @ W_U
         results.append(per_variant(metric, logits.flatten(0, 1), len(chunk), batch))
-    return _scatter(model, entries, torch.cat(results), per_position, n_pos)
+    return torch.cat(results)
+
+
+def uniform_z(model, run: CleanRun) -> dict[int, torch.Tensor]:
+    """Per layer, every head's output ``z`` if its attention were uniform over the causal prefix (and
+    over the run's unpadded keys): the running mean of its value vectors, ``[batch, pos, n_heads, d_head]``."""
+    names = {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)}
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(run.tokens, attention_mask=run.attention_mask,
+                                               names_filter=lambda n: n in names)
+    kv = torch.tensor([model.kv_head(h) for h in range(model.n_heads)])
+    out = {}
+    for l in range(model.n_layers):
+        v = cache[f"blocks.{l}.attn.hook_v"].float()                          # [b, pos, kv, dh]
+        w = (torch.ones(v.shape[:2], device=v.device) if run.attention_mask is None
+             else run.attention_mask.to(v.device).float())[..., None, None]
+        z = (v * w).cumsum(1) / w.cumsum(1).clamp_min(1)
+        out[l] = z[:, :, kv.to(v.device)]
+    return out
+
+
+def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Ablation = "mean",
+                   heads: Sequence[Head] | None = None, max_rows: int = 64,
+                   positions: slice = slice(None)) -> torch.Tensor:
+    """The metric when a head is ablated along its *direct* path to the logits only, every head one at a
+    time: ``[n_layers, n_heads, ...]`` (NaN for heads not asked).
+
+    The head's output change ``(z_ablated - z_clean) @ W_O`` is added to the clean final residual stream
+    and read through the clean run's final norm scale and ``W_U``; later layers and the norm scale are
+    frozen (they still see the clean head). This is the direct effect of the Hydra-effect literature
+    (McGrath et al. 2023); the ordinary ablation (:func:`sweep_heads`) is the total effect. Any ablation
+    kind works: ``uniform`` and ``scale`` need a forward pass for the value vectors / z, the others
+    none. ``positions`` limits the logits formed (and passed to ``metric``) to a slice, e.g.
+    ``slice(-1, None)`` for a last-position metric. Checked against a one-head-at-a-time version in
+    ``tests/test_self_repair.py``.
+    """
+    ablation = as_ablation(ablation)
+    entries = [tuple(h) for h in (heads if heads is not None else model.heads())]
+    if ablation.kind == "uniform":
+        ablated_z = uniform_z(model, run)
+    elif ablation.kind == "scale":
+        ablated_z = {l: run.z[l] * ablation.scale for l in run.z}
+    else:
+        refs = reference_means(model, ablation)
+        ablated_z = {l: _replacement(ablation, run, l, refs) for l in {e[0] for e in entries}}
+
+    def dz(entry):
+        l, h = entry
+        z = run.z[l][:, :, h]
+        return ablated_z[l][..., h, :].to(z.device, z.dtype).expand_as(z) - z
+    values = _direct_path_values(model, run, entries, dz, metric, max_rows, positions)
+    return _scatter(model, entries, values, False, run.tokens.shape[1])

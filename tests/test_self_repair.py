@@ -1,0 +1,96 @@
+"""Direct vs total effect (self-repair) and the causal check's p-value, on planted models and SmolLM2."""
+import pytest
+import torch
+
+from headlens.detectors import get_detector
+from headlens.detectors.induction import repeated_tokens
+from headlens.methods import ablated, clean_run, direct_effects, direct_logit_attribution, loss_metric
+from headlens.methods.metrics import logit_diff_metric
+from headlens.methods.patching import uniform_z
+from planted import INDUCTION_HEAD
+
+
+@pytest.fixture(scope="module")
+def planted_run(planted_induction):
+    m = planted_induction
+    tokens = repeated_tokens(m, 4, 10, 4, seed=0)
+    mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
+    mask[:, 10:] = True
+    metric = loss_metric(tokens, mask)
+    return clean_run(m, tokens), metric
+
+
+def test_planted_causal_check_has_the_minimum_p_value(planted_induction, planted_run):
+    run, metric = planted_run
+    det = get_detector("induction", top_k=1, n_random=20)
+    score = torch.zeros(planted_induction.n_layers, planted_induction.n_heads)
+    score[INDUCTION_HEAD] = 1.0
+    check = det.causal_check(planted_induction, score, 0, "loss", "higher", run=run, metric=metric)
+    assert check.top_heads == ["L1H2"] and check.n_random == 20
+    assert check.top_k_ablated > max(check.random_k_ablated)
+    assert check.p_value == pytest.approx(1 / 21)
+    assert "p = 0.0476" in check.format()
+
+
+def test_planted_causal_check_of_a_switched_off_head_is_not_significant(planted_induction, planted_run):
+    run, metric = planted_run
+    det = get_detector("induction", top_k=1, n_random=20)
+    score = torch.zeros(planted_induction.n_layers, planted_induction.n_heads)
+    score[1, 0] = 1.0                                   # a head whose weights are all zero
+    check = det.causal_check(planted_induction, score, 0, "loss", "higher", run=run, metric=metric)
+    assert abs(check.top_k_ablated - check.clean) < 1e-5
+    assert check.p_value > 0.5
+
+
+def test_last_layer_direct_effect_equals_total_with_the_final_norm_frozen(planted_induction, planted_run):
+    """In the planted model nothing follows layer 1 but the final LayerNorm (MLPs are zero): with its
+    scale frozen at the clean value, a last-layer head's total ablation effect IS its direct effect."""
+    m = planted_induction
+    run, metric = planted_run
+    direct = direct_effects(m, run, metric, "mean", max_rows=8)
+    last = m.n_layers - 1
+    for head in range(m.n_heads):
+        mean = run.z[last][:, :, head].mean((0, 1))
+
+        def ablate(z, hook, head=head, mean=mean):
+            z = z.clone()
+            z[:, :, head] = mean
+            return z
+        hooks = [(f"blocks.{last}.attn.hook_z", ablate),
+                 ("ln_final.hook_scale", lambda s, hook: run.scale.to(s.dtype))]
+        total = metric(m.bridge.run_with_hooks(run.tokens, fwd_hooks=hooks))
+        assert float(direct[last, head]) == pytest.approx(float(total), abs=1e-4)
+    # ...and only the induction head has a direct effect worth the name there.
+    clean = float(metric(run.logits))
+    assert float(direct[INDUCTION_HEAD]) - clean > 0.3
+
+
+@pytest.mark.real
+def test_zero_ablation_direct_effect_is_minus_the_heads_logit_attribution(smollm):
+    """Batched direct effects (chunked, all heads) against the head-by-head DLA, an independent route:
+    on a linear metric, zeroing a head on its direct path removes exactly its direct logit attribution."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1000, 5000, (3, 12), generator=g)
+    correct, wrong = torch.tensor([11, 22, 33]) + 1000, torch.tensor([44, 55, 66]) + 1000
+    run = clean_run(smollm, tokens)
+    metric = logit_diff_metric(correct, wrong)
+    direct = direct_effects(smollm, run, metric, "zero", max_rows=40, positions=slice(-1, None))
+    dla = direct_logit_attribution(smollm, tokens, correct, wrong).heads[..., -1].mean(-1)   # [L, H]
+    clean = float(metric(run.logits))
+    torch.testing.assert_close(direct - clean, -dla.float().cpu(), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.real
+def test_uniform_z_matches_the_ablated_forward_pass(smollm):
+    """The uniform-attention output used for direct effects equals the head's z in a real forward pass
+    with that head's attention made uniform (grouped-query attention: per query head)."""
+    tokens = torch.randint(1000, 5000, (2, 9), generator=torch.Generator().manual_seed(1))
+    run = clean_run(smollm, tokens)
+    uz = uniform_z(smollm, run)
+    for layer, head in [(3, 4), (17, 8)]:
+        seen = {}
+        with ablated(smollm, [(layer, head)], "uniform"):
+            smollm.bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z",
+                                                             lambda z, hook: seen.setdefault("z", z.clone()))])
+        torch.testing.assert_close(uz[layer][:, :, head].float(), seen["z"][:, :, head].float(),
+                                   atol=1e-4, rtol=1e-4)
