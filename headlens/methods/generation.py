@@ -280,7 +280,8 @@ def _shared(prompt: Sequence[int], prefix: Sequence[int]) -> int:
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     ablate: Sequence[Iterable[Head]] | None = None, record_top1: bool = False,
-                    stop_ids: Iterable[int] = (), prefix: Prefix | None = None) -> Generation:
+                    stop_ids: Iterable[int] = (), prefix: Prefix | None = None,
+                    chunk_tokens: int = 0) -> Generation:
     """Greedy-decode every prompt (a token list, BOS included) for up to ``max_new_tokens``.
 
     ``ablate[i]`` lists the heads whose attention is made uniform in row ``i`` (prefill and every
@@ -288,7 +289,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     at each step (the step that produced generated token ``t``), for copy-paste scores. With ``prefix``
     (from :func:`prefill`, prefilled with the same ablated heads as every row), each row starts from
     the prefix's KV cache for the tokens it shares with it. With no ``stop_ids`` every row decodes
-    ``max_new_tokens`` tokens.
+    ``max_new_tokens`` tokens. ``chunk_tokens`` prefills the prompts that many tokens at a time (0: at
+    once), which bounds the activations' memory.
 
     Returns a :class:`Generation`: generated ids per row, and ``top1`` ``[steps, n_layers, batch,
     n_heads]`` (positions in each prompt, -1 after a row stopped) when recorded.
@@ -320,7 +322,12 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         else:
             cache = _cache(hf)
         state = _State(key_mask=key_mask, ablate=masks, record=record_top1)
-        logits = _forward(hf, state, tokens.to(model.device), cache)
+        tokens = tokens.to(model.device)
+        size = chunk_tokens or tokens.shape[1]
+        for start in range(0, tokens.shape[1], size):      # prompt in chunks: activations for `size` tokens
+            end = min(start + size, tokens.shape[1])
+            state.key_mask = key_mask[:, :n_cached + end]
+            logits = _forward(hf, state, tokens[:, start:end], cache)
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)
             if record_top1:
