@@ -11,7 +11,7 @@ from headlens.detectors import get_detector
 from headlens.detectors.retrieval import (NeedleRun, copy_scores, decode_runs, grid, load_needles, needle_prompts,
                                          rouge1_recall)
 from headlens.methods import ablated
-from headlens.methods.generation import encode_prompt, greedy_generate, prefill, stop_token_ids
+from headlens.methods.generation import encode_prompt, greedy_generate, prefill, stop_token_ids, uses_native
 from test_cli import headlens
 from planted import RETRIEVAL_HEAD, retrieval_model
 
@@ -25,6 +25,27 @@ def planted(tmp_path_factory):
     (folder / "needles.json").write_text(json.dumps([{"needle": NEEDLE, "question": "t20"}]))
     (folder / "hay.txt").write_text(" ".join(f"t{1 + (i * 7) % 15}" for i in range(60)))
     return model, folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random-weight tiny Llama (grouped-query attention, rotary): decoded by the fast path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from planted import make_tokenizer, save
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save(hf.eval(), make_tokenizer(32, folder), folder)
+    return load_model(str(folder))
+
+
+def test_fast_path_is_used_where_it_is_exact(tiny_llama, planted):
+    assert uses_native(tiny_llama)            # Llama: the transformers modules hold the bridge's weights
+    assert not uses_native(planted[0])        # GPT-2: the bridge keeps split QKV weights -> eager bridge path
 
 
 def planted_detector(folder, **kw):
@@ -134,13 +155,17 @@ def plain_decode(model, ids, n, heads=()):
     return x[0, len(ids):].tolist(), torch.stack(top1)
 
 
-@pytest.mark.parametrize("which", ["planted", pytest.param("smollm", marks=pytest.mark.real)])
+@pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])
 def test_kv_cached_decoding_matches_full_reruns(which, planted, request):
     if which == "planted":
         model = planted[0]
         prompts = [encode_prompt(model, "t3 t20 t21 t22 t4 t5 t20", False)[0],
                    encode_prompt(model, "t9 t8 t20 t21 t7 t20", False)[0]]
         heads = [RETRIEVAL_HEAD]
+    elif which == "llama":
+        model = request.getfixturevalue("tiny_llama")
+        prompts = [[0, 5, 9, 3, 17, 5, 9, 3, 22, 4, 5], [0, 7, 7, 2, 30, 11]]
+        heads = [(1, 0), (2, 3)]
     else:
         model = request.getfixturevalue("smollm")
         prompts = [encode_prompt(model, "The secret code is 4412. What is the secret code?")[0],
@@ -156,10 +181,10 @@ def test_kv_cached_decoding_matches_full_reruns(which, planted, request):
         tokens, top1 = plain_decode(model, ids, n, [heads, heads[:1]][i])   # uniform attention (running mean)
         assert abl.tokens[i] == tokens
         assert torch.equal(abl.top1[:, :, i], top1)
-    assert abl.tokens[0] != gen.tokens[0] or which == "smollm"     # the planted head matters
+    assert abl.tokens[0] != gen.tokens[0] or which != "planted"     # the planted head matters
 
 
-@pytest.mark.parametrize("which", ["planted", pytest.param("smollm", marks=pytest.mark.real)])
+@pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])
 def test_prefix_reuse_matches_independent_runs(which, planted, request):
     """Rows that start from a prefilled prefix's KV cache (cut at different points, batched) decode the
     same tokens with the same top-1 positions as each prompt alone; also with heads ablated."""
@@ -168,6 +193,11 @@ def test_prefix_reuse_matches_independent_runs(which, planted, request):
         base = encode_prompt(model, "t3 t9 t4 t8 t5 t7 t6 t20 t21 t22 t1 t2 t20", False)[0]
         prompts = [base, base[:4] + base[7:], base[:6] + [9] + base[6:]]
         heads = [RETRIEVAL_HEAD]
+    elif which == "llama":
+        model = request.getfixturevalue("tiny_llama")
+        base = [0, 5, 9, 3, 17, 5, 9, 3, 22, 4, 5, 8, 1, 30, 9, 3]
+        prompts = [base, base[:4] + base[7:], base[:6] + [9] + base[6:]]
+        heads = [(1, 0), (2, 3)]
     else:
         model = request.getfixturevalue("smollm")
         text = "The secret code is 4412. Alice was beginning to get very tired. What is the secret code?"
@@ -186,10 +216,12 @@ def test_prefix_reuse_matches_independent_runs(which, planted, request):
         greedy_generate(model, prompts, n, prefix=prefill(model, base[:5], ablate=heads))
 
 
-def test_batched_runs_match_one_at_a_time(planted):
+@pytest.mark.parametrize("which", ["planted", "llama"])
+def test_batched_runs_match_one_at_a_time(which, planted, request):
     """decode_runs (shared filler prefilled once, runs of a length and depth batched) gives each run the
     same answer and top-1 positions as decoding it alone without a prefix."""
-    model, folder = planted
+    folder = planted[1]
+    model = planted[0] if which == "planted" else request.getfixturevalue("tiny_llama")
     det = planted_detector(folder)
     runs = needle_prompts(model, load_needles(str(folder / "needles.json")) * 3, (folder / "hay.txt").read_text(),
                           [30, 50], [0.0, 0.5, 1.0], False, det.params.plain_template)

@@ -34,7 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import HeadlensError
-from .ablation import Head
+from .ablation import Head, pattern_name, uniform_pattern
 
 _ACTIVE: contextvars.ContextVar["_State | None"] = contextvars.ContextVar("headlens_attention", default=None)
 ATTN_NAME = "headlens"
@@ -262,6 +262,8 @@ def prefill(model, tokens: Sequence[int], ablate: Iterable[Head] = ()) -> Prefix
         raise HeadlensError("prefill needs a non-empty token list")
     model.check_length(len(tokens), "prefix")
     heads = frozenset(tuple(h) for h in ablate)
+    if not uses_native(model):          # decoded through the bridge, which does not reuse a prefix
+        return Prefix(tokens, [], [], heads)
     with native_forward(model) as hf:
         x = torch.tensor([tokens], device=model.device)
         state = _State(key_mask=torch.ones_like(x, dtype=torch.bool), ablate=row_masks(model, [heads], 1))
@@ -276,6 +278,45 @@ def _shared(prompt: Sequence[int], prefix: Sequence[int]) -> int:
     n = min(len(prompt) - 1, len(prefix))
     a = torch.as_tensor(list(prompt[:n])) != torch.as_tensor(list(prefix[:n]))
     return int(a.nonzero()[0]) if bool(a.any()) else n
+
+
+def uses_native(model) -> bool:
+    """Whether the model's transformers modules compute the bridge's function (checked once per model on a
+    few tokens: next-token log-probabilities agree to 1e-4). True for Llama-like models, whose bridge
+    keeps the processed weights in those modules; GPT-2's bridge keeps its split QKV weights to itself, so
+    it decodes through the bridge with eager attention instead (full patterns)."""
+    if "_headlens_native" not in model.__dict__:
+        x = torch.arange(1, 9, device=model.device)[None] % model.bridge.cfg.d_vocab
+        with torch.no_grad():
+            ref = torch.log_softmax(model.bridge(x)[:, -1].float(), -1)
+            with native_forward(model) as hf:
+                state = _State(key_mask=torch.ones_like(x, dtype=torch.bool))
+                got = torch.log_softmax(_forward(hf, state, x, _cache(hf)).float(), -1)
+        tol = 1e-4 if ref.dtype == torch.float32 and model.info.dtype == "float32" else 5e-2
+        model.__dict__["_headlens_native"] = bool((got - ref).abs().max() <= tol * max(1.0, ref.abs().max()))
+    return model.__dict__["_headlens_native"]
+
+
+def _decode(logits: Tensor, advance, positions, max_new_tokens: int, stops: set[int], batch: int,
+            record_top1: bool) -> tuple[list[list[int]], Tensor | None]:
+    """The greedy loop: ``advance(next_ids) -> logits``; ``positions() -> [layers, batch, heads]``."""
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    top1 = []
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        if record_top1:
+            top1.append(torch.where(done[None, :, None], -1, positions().cpu()))
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                if t in stops:
+                    done[i] = True
+                else:
+                    out[i].append(t)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = advance(nxt)
+    return out, (torch.stack(top1) if record_top1 else None)
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -304,17 +345,17 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     if prefix is not None and any(frozenset(tuple(h) for h in heads) != prefix.heads for heads in
                                   (ablate if ablate is not None else [[]] * batch)):
         raise HeadlensError("a prefix is reused only by rows that ablate the same heads as its prefill")
+    stops = set(int(s) for s in stop_ids)
+    masks = {l: m.to(model.device) for l, m in masks.items()}
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    if not uses_native(model):
+        tokens, out = _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad)
+        return Generation(tokens=tokens, top1=out, prompt_lengths=lengths)
     shared = [_shared(p, prefix.tokens) for p in prompts] if prefix is not None else [0] * batch
     n_cached = max(shared)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     tokens, new_mask = left_pad([p[s:] for p, s in zip(prompts, shared)], pad)
     cached_mask = torch.arange(n_cached)[None, :] < torch.tensor(shared)[:, None]
     key_mask = torch.cat([cached_mask, new_mask.bool()], 1).to(model.device)
-    masks = {l: m.to(model.device) for l, m in masks.items()}
-    stops = set(int(s) for s in stop_ids)
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool)
-    top1 = []
     with native_forward(model) as hf:
         if n_cached:
             cache = _cache(hf, [k[:, :, :n_cached].expand(batch, -1, -1, -1) for k in prefix.keys],
@@ -328,25 +369,79 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
             end = min(start + size, tokens.shape[1])
             state.key_mask = key_mask[:, :n_cached + end]
             logits = _forward(hf, state, tokens[:, start:end], cache)
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)
-            if record_top1:
-                position = state.key_mask.long().cumsum(1) - 1                      # column -> token position
-                cols = torch.stack([state.top1[l] for l in range(model.n_layers)])  # [layers, batch, heads]
-                pos = torch.stack([position.gather(1, c) for c in cols]).cpu()
-                top1.append(torch.where(done[None, :, None], -1, pos))
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    if t in stops:
-                        done[i] = True
-                    else:
-                        out[i].append(t)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
+
+        def advance(nxt):
             state.key_mask = torch.cat([state.key_mask, torch.ones_like(state.key_mask[:, :1])], 1)
             state.top1 = {}
-            logits = _forward(hf, state, nxt[:, None], cache)
-    return Generation(tokens=out, top1=torch.stack(top1) if record_top1 else None, prompt_lengths=lengths)
+            return _forward(hf, state, nxt[:, None], cache)
+
+        def positions():
+            position = state.key_mask.long().cumsum(1) - 1                      # key column -> token position
+            return torch.stack([position.gather(1, state.top1[l]) for l in range(model.n_layers)])
+
+        out, top1 = _decode(logits, advance, positions, max_new_tokens, stops, batch, record_top1)
+    return Generation(tokens=out, top1=top1, prompt_lengths=lengths)
+
+
+@contextlib.contextmanager
+def kv_cache_fix(model):
+    """Make the bridge's attention components extend the HF cache during decoding.
+
+    TransformerLens 4.3 attention bridges look for the cache under ``past_key_values`` while
+    transformers 5.x passes it as ``cache``; without this, every decoding step would attend to itself
+    alone. The mapping is installed on the model's attention components for the block only.
+    """
+    mods = [m for m in model.bridge.modules() if hasattr(type(m), "_update_kv_cache")]
+    for m in mods:
+        def update(k, v, _orig=m._update_kv_cache, **kwargs):
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _orig(k, v, **kwargs)
+        m._update_kv_cache = update
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            yield
+    finally:
+        for m in mods:
+            m.__dict__.pop("_update_kv_cache", None)
+
+
+def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad):
+    """Decoding through the bridge with eager attention (full patterns): for models whose transformers
+    modules do not hold the bridge's weights (:func:`uses_native`). A prefix is not reused here."""
+    tokens, mask = left_pad(prompts, pad)
+    tokens, mask = tokens.to(model.device), mask.to(model.device)
+    n_pad = tokens.shape[1] - torch.tensor([len(p) for p in prompts])
+    state = {"mask": mask}
+    rows: dict[int, torch.Tensor] = {}
+
+    def hook(pattern, hook):
+        layer = int(hook.name.split(".")[1])
+        if layer in masks:
+            key_mask = state["mask"][:, -pattern.shape[-1]:]
+            uni = uniform_pattern(pattern.shape[-2], pattern.shape[-1], key_mask, pattern.device, pattern.dtype)
+            pattern = torch.where(masks[layer][:, :, None, None], uni, pattern)
+        if record_top1:
+            rows[layer] = pattern[:, :, -1].argmax(-1)                      # [batch, n_heads]
+        return pattern
+
+    layers = set(masks) | (set(range(model.n_layers)) if record_top1 else set())
+    bridge = model.bridge
+    with torch.no_grad(), kv_cache_fix(model), bridge.hooks(fwd_hooks=[(pattern_name(l), hook) for l in sorted(layers)]):
+        logits, cache = bridge(tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
+
+        def advance(nxt):
+            nonlocal cache
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(mask[:, :1])], 1)
+            step_logits, cache = bridge(nxt[:, None], attention_mask=state["mask"], past_key_values=cache,
+                                        return_type="logits_and_cache")
+            return step_logits[:, -1]
+
+        def positions():
+            return torch.stack([rows[l] for l in range(model.n_layers)]).cpu() - n_pad[None, :, None]
+
+        return _decode(logits[:, -1], advance, positions, max_new_tokens, stops, len(prompts), record_top1)
 
 
 def uses_chat(model, chat: bool = True) -> bool:
