@@ -28,9 +28,9 @@ import torch  # noqa: E402
 
 import headlens  # noqa: E402
 from headlens.detectors import get_detector  # noqa: E402
-from headlens.detectors.retrieval import (budget, copy_scores, decode_runs, load_needles,  # noqa: E402
+from headlens.detectors.retrieval import (MARKER, budget, copy_scores, decode_runs, load_needles,  # noqa: E402
                                           needle_prompts, rouge1_recall)
-from headlens.methods.generation import greedy_generate, stop_token_ids  # noqa: E402
+from headlens.methods.generation import encode_prompt, greedy_generate, stop_token_ids  # noqa: E402
 
 
 def cpu_s() -> float:
@@ -137,7 +137,8 @@ def long_run(model, a) -> dict:
     needles = load_needles(det.params.needles)[:1]
     hay = headlens.data_path(det.params.haystack).read_text(encoding="utf-8")
     chat = model.info.has_chat_template
-    overhead = len(needle_prompts(model, needles, hay, [100], [0.5], chat, det.params.template)[0].tokens) - 100
+    overhead = sum(len(x) for x in encode_prompt(model, det.params.template.format(
+        context=MARKER, question=needles[0]["question"]), chat, marker=MARKER))      # chat header + question
     run = needle_prompts(model, needles, hay, [a.long - a.steps - overhead], [0.5], chat, det.params.template)[0]
     with Timer() as t:
         gen = greedy_generate(model, [run.tokens], a.steps, record_top1=True, stop_ids=())

@@ -75,16 +75,17 @@ def main() -> None:
                     help="prefill chunk sizes to measure (0 = the whole prompt at once)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: SmolLM2's in the cache)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 (float32 with --tiny)")
     a = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import headlens
-    from headlens.detectors.retrieval import RetrievalDetector, load_needles, needle_prompts
-    from headlens.methods.generation import greedy_generate
+    from headlens.detectors.retrieval import MARKER, RetrievalDetector, load_needles, needle_prompts
+    from headlens.methods.generation import encode_prompt, greedy_generate
     from headlens.models import wrap_hf_model
 
     device = a.device or ("cpu" if a.tiny else "cuda")
-    dtype = torch.float32 if a.tiny else torch.bfloat16
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.float32 if a.tiny else torch.bfloat16)
     lengths = a.lengths or ([128, 256, 512] if a.tiny else [4096, 16384, 32768])
     chunks = [c if not a.tiny or c == 0 else min(c, 64) for c in a.chunks]
     tok = smollm_tokenizer(a.tokenizer)
@@ -108,7 +109,7 @@ def main() -> None:
     model = wrap_hf_model(hf, tok, name="llama-3.1-8b-shape-random" if not a.tiny else "tiny-llama",
                           device=device)
     sync(device)
-    result = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
+    result = {"native_fast_path": None, "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
               "platform": platform.platform(), "torch": torch.__version__, "model": model.info.as_dict(),
               "weight_bytes": weight_bytes, "build_s": build_s, "wrap_s": time.perf_counter() - t0,
               "wrap_peak_bytes": peak(device), "steps": a.steps, "runs": []}
@@ -117,7 +118,8 @@ def main() -> None:
     det = RetrievalDetector()
     needles = load_needles(det.params.needles)[:1]
     haystack = headlens.data_path(det.params.haystack).read_text(encoding="utf-8")
-    overhead = len(needle_prompts(model, needles, haystack, [100], [0.5], True, det.params.template)[0].tokens) - 100
+    overhead = sum(len(x) for x in encode_prompt(model, det.params.template.format(
+        context=MARKER, question=needles[0]["question"]), True, marker=MARKER))      # chat header + question
 
     def one_run(total: int, chunk: int) -> dict:
         run = needle_prompts(model, needles, haystack, [total - a.steps - overhead], [0.5], True,
@@ -133,6 +135,9 @@ def main() -> None:
                 "seconds": seconds, "peak_bytes": peak(device), "peak_over_weights": peak(device) / weight_bytes}
 
     one_run(min(lengths), 0)          # warm-up (kernels, allocator)
+    from headlens.methods.generation import uses_native
+
+    result["native_fast_path"] = uses_native(model)
     for total in lengths:
         for chunk in chunks:
             try:
