@@ -19,6 +19,11 @@ computed as if it were alone. Runs that share a prefix (the same long context up
 header) can prefill it once (:func:`prefill`) and start from a copy of its KV cache (``prefix=``).
 Positions returned are in each prompt's own coordinates. ``tests/test_retrieval.py`` checks all of this
 against the bridge's eager attention with full patterns.
+
+Whether the transformers modules compute the bridge's function is checked once per model
+(:func:`uses_native`); where they do not (GPT-2: its bridge keeps the split, processed QKV weights to
+itself) decoding goes through the bridge with eager attention and pattern hooks, as before (no prefix
+reuse there).
 """
 from __future__ import annotations
 
