@@ -1,5 +1,6 @@
-"""Retrieval heads: the copy-paste score on a planted retriever and on SmolLM2-135M, KV-cached decoding
-checked against re-running the whole context, and the causal check (uniform attention)."""
+"""Retrieval heads: the copy-paste score on a planted retriever and on SmolLM2-135M; the fast decoding path
+(SDPA prefill, explicit last rows, uniform attention as a running mean, prefix KV reuse, batches) checked
+against the bridge's eager attention re-running the whole context per token; presets; the causal check."""
 import json
 import pandas as pd
 import pytest
@@ -7,9 +8,10 @@ import torch
 
 from headlens import HeadlensError, load_model
 from headlens.detectors import get_detector
-from headlens.detectors.retrieval import NeedleRun, copy_scores, needle_prompts, rouge1_recall
+from headlens.detectors.retrieval import (NeedleRun, copy_scores, decode_runs, grid, load_needles, needle_prompts,
+                                         rouge1_recall)
 from headlens.methods import ablated
-from headlens.methods.generation import encode_prompt, greedy_generate
+from headlens.methods.generation import encode_prompt, greedy_generate, prefill, stop_token_ids, uses_native
 from test_cli import headlens
 from planted import RETRIEVAL_HEAD, retrieval_model
 
@@ -23,6 +25,27 @@ def planted(tmp_path_factory):
     (folder / "needles.json").write_text(json.dumps([{"needle": NEEDLE, "question": "t20"}]))
     (folder / "hay.txt").write_text(" ".join(f"t{1 + (i * 7) % 15}" for i in range(60)))
     return model, folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random-weight tiny Llama (grouped-query attention, rotary): decoded by the fast path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from planted import make_tokenizer, save
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save(hf.eval(), make_tokenizer(32, folder), folder)
+    return load_model(str(folder))
+
+
+def test_fast_path_is_used_where_it_is_exact(tiny_llama, planted):
+    assert uses_native(tiny_llama)            # Llama: the transformers modules hold the bridge's weights
+    assert not uses_native(planted[0])        # GPT-2: the bridge keeps split QKV weights -> eager bridge path
 
 
 def planted_detector(folder, **kw):
@@ -102,7 +125,33 @@ def test_bad_settings_raise(planted):
     with pytest.raises(HeadlensError, match="context of 64 tokens"):
         get_detector("retrieval", needles=str(folder / "needles.json"), haystack=str(folder / "hay.txt"),
                      context_lengths=[100]).run(model)
+    with pytest.raises(HeadlensError, match="unknown preset 'huge'; choose one of default, paper"):
+        planted_detector(folder, preset="huge").run(model)
+    with pytest.raises(HeadlensError, match="paper's grid starts at 1000 tokens"):   # 64-token model
+        planted_detector(folder, preset="paper", context_lengths=[]).run(model)
 
+
+def test_unknown_preset_is_a_one_line_error(planted):
+    folder = planted[1]
+    r = headlens("scan", str(folder / "model"), "-d", "retrieval", "-p", "retrieval.preset=huge",
+                 "-o", str(folder / "x.csv"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: retrieval: unknown preset 'huge'")
+
+
+@pytest.mark.real
+def test_paper_preset_fits_the_context(smollm):
+    """The paper's lengths that fit SmolLM2's 8192 tokens, plus the longest that fits; its 10 depths."""
+    det = get_detector("retrieval", preset="paper")
+    p = det.params
+    needles = load_needles(p.needles)
+    lengths, depths = grid(smollm, p, needles, p.template, True)
+    assert lengths[:3] == [1000, 3579, 6158] and 6158 < lengths[-1] <= 8192 - p.max_new_tokens
+    runs = needle_prompts(smollm, needles, "A b c. " * 10, lengths[-1:], [1.0], True, p.template)
+    assert max(len(r.tokens) for r in runs) + p.max_new_tokens <= smollm.info.n_ctx
+    assert depths == pytest.approx([0, .11, .22, .33, .44, .56, .67, .78, .89, 1])
+    assert grid(smollm, get_detector("retrieval", preset="paper", context_lengths=[700]).params,
+                needles, p.template, True)[0] == [700]
 
 def plain_decode(model, ids, n, heads=()):
     """Reference: re-run the whole sequence for every token, reading the full attention pattern."""
@@ -117,13 +166,17 @@ def plain_decode(model, ids, n, heads=()):
     return x[0, len(ids):].tolist(), torch.stack(top1)
 
 
-@pytest.mark.parametrize("which", ["planted", pytest.param("smollm", marks=pytest.mark.real)])
+@pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])
 def test_kv_cached_decoding_matches_full_reruns(which, planted, request):
     if which == "planted":
         model = planted[0]
         prompts = [encode_prompt(model, "t3 t20 t21 t22 t4 t5 t20", False)[0],
                    encode_prompt(model, "t9 t8 t20 t21 t7 t20", False)[0]]
         heads = [RETRIEVAL_HEAD]
+    elif which == "llama":
+        model = request.getfixturevalue("tiny_llama")
+        prompts = [[0, 5, 9, 3, 17, 5, 9, 3, 22, 4, 5], [0, 7, 7, 2, 30, 11]]
+        heads = [(1, 0), (2, 3)]
     else:
         model = request.getfixturevalue("smollm")
         prompts = [encode_prompt(model, "The secret code is 4412. What is the secret code?")[0],
@@ -131,13 +184,64 @@ def test_kv_cached_decoding_matches_full_reruns(which, planted, request):
         heads = [(17, 3), (18, 7)]
     n = 5
     gen = greedy_generate(model, prompts, n, record_top1=True)
-    abl = greedy_generate(model, prompts, n, ablate=[heads, []])
-    for i, ids in enumerate(prompts):     # batched and left-padded, cached: same as one by one, uncached
+    abl = greedy_generate(model, prompts, n, ablate=[heads, heads[:1]], record_top1=True)
+    for i, ids in enumerate(prompts):     # batched and left-padded, cached, SDPA: same as one by one, eager
         tokens, top1 = plain_decode(model, ids, n)
         assert gen.tokens[i] == tokens
         assert torch.equal(gen.top1[:, :, i], top1)
-    assert abl.tokens[0] == plain_decode(model, prompts[0], n, heads)[0]
-    assert abl.tokens[1] == gen.tokens[1]
+        tokens, top1 = plain_decode(model, ids, n, [heads, heads[:1]][i])   # uniform attention (running mean)
+        assert abl.tokens[i] == tokens
+        assert torch.equal(abl.top1[:, :, i], top1)
+    assert abl.tokens[0] != gen.tokens[0] or which != "planted"     # the planted head matters
+
+
+@pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])
+def test_prefix_reuse_matches_independent_runs(which, planted, request):
+    """Rows that start from a prefilled prefix's KV cache (cut at different points, batched) decode the
+    same tokens with the same top-1 positions as each prompt alone; also with heads ablated."""
+    if which == "planted":
+        model = planted[0]
+        base = encode_prompt(model, "t3 t9 t4 t8 t5 t7 t6 t20 t21 t22 t1 t2 t20", False)[0]
+        prompts = [base, base[:4] + base[7:], base[:6] + [9] + base[6:]]
+        heads = [RETRIEVAL_HEAD]
+    elif which == "llama":
+        model = request.getfixturevalue("tiny_llama")
+        base = [0, 5, 9, 3, 17, 5, 9, 3, 22, 4, 5, 8, 1, 30, 9, 3]
+        prompts = [base, base[:4] + base[7:], base[:6] + [9] + base[6:]]
+        heads = [(1, 0), (2, 3)]
+    else:
+        model = request.getfixturevalue("smollm")
+        text = "The secret code is 4412. Alice was beginning to get very tired. What is the secret code?"
+        base = encode_prompt(model, text)[0]
+        prompts = [base, base[:12] + base[15:], base[:9] + base[3:9] + base[9:]]
+        heads = [(17, 3), (18, 7)]
+    n = 4
+    for h in ([], heads):
+        prefix = prefill(model, base[:-2], ablate=h)
+        shared = greedy_generate(model, prompts, n, ablate=[h] * 3, record_top1=True, prefix=prefix)
+        for i, ids in enumerate(prompts):
+            alone = greedy_generate(model, [ids], n, ablate=[h], record_top1=True)
+            assert shared.tokens[i] == alone.tokens[0]
+            assert torch.equal(shared.top1[:, :, i], alone.top1[:, :, 0])
+    with pytest.raises(HeadlensError, match="same heads"):
+        greedy_generate(model, prompts, n, prefix=prefill(model, base[:5], ablate=heads))
+
+
+@pytest.mark.parametrize("which", ["planted", "llama"])
+def test_batched_runs_match_one_at_a_time(which, planted, request):
+    """decode_runs (shared filler prefilled once, runs of a length and depth batched) gives each run the
+    same answer and top-1 positions as decoding it alone without a prefix."""
+    folder = planted[1]
+    model = planted[0] if which == "planted" else request.getfixturevalue("tiny_llama")
+    det = planted_detector(folder)
+    runs = needle_prompts(model, load_needles(str(folder / "needles.json")) * 3, (folder / "hay.txt").read_text(),
+                          [30, 50], [0.0, 0.5, 1.0], False, det.params.plain_template)
+    fast = decode_runs(model, runs, 4, stop_token_ids(model), 1 << 30)
+    for run, tokens, top1 in fast:
+        alone = greedy_generate(model, [run.tokens], 4, record_top1=True, stop_ids=stop_token_ids(model))
+        assert tokens == alone.tokens[0]
+        assert torch.equal(top1, alone.top1[:, :, 0])
+    assert [r for r, _, _ in fast] == runs
 
 
 @pytest.mark.real

@@ -2,9 +2,14 @@
 
 Needle-in-a-haystack: a needle sentence (``data/needles.json``) is put into filler text
 (``data/haystack.txt``) at several depths of contexts of several lengths (in tokens), followed by a
-question about it; the model answers greedily (through the chat template when it has one). The prompt is
-prefilled once and decoded with the KV cache; at every generated token only the last query row of each
-head's attention is read. Columns:
+question about it; the model answers greedily (through the chat template when it has one). Grids:
+``preset='default'`` (fast, the same top heads as the larger grids on SmolLM2, see
+docs/detectors/retrieval.md) or ``preset='paper'`` (Wu et al.'s lengths from 1k to 50k tokens in 20 steps,
+those that fit the model's context plus the longest that fits, and their 10 depths); ``context_lengths``
+and ``depths`` override either. Prompts are prefilled with memory-efficient attention; the filler every
+run starts with (chat header + haystack up to the deepest needle) is prefilled once and its KV cache
+reused; runs of one length and depth are decoded together, as many as ``max_bytes`` allows. At every
+generated token only the last query row of each head's attention is computed. Columns:
 
 - ``retrieval_score`` = copy-paste score: at each generated token, a head counts when its top-1 attended
   position lies inside the needle span and holds the generated token; it then earns
@@ -30,10 +35,17 @@ import torch
 
 from ..data import data_path
 from ..errors import HeadlensError
-from ..methods.generation import encode_prompt, greedy_generate, stop_token_ids
+from ..methods.generation import encode_prompt, greedy_generate, kv_bytes_per_token, prefill, stop_token_ids
 from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 MARKER = "\x00CONTEXT\x00"
+PAPER_LENGTHS = [round(1000 + i * (50000 - 1000) / 19) for i in range(20)]   # Wu et al.: 1k..50k, 20 steps
+PAPER_DEPTHS = [round(i * 100 / 9) / 100 for i in range(10)]                 # 0, 0.11, ..., 1 (10 steps)
+PRESETS = {
+    # name: (context lengths or None for the paper's, depths)
+    "default": ((1000,), (0.0, 0.5, 1.0)),
+    "paper": (None, tuple(PAPER_DEPTHS)),
+}
 
 
 def rouge1_recall(reference: str, answer: str) -> float:
@@ -109,6 +121,88 @@ def copy_scores(run: NeedleRun, generated: list[int], top1: torch.Tensor) -> tor
     return (inside & same).float().sum(0) / (end - start)
 
 
+def grid(model, p, needles: list[dict], template: str, chat: bool) -> tuple[list[int], list[float]]:
+    """Context lengths and depths: the explicit ones, else the preset's. The paper's lengths are those of
+    Wu et al.'s grid that fit the model's context with the longest needle prompt and the answer, plus the
+    longest length that fits when it is beyond them."""
+    if p.preset not in PRESETS:
+        raise HeadlensError(f"retrieval: unknown preset '{p.preset}'; choose one of {', '.join(PRESETS)}")
+    lengths, depths = PRESETS[p.preset]
+    if lengths is None and not p.context_lengths:
+        overhead = max(sum(len(x) for x in encode_prompt(model, template.format(context=MARKER,
+                       question=n["question"]), chat, marker=MARKER)) for n in needles) + p.max_new_tokens
+        room = model.info.n_ctx - overhead
+        lengths = [n for n in PAPER_LENGTHS if n <= room]
+        if room >= 1000 and (not lengths or room > lengths[-1]):
+            lengths.append(room if room < PAPER_LENGTHS[-1] else PAPER_LENGTHS[-1])
+        if not lengths:
+            raise HeadlensError(f"retrieval: the paper's grid starts at 1000 tokens of context but "
+                                f"{model.info.name} has room for {room}; set retrieval.context_lengths")
+        lengths = sorted(set(lengths))
+    return list(p.context_lengths or lengths), list(p.depths or depths)
+
+
+def budget(model, max_bytes: int = 0) -> int:
+    """Bytes a batch of needle runs may take: ``max_bytes``, else a share of what the device has free.
+
+    A local estimate until the scan's memory planner provides one: on GPU 80% of free memory, on CPU a
+    quarter of the available RAM, at most 4 GiB.
+    """
+    if max_bytes:
+        return int(max_bytes)
+    if model.device.type == "cuda":
+        return int(0.8 * torch.cuda.mem_get_info(model.device)[0])
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = int(re.search(r"MemAvailable:\s+(\d+)", meminfo).group(1)) * 1024
+    except (OSError, AttributeError):
+        available = 8 << 30
+    return min(available // 4, 4 << 30)
+
+
+def row_bytes(model, n_context: int, n_new: int, n_fill: int) -> int:
+    """Memory of one needle run in a batch: its KV cache for ``n_context + n_new`` tokens, activations
+    for the ``n_fill`` tokens it prefills, and their attention mask."""
+    cfg = model.bridge.cfg
+    itemsize = kv_bytes_per_token(model) // (2 * model.n_layers * model.info.n_kv_heads * model.info.d_head)
+    per_token = itemsize * (6 * cfg.d_model + 3 * (getattr(cfg, "d_mlp", None) or 4 * cfg.d_model))
+    return kv_bytes_per_token(model) * (n_context + n_new) + n_fill * (per_token + n_context + n_new)
+
+
+def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_bytes: int):
+    """Greedy answers with top-1 positions for every run: ``[(run, generated ids, top1 [steps, L, H])]``
+    in the order of ``runs``.
+
+    The longest filler start shared by the runs (chat header + haystack up to the deepest needle) is
+    prefilled once, kept within half of ``max_bytes``; runs of the same length and depth are decoded
+    as one batch, as many as fit in the rest.
+    """
+    start = max(runs, key=lambda r: r.span[0])
+    n_prefix = min(start.span[0], max_bytes // 2 // kv_bytes_per_token(model))
+    prefix = prefill(model, start.tokens[:n_prefix]) if n_prefix > 1 else None
+    rest = max_bytes - (prefix.nbytes if prefix is not None else 0)
+    order = sorted(range(len(runs)), key=lambda i: (runs[i].length, runs[i].depth, i))
+    out: list = [None] * len(runs)
+    i = 0
+    while i < len(order):
+        batch = [order[i]]
+        while i + len(batch) < len(order):
+            nxt = runs[order[i + len(batch)]]
+            if (nxt.length, nxt.depth) != (runs[batch[0]].length, runs[batch[0]].depth):
+                break
+            rows = batch + [order[i + len(batch)]]
+            n = max(len(runs[j].tokens) for j in rows)
+            if len(rows) * row_bytes(model, n, max_new_tokens, n - nxt.span[0]) > rest:
+                break
+            batch = rows
+        gen = greedy_generate(model, [runs[j].tokens for j in batch], max_new_tokens, record_top1=True,
+                              stop_ids=stops, prefix=prefix)
+        for row, j in enumerate(batch):
+            out[j] = (runs[j], gen.tokens[row], gen.top1[:, :, row])
+        i += len(batch)
+    return out
+
+
 class RetrievalDetector(Detector):
     name = "retrieval"
     summary = "copies the needle from a long context into the answer (needle-in-a-haystack copy-paste score)"
@@ -118,8 +212,9 @@ class RetrievalDetector(Detector):
     class Params(ReviewParams):
         needles: str = "needles.json"
         haystack: str = "haystack.txt"
-        context_lengths: tuple[int, ...] = (500, 1000, 2000)   # tokens of context (haystack + needle)
-        depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+        preset: str = "default"         # grid: 'default' (fast) or 'paper' (Wu et al.'s lengths and depths)
+        context_lengths: tuple[int, ...] = ()   # tokens of context (haystack + needle); () = the preset's
+        depths: tuple[float, ...] = ()          # needle depths in [0, 1]; () = the preset's
         n_needles: int = 0              # needles used (0 = all)
         chat: bool = True               # chat template when the model has one
         template: str = "{context}\n\nBased on the text above, answer the question in one sentence: {question}"
@@ -131,27 +226,30 @@ class RetrievalDetector(Detector):
         top_k: int = 10                 # causal check: top-k heads vs k random heads
         causal_runs: int = 6            # retrieved runs used for the causal check
         effect_runs: int = 2            # retrieved runs for the top-k heads' direct vs total effect (0 = none)
+        max_bytes: int = 0              # memory for KV caches and activations of a batch (0 = auto)
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
         needles = load_needles(p.needles)[:p.n_needles or None]
         haystack = _resolve(p.haystack).read_text(encoding="utf-8")
         chat = p.chat and model.info.has_chat_template
-        runs = needle_prompts(model, needles, haystack, p.context_lengths, p.depths, chat,
-                              p.template if chat else p.plain_template)
+        template = p.template if chat else p.plain_template
+        lengths, depths = grid(model, p, needles, template, chat)
+        runs = needle_prompts(model, needles, haystack, lengths, depths, chat, template)
         stops = stop_token_ids(model)
+        results = decode_runs(model, runs, p.max_new_tokens, stops, budget(model, p.max_bytes))
         scores, recalls, retrieved, answers = [], [], [], []
-        for run in runs:
-            gen = greedy_generate(model, [run.tokens], p.max_new_tokens, record_top1=True, stop_ids=stops)
-            answer = model.tokenizer.decode(gen.tokens[0], skip_special_tokens=True)
+        for run, generated, top1 in results:
+            answer = model.tokenizer.decode(generated, skip_special_tokens=True)
             recalls.append(rouge1_recall(run.needle, answer))
             if recalls[-1] > p.recall_threshold:
                 retrieved.append(run)
-                answers.append([int(t) for t in gen.tokens[0]])
-                scores.append(copy_scores(run, gen.tokens[0], gen.top1[:, :, 0]))
+                answers.append([int(t) for t in generated])
+                scores.append(copy_scores(run, generated, top1))
         info = {"n_runs": len(runs), "n_retrieved": len(retrieved),
-                "needle_recall": sum(recalls) / len(recalls),
-                "retrieved_by_length": {str(n): sum(r.length == n for r in retrieved) for n in p.context_lengths}}
+                "needle_recall": sum(recalls) / len(recalls), "context_lengths": list(lengths),
+                "depths": list(depths),
+                "retrieved_by_length": {str(n): sum(r.length == n for r in retrieved) for n in lengths}}
         if not retrieved:
             return self.not_applicable(model, f"the model retrieved the needle in none of {len(runs)} runs "
                                        f"(ROUGE-1 recall > {p.recall_threshold}); nothing to score", **info)
