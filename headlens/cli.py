@@ -60,6 +60,9 @@ def scan(
     seed: int = typer.Option(0, help="random seed (same seed, same catalogue)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    start_token: Optional[str] = typer.Option(
+        None, "--start-token", help="token (or id, or 'none') that starts plain-text prompts; "
+        "default: the document start the model was trained with"),
     batch_size: int = typer.Option(64, "--batch-size", help="most sequences in one batched forward pass"),
     param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable)"),
     report: Optional[str] = typer.Option(None, help="also write a self-contained HTML report here"),
@@ -84,7 +87,7 @@ def scan(
         check_writable(report)
     t0 = time.perf_counter()
     with err.status(f"loading {model}"):
-        m = load_model(model, device=device, dtype=dtype)
+        m = load_model(model, device=device, dtype=dtype, start_token=start_token)
     load_s = time.perf_counter() - t0
     err.print(f"loaded {m.info.name}: {m.n_layers} layers x {m.n_heads} heads "
               f"({m.info.n_kv_heads} kv heads), {m.info.dtype} on {m.info.device} in {load_s:.1f} s")
