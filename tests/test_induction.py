@@ -54,7 +54,7 @@ def test_batched_loss_rise_equals_one_head_at_a_time(planted_induction, planted_
     clean = metric(m.bridge(tokens)[None])[0]
     _, cache = m.bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
     for layer, head in m.heads():
-        mean = cache[f"blocks.{layer}.attn.hook_z"][:, :, head].mean((0, 1))
+        mean = cache[f"blocks.{layer}.attn.hook_z"][:, 1:, head].mean((0, 1))   # start token left out
 
         def hook(z, hook, head=head, mean=mean):
             z[:, :, head] = mean
