@@ -117,7 +117,7 @@ def naive_sweep(model, tokens, heads, metric, kind: str):
             return z
         with torch.no_grad():
             logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)])
-        values.append(metric(logits[None], None)[0])
+        values.append(metric(logits))
     return torch.stack(values).float().cpu()
 
 
@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
     extrapolated = len(naive_heads) < len(heads)
     b_vals = torch.stack([batched[h] for h in naive_heads])
     max_diff = (b_vals - naive).abs().max().item()
-    clean_loss = metric(clean_run(model, tokens, keep_z=False).logits[None], None)[0].item()
+    clean_loss = metric(clean_run(model, tokens, keep_z=False).logits).item()
 
     res = {
         "model": model.info.name, "device": device, "dtype": args.dtype,
@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
                                  device)
         exact, t_exact = timed(lambda: patch_heads(model, tokens, corrupted, metric, "denoise",
                                                    max_rows=max_rows), device)
-        base = metric(clean_run(model, corrupted, keep_z=False).logits[None], None)[0].float().cpu()
+        base = metric(clean_run(model, corrupted, keep_z=False).logits).float().cpu()
         r = pearson(attr, exact - base)
         res.update(attribution_s=t_attr, attribution_passes=t_attr / F, exact_patching_s=t_exact,
                    attribution_vs_naive=t_naive / t_attr, attribution_pearson=r,

@@ -51,7 +51,7 @@ def test_batched_loss_rise_equals_one_head_at_a_time(planted_induction, planted_
     mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
     mask[:, p.seq_len:] = True
     metric = loss_metric(tokens, mask)
-    clean = metric(m.bridge(tokens)[None])[0]
+    clean = metric(m.bridge(tokens))
     _, cache = m.bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
     for layer, head in m.heads():
         mean = cache[f"blocks.{layer}.attn.hook_z"][:, 1:, head].mean((0, 1))   # start token left out
@@ -60,7 +60,7 @@ def test_batched_loss_rise_equals_one_head_at_a_time(planted_induction, planted_
             z[:, :, head] = mean
             return z
         logits = m.bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)])
-        naive = float(metric(logits[None])[0] - clean)
+        naive = float(metric(logits) - clean)
         row = frame[(frame.layer == layer) & (frame["head"] == head)].iloc[0]
         assert abs(row.induction_loss_rise - naive) < 1e-4
 

@@ -49,9 +49,9 @@ def induction_pair(vocab: int, batch: int, half: int, seed: int = 0):
     return torch.cat([bos, a, a], 1), torch.cat([bos, a, b], 1)
 
 
-def logits_metric(logits, rows=None):
+def logits_metric(logits):
     """A strict metric: a slice of raw logits at every position (any mismatch shows)."""
-    return logits[..., :16].flatten(1)
+    return logits[..., :16].flatten()
 
 
 # ---- naive references: one run_with_hooks per head --------------------------------------------------
@@ -102,7 +102,7 @@ def naive_logits(model, tokens, heads, kind="zero", scale=0.0, source=None, ref=
 def naive_values(model, tokens, variants, metric, ref=None, z=None, **kw):
     z = z if z is not None else clean_run(model, tokens).z
     ref_z = clean_run(model, ref).z if ref is not None else None
-    return torch.stack([metric(naive_logits(model, tokens, v, z=z, ref_z=ref_z, **kw)[None], None)[0]
+    return torch.stack([metric(naive_logits(model, tokens, v, z=z, ref_z=ref_z, **kw))
                         for v in variants])
 
 
@@ -197,13 +197,13 @@ def test_path_patching_matches_naive(tiny, direction):
     clean, corrupted = induction_pair(VOCAB, 2, 5)
     target, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     batched = path_patch_logits(tiny, clean, corrupted, logits_metric, direction, max_rows=6)
-    naive = torch.stack([logits_metric(naive_path_patch(tiny, target, source, h)[None])[0]
+    naive = torch.stack([logits_metric(naive_path_patch(tiny, target, source, h))
                          for h in tiny.heads()])
     close(batched.flatten(0, 1), naive)
     per_pos = path_patch_logits(tiny, clean, corrupted, logits_metric, direction, heads=[(1, 2)],
                                 per_position=True)
     # Patching at every position is the sum of per-position changes (the direct path is linear).
-    base = logits_metric(clean_run(tiny, target).logits[None])[0]
+    base = logits_metric(clean_run(tiny, target).logits)
     close((per_pos[1, 2] - base).sum(0) + base, batched[1, 2])
 
 
@@ -249,7 +249,7 @@ def test_attribution_patching(tiny, direction):
     src, tgt = clean_run(tiny, source).z, clean_run(tiny, target).z
     eps = 1e-2
     ends = [metric(naive_logits(tiny, target, [(l, h)], kind="patch",
-                                source={l: tgt[l] + s * eps * (src[l] - tgt[l])})[None])[0]
+                                source={l: tgt[l] + s * eps * (src[l] - tgt[l])}))
             for s in (1, -1)]
     fd = (ends[0] - ends[1]) / (2 * eps)
     assert abs(fd - result["attribution"][l, h]) <= 1e-2 * max(1.0, abs(fd))
@@ -310,7 +310,7 @@ def test_smollm_patching_and_dla(smollm, smol_pair):
               naive_values(smollm, target, [[e] for e in entries], metric, kind="patch", source=src))
     path = path_patch_logits(smollm, clean, corrupted, metric, "noise", heads=HEADS[:2])
     close(torch.stack([path[h] for h in HEADS[:2]]),
-          torch.stack([metric(naive_path_patch(smollm, clean, corrupted, h)[None])[0] for h in HEADS[:2]]))
+          torch.stack([metric(naive_path_patch(smollm, clean, corrupted, h)) for h in HEADS[:2]]))
     dla = direct_logit_attribution(smollm, clean[:, :-1], clean[:, 1:])
     close(dla.total(), dla.logits)
 

@@ -115,14 +115,14 @@ def repeated_predictions(tokens: torch.Tensor, logits: torch.Tensor):
 
 
 def repeat_logprob_metric(pred: torch.Tensor, seen: torch.Tensor):
-    """``[n]``: mean log-prob of the model's own clean top prediction at positions where it repeats."""
+    """Scalar: mean log-prob of the model's own clean top prediction at positions where it repeats."""
     rows, pos = seen.nonzero(as_tuple=True)
     target = pred[rows, pos]
 
-    def metric(logits: torch.Tensor, _rows=None) -> torch.Tensor:
-        sel = logits[:, rows.to(logits.device), pos.to(logits.device)].float()            # [n, N, vocab]
-        lp = sel.gather(-1, target.to(sel.device)[None, :, None].expand(sel.shape[0], -1, 1))[..., 0]
-        return (lp - sel.logsumexp(-1)).mean(-1)
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        sel = logits[rows.to(logits.device), pos.to(logits.device)].float()               # [N, vocab]
+        lp = sel.gather(-1, target.to(sel.device)[:, None])[:, 0]
+        return (lp - sel.logsumexp(-1)).mean()
     return metric
 
 
@@ -265,7 +265,7 @@ class CopySuppressionDetector(Detector):
         draws = random_head_sets(model, len(top), p.n_random, seed, exclude=top)
         values = run_variants(model, tokens, [top] + draws, metric, p.ablation, max_rows=p.max_rows,
                               run=run, description="copy-suppression causal check")
-        clean = float(metric(run.logits[None])[0])
+        clean = float(metric(run.logits))
         return causal_summary(top, float(values[0]), values[1:], clean,
                               "mean log-prob of the model's top prediction where it repeats an earlier "
                               f"token ({p.ablation} ablation; copy suppression lowers it, so ablation raises it)",

@@ -119,7 +119,7 @@ class InductionDetector(Detector):
         copying = self._copying(model, cache, tokens, seed)
         ov = ov_eigen_ratio(model).cpu()
         loss_rise, run, metric = self._loss_sweep(model, tokens)
-        clean_loss = float(metric(run.logits[None])[0])
+        clean_loss = float(metric(run.logits))
 
         score = prefix
         labelled = [(l, h) for l, h in model.heads()
@@ -163,7 +163,7 @@ class InductionDetector(Detector):
         repeated[:, p.seq_len:] = True                      # targets inside repeats 2..R
         metric = loss_metric(sweep_tokens, repeated)
         run = clean_run(model, sweep_tokens)
-        clean_loss = float(metric(run.logits[None])[0])
+        clean_loss = float(metric(run.logits))
         losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=p.max_rows, run=run)
         return losses - clean_loss, run, metric
 

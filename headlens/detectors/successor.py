@@ -144,16 +144,16 @@ def ordinal_prompts(model, groups: list[Group], n_items: int, max_prompts: int, 
 
 
 def next_item_metric(target: torch.Tensor, candidates: torch.Tensor):
-    """``[n, 3]`` at the last position: accuracy among the prompt's task tokens (the succession score's
+    """``[3]`` at the last position: accuracy among the prompt's task tokens (the succession score's
     own criterion), accuracy over the full vocabulary, and mean log-prob of the next item."""
-    def metric(logits: torch.Tensor, rows=None) -> torch.Tensor:
-        last = torch.log_softmax(logits[:, :, -1].float(), -1)                 # [n, b, vocab]
-        t = target.to(last.device)[None]
-        in_task = last.masked_fill(~candidates.to(last.device)[None], float("-inf"))
-        acc_task = (in_task.argmax(-1) == t).float().mean(-1)
-        acc = (last.argmax(-1) == t).float().mean(-1)
-        lp = last.gather(-1, t[..., None].expand(last.shape[0], -1, 1))[..., 0].mean(-1)
-        return torch.stack([acc_task, acc, lp], -1)
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        last = torch.log_softmax(logits[:, -1].float(), -1)                    # [b, vocab]
+        t = target.to(last.device)
+        in_task = last.masked_fill(~candidates.to(last.device), float("-inf"))
+        acc_task = (in_task.argmax(-1) == t).float().mean()
+        acc = (last.argmax(-1) == t).float().mean()
+        lp = last.gather(-1, t[:, None])[:, 0].mean()
+        return torch.stack([acc_task, acc, lp])
     return metric
 
 
@@ -220,7 +220,7 @@ class SuccessorDetector(Detector):
         sub = sub[:p.causal_prompts].sort().values
         metric = next_item_metric(target[sub], candidates[sub])
         run = clean_run(model, tokens[sub])
-        clean = metric(run.logits[None])[0]
+        clean = metric(run.logits)
         values = run_variants(model, run.tokens, [top] + draws, metric, p.ablation, max_rows=p.max_rows,
                               run=run, description="successor causal check")
         causal = causal_summary(top, float(values[0, 0]), values[1:, 0], float(clean[0]),

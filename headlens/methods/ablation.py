@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -33,10 +33,10 @@ from torch import Tensor
 
 from ..errors import HeadlensError
 from ..progress import progress
+from .metrics import Metric
 
 KINDS = ("zero", "mean", "resample", "patch", "scale", "uniform")
 Head = tuple[int, int]  # (layer, head), or (layer, head, position) to act at one position only
-Metric = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
 def z_name(layer: int) -> str:
@@ -261,9 +261,8 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
                  description: str = "ablating heads") -> torch.Tensor:
     """Run every variant (a set of heads to ablate) and return ``metric`` for each: ``[n_variants, ...]``.
 
-    ``metric(logits, rows)`` gets logits of shape ``[n, batch, pos, vocab]`` for ``n`` variants (the
-    prompts of each variant in order) and returns a tensor whose first dimension is ``n``. ``rows`` is the
-    slice of variants in this chunk, for metrics that compare against per-variant targets.
+    ``metric(logits)`` is TransformerLens-shaped: it gets one variant's logits ``[batch, pos, vocab]``
+    (the prompts in order) and returns a scalar or any per-run shape; the result stacks them.
     Variants are grouped into chunks of at most ``max_rows`` sequences; each chunk starts at the first
     layer any of its variants touches, reusing the clean residual stream below it.
     """
@@ -283,7 +282,7 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
         first = min(start[i] for i in chunk)
         n = len(chunk)
         if first >= model.n_layers:  # nothing ablated: the clean logits
-            out = metric(run.logits[None].expand(n, *run.logits.shape), slice(None))
+            out = per_variant(metric, run.logits, n, batch, repeat=True)
         else:
             masks = _layer_masks(model, chunk_variants, run.tokens.shape[1])
             resid = run.resid[first].repeat(n, 1, 1)
@@ -292,15 +291,19 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
             with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple):
                 logits = model.bridge.run_with_hooks(resid, start_at_layer=first,
                                                      attention_mask=mask, fwd_hooks=hooks)
-            out = metric(logits.view(n, batch, *logits.shape[1:]), _chunk_rows(chunk))
+            out = per_variant(metric, logits, n, batch)
         for j, i in enumerate(chunk):
             results[i] = out[j]
     return torch.stack(results)
 
 
-def _chunk_rows(chunk: list[int]):
-    """Indices of the variants in a chunk (a tensor, since chunks follow layer order)."""
-    return torch.tensor(chunk)
+def per_variant(metric: Metric, logits: torch.Tensor, n: int, batch: int, repeat: bool = False) -> torch.Tensor:
+    """``metric`` applied to each of ``n`` variants stacked along the batch (``[n * batch, pos, vocab]``;
+    with ``repeat``, one ``[batch, pos, vocab]`` run that every variant shares): ``[n, ...]``."""
+    if repeat:
+        value = metric(logits)
+        return value[None].expand(n, *value.shape)
+    return torch.stack([metric(logits[j * batch:(j + 1) * batch]) for j in range(n)])
 
 
 def sweep_heads(model, tokens: torch.Tensor, metric: Metric, ablation: str | Ablation = "mean",

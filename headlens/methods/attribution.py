@@ -139,7 +139,7 @@ def _z_and_grads(model, tokens: torch.Tensor, metric: Metric, attention_mask=Non
     with torch.enable_grad():
         logits = model.bridge.run_with_hooks(tokens, attention_mask=attention_mask,
                                              fwd_hooks=[(z_name(l), hook) for l in range(L)])
-        value = metric(logits[None], torch.arange(1))
+        value = metric(logits)
         if value.numel() != 1:
             raise HeadlensError("attribution patching needs a metric that returns one value per run")
         grads = torch.autograd.grad(value.sum(), [probes[l] for l in range(L)])
@@ -168,7 +168,7 @@ def attribution_vs_exact(model, clean: torch.Tensor, corrupted: torch.Tensor, me
                         attention_mask=attention_mask, max_rows=max_rows)
     target = (corrupted if direction == "denoise" else clean).to(model.device)
     with torch.no_grad():
-        base = metric(model.bridge(target, attention_mask=attention_mask)[None], torch.arange(1))[0]
+        base = metric(model.bridge(target, attention_mask=attention_mask))
     base = base.float().cpu()
     exact = exact - base
     return {"attribution": approx, "exact": exact, "pearson": pearson(approx, exact)}

@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 
 from ..errors import HeadlensError
-from .ablation import Ablation, CleanRun, Head, Metric, clean_run, run_variants
+from .ablation import Ablation, CleanRun, Head, clean_run, per_variant, run_variants
+from .metrics import Metric
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -64,7 +65,7 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
 
     Returns ``[n_layers, n_heads, ...]``, or ``[n_layers, n_heads, pos, ...]`` with ``per_position``
     (the head patched at that query position only). The unpatched target run's metric is
-    ``metric(target.logits[None], ...)``; see :func:`target_and_source`.
+    ``metric(target.logits)``; see :func:`target_and_source`.
     """
     target, source = target_and_source(model, clean, corrupted, direction, attention_mask)
     n_pos = target.tokens.shape[1]
@@ -114,5 +115,5 @@ def path_patch_logits(model, clean: torch.Tensor, corrupted: torch.Tensor, metri
         if centre:
             delta = delta - delta.mean(-1, keepdim=True)
         logits = target.logits[None] + (delta / target.scale[None]) @ W_U
-        results.append(metric(logits, torch.arange(start, start + len(chunk))))
+        results.append(per_variant(metric, logits.flatten(0, 1), len(chunk), batch))
     return _scatter(model, entries, torch.cat(results), per_position, n_pos)
