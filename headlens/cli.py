@@ -61,7 +61,7 @@ def scan(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
     start_token: Optional[str] = typer.Option(
-        None, "--start-token", help="token (or id, or 'none') that starts plain-text prompts; "
+        None, "--start-token", help="token (or id) that starts plain-text prompts; "
         "default: the document start the model was trained with"),
     batch_size: int = typer.Option(64, "--batch-size", help="most sequences in one batched forward pass"),
     param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable)"),

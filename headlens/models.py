@@ -118,14 +118,12 @@ def _is_chat_marker(tokenizer, token: str) -> bool:
 def choose_start_token(tokenizer, override: str | int | None = None) -> tuple[int | None, str]:
     """The token a plain-text prompt starts with, the way the model was trained: ``(id, description)``.
 
-    ``override`` (a token string or id; ``"none"`` for no start token) wins. Otherwise the tokenizer's
+    ``override`` (a token string or id) wins. Otherwise the tokenizer's
     BOS, unless it is a chat role marker (SmolLM2-Instruct reports ``<|im_start|>``): then the
     document/end-of-text token (``<|endoftext|>``, ``</s>``, ...) the pretraining corpus was packed with.
     GPT-2 has BOS = ``<|endoftext|>``; Llama/Gemma keep their real BOS.
     """
     if override is not None and str(override) != "":
-        if str(override).lower() == "none":
-            return None, "none (override)"
         if isinstance(override, int) or str(override).isdigit():
             tid = int(override)
             if not 0 <= tid < len(tokenizer):
@@ -146,7 +144,11 @@ def choose_start_token(tokenizer, override: str | int | None = None) -> tuple[in
     eos = tokenizer.eos_token
     if eos is not None and not _is_chat_marker(tokenizer, eos):
         return tokenizer.eos_token_id, f"{eos} (id {tokenizer.eos_token_id}, the tokenizer's EOS)"
-    return None, "none (no document-start token found)"
+    fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if fallback is None:
+        return None, "none (the tokenizer has no BOS, EOS or document token)"
+    name = tokenizer.convert_ids_to_tokens(fallback)
+    return fallback, f"{name} (id {fallback}, fallback: no better document-start token found)"
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -266,7 +268,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu",
 
     ``spec`` is the built-in name ``smollm2-135m``, a local Hugging Face folder, a ``.gguf`` file,
     or a hub id (needs network access to the hub). ``start_token`` overrides the start token of
-    plain-text prompts (a token string, an id, or ``"none"``; see :func:`choose_start_token`).
+    plain-text prompts (a token string or an id; see :func:`choose_start_token`).
     """
     torch_dtype = _resolve_dtype(dtype)
     device = _resolve_device(device)
