@@ -168,14 +168,16 @@ def null_scores(groups: list[Group], logits, n_draws: int, averaging: str, seed:
     the real order, so this is the chance level of the same head with the same logits.
     """
     g = torch.Generator().manual_seed(seed + 7)
-    out = []
-    for _ in range(n_draws):
-        hits: dict[str, list[torch.Tensor]] = {}
-        for grp, (lg, target) in zip(groups, logits):
-            perm = torch.randperm(lg.shape[-1], generator=g)
-            hits.setdefault(grp.task, []).append(hits_for(lg, perm[target]))
-        out.append(aggregate({t: torch.cat(h, -1) for t, h in hits.items()}, averaging))
-    return torch.stack(out)
+    hits: dict[str, list[torch.Tensor]] = {}
+    for grp, (lg, target) in zip(groups, logits):
+        top2 = lg.topk(min(2, lg.shape[-1]), dim=-1)
+        winner = top2.indices[..., 0]                                          # [L, H, n]
+        unique = top2.values[..., 0] > top2.values[..., 1] if lg.shape[-1] > 1 else torch.ones_like(winner, dtype=torch.bool)
+        perms = torch.stack([torch.randperm(lg.shape[-1], generator=g) for _ in range(n_draws)])
+        shuffled = perms[:, target]                                            # [D, n]
+        hits.setdefault(grp.task, []).append((winner[None] == shuffled[:, None, None, :]) & unique[None])
+    hits = {t: torch.cat(h, -1) for t, h in hits.items()}                      # [D, L, H, n]
+    return torch.stack([aggregate({t: h[d] for t, h in hits.items()}, averaging) for d in range(n_draws)])
 
 
 def ordinal_prompts(model, groups: list[Group], n_items: int, max_prompts: int, seed: int):
