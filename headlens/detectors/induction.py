@@ -12,7 +12,7 @@ the logit of the token it attends to (copying). Columns:
   sampled positions of the last repeat. 1 = pure copying; chance (the same share for a random other
   token, over all heads) is recorded as ``copying_chance`` in the metadata, next to 1/vocabulary.
 - ``induction_ov_eigen``: weight-only copying proxy, sum(lambda) / sum(|lambda|) of the full OV circuit
-  W_E W_V W_O W_U (positive = copying).
+  W_EE W_V W_O W_U (positive = copying; W_EE = the effective embedding, block 0 without attention).
 - ``induction_prev_token``: mean attention to the previous position; ``induction_duplicate_token``: mean
   attention to earlier copies of the current token (the other two heads of the circuit).
 - ``induction_loss_rise``: causal evidence: rise in mean loss on the repeated part when that head alone is
@@ -31,6 +31,7 @@ from einops import einsum
 
 from ..methods import clean_run, loss_metric, run_variants, sweep_heads
 from ..methods.ablation import random_head_sets
+from ..methods.circuits import effective_embedding, normalise
 from .base import Detector, DetectorResult, causal_summary, head_frame
 
 
@@ -68,10 +69,13 @@ def induction_masks(tokens: torch.Tensor, first_repeat_end: int):
 
 
 def ov_eigen_ratio(model) -> torch.Tensor:
-    """``[n_layers, n_heads]``: sum(lambda)/sum(|lambda|) of W_E W_V W_O W_U, via the d_head x d_head
-    matrix W_O (W_U W_E) W_V that has the same non-zero eigenvalues."""
+    """``[n_layers, n_heads]``: sum(lambda)/sum(|lambda|) of W_EE W_V W_O W_U, via the d_head x d_head
+    matrix W_O (W_U W_EE) W_V that has the same non-zero eigenvalues. ``W_EE`` is the effective embedding
+    (block 0 with its attention ablated, normalised as the heads' norm would), which equals W_E in the
+    attention-only models of Olsson et al. and is what later heads actually read when block 0 has an MLP."""
     b = model.bridge
-    ue = b.W_U.float() @ b.W_E.float()                                      # [d, d]
+    w_ee = normalise(model, effective_embedding(model, torch.arange(b.cfg.d_vocab)))
+    ue = b.W_U.float() @ w_ee.to(b.W_U.device)                              # [d, d]
     rep = model.n_heads // model.info.n_kv_heads
     w_v = b.W_V.float().repeat_interleave(rep, dim=1)                       # [L, H, d, dh]
     m = einsum(b.W_O.float(), ue, w_v, "l h e d1, d1 d2, l h d2 f -> l h e f")
