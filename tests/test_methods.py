@@ -323,7 +323,10 @@ def test_smollm_attribution_patching(smollm, smol_pair):
     r = result["pearson"]
     print(f"SmolLM2 attribution vs exact patching over {len(heads)} heads: r = {r:.3f}")
     assert result["attribution"].shape == (30, 9) and torch.isfinite(result["attribution"]).all()
-    assert -1 <= r <= 1  # reported, not tuned: first-order patching is known to fail on saturated heads
+    # Attribution patching is the first-order expansion of exact patching, so across heads the two must
+    # agree in sign and rough size: a wrong gradient, sign or position gives r near 0 or below. It is known
+    # to fail on saturated heads, so r is not near 1 by construction; 0.5 leaves room for those few.
+    assert r > 0.5
 
 
 def test_mean_ablation_leaves_out_start_token_and_padding():
