@@ -8,6 +8,7 @@ parameters, causal checks, timings) goes in a JSON sidecar ``<name>.json`` besid
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -147,18 +148,42 @@ def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None
     return Catalogue(frame=frame, meta=meta)
 
 
-def scan(model, detectors: Iterable, seed: int = 0) -> Catalogue:
-    """Run each detector on ``model`` (seeded) and build the catalogue."""
-    results, timings = [], {}
+def scan(model, detectors: Iterable, seed: int = 0, checkpoint=None) -> Catalogue:
+    """Run each detector on ``model`` (seeded) and build the catalogue.
+
+    ``checkpoint`` (a :class:`headlens.checkpoint.Checkpoint`): save each finished detector (and finished
+    chunks of the running one) there, and take the detectors it already holds instead of running them.
+    In a distributed run (torchrun) every rank calls this and gets the same catalogue.
+    """
+    from . import checkpoint as ckpt
+    from . import distributed
+    from .progress import stage, step_times
+
+    results, timings, steps, resumed = [], {}, {}, []
     detectors = list(detectors)
     for det in progress(detectors, "detectors"):
+        res = checkpoint.load(det.name, det.param_dict()) if checkpoint is not None else None
+        if res is not None:
+            resumed.append(det.name)
+            timings[det.name] = res.info.get("seconds")
+            note(f"{det.name}: taken from the checkpoint (it ran in {timings[det.name]} s)")
+            results.append(res)
+            continue
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), stage(det.name), (checkpoint.detector(det.name) if checkpoint is not None
+                                                 else contextlib.nullcontext()):
             res = det.run(model, seed=seed)
         timings[det.name] = round(time.perf_counter() - t0, 2)
+        steps[det.name] = step_times(det.name)
         res.info.setdefault("seconds", timings[det.name])
         note(f"{det.name}: done in {timings[det.name]:.1f} s")
         results.append(res)
+        if checkpoint is not None:
+            checkpoint.save(res)
+            ckpt.die_after(det.name)
     # Timings differ run to run, so they stay out of the CSV; the sidecar keeps them.
-    return build_catalogue(model, results, seed, {"timings_s": timings})
+    extra = {"timings_s": timings, "steps_s": steps, "world_size": distributed.world_size()}
+    if resumed:
+        extra["resumed"] = resumed
+    return build_catalogue(model, results, seed, extra)

@@ -1,6 +1,7 @@
 """The ``headlens`` command line: ``scan``, ``show`` and ``detectors``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -64,36 +65,66 @@ def scan(
         None, "--start-token", help="token (or id) that starts plain-text prompts; "
         "default: the document start the model was trained with"),
     batch_size: int = typer.Option(64, "--batch-size", help="most sequences in one batched forward pass"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="most memory on the device, weights "
+                                             "included, e.g. 8GB (default: what is free)"),
     param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable)"),
     report: Optional[str] = typer.Option(None, help="also write a self-contained HTML report here"),
     top: int = typer.Option(10, help="heads per role in the summary table"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed scan from its checkpoint <out>.ckpt"),
+    gpus: int = typer.Option(1, "--gpus", help="data parallel: run N processes (torchrun); one GPU each "
+                             "with --device cuda, an equal group of GPUs each with --device auto"),
+    checkpoint_every: float = typer.Option(300.0, "--checkpoint-every",
+                                           help="save a running detector's finished chunks every S seconds "
+                                                "(0: every chunk; -1: finished detectors only)"),
 ):
     """Scan MODEL's attention heads with the chosen detectors and write the catalogue CSV."""
-    from . import progress
+    from . import distributed, progress
     from .catalogue import check_writable
     from .catalogue import scan as run_scan
+    from .checkpoint import Checkpoint, checkpoint_dir
     from .detectors import get_detector, parse_detectors
+    from .memory import limit, parse_bytes
     from .models import load_model
 
+    if gpus < 1:
+        raise HeadlensError(f"--gpus must be at least 1, not {gpus}")
+    device = distributed.init(device)
+    if not distributed.is_main():  # rank 0 alone prints and writes
+        out.quiet = err.quiet = True
+
     names = parse_detectors(detectors)
+    if max_memory is not None:
+        parse_bytes(max_memory)  # a bad size fails before the model loads
     overrides = _params(param)
     for role in overrides:
         if role not in names:
             raise HeadlensError(f"--param for '{role}', which is not among the detectors run ({', '.join(names)})")
     dets = [get_detector(n, **({"max_rows": batch_size} if _takes(n, "max_rows") else {}),
                          **overrides.get(n, {})) for n in names]
-    check_writable(out_path)
-    if report:
-        check_writable(report)
+    if distributed.is_main():
+        check_writable(out_path)
+        if report:
+            check_writable(report)
+    if gpus > 1 and not distributed.launched():  # checked what can be checked here: now start N ranks
+        raise typer.Exit(_launch(gpus, device))
     t0 = time.perf_counter()
     with err.status(f"loading {model}"):
         m = load_model(model, device=device, dtype=dtype, start_token=start_token)
     load_s = time.perf_counter() - t0
     err.print(f"loaded {m.info.name}: {m.n_layers} layers x {m.n_heads} heads "
               f"({m.info.n_kv_heads} kv heads), {m.info.dtype} on {m.info.device} in {load_s:.1f} s")
-    with progress.bars():
-        cat = run_scan(m, dets, seed=seed)
+    if distributed.active():
+        err.print(f"data parallel: {distributed.world_size()} processes share every batched sweep")
+    _interrupted["hint"] = f"finished work is checkpointed in {checkpoint_dir(out_path)}; rerun with --resume"
+    with (progress.bars() if distributed.is_main() else contextlib.nullcontext()), limit(max_memory):
+        ckpt = Checkpoint.open(out_path, m, seed, resume=resume,
+                               every_s=None if checkpoint_every < 0 else checkpoint_every)
+        cat = run_scan(m, dets, seed=seed, checkpoint=ckpt)
     cat.meta["timings_s"]["model_load"] = round(load_s, 2)
+    if not distributed.is_main():
+        ckpt.finish()
+        distributed.finish()
+        return
     for role in names:
         out.print(top_table(cat, role, top))
         d = cat.meta["detectors"][role]
@@ -110,8 +141,38 @@ def scan(
         from .report import write_report
         write_report(cat, report, model=m)
         out.print(f"wrote {report}")
+    ckpt.finish()
+    _interrupted.pop("hint", None)
+    distributed.finish()
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in cat.meta["timings_s"].items())
     err.print(f"timings: {timings}")
+
+
+_interrupted: dict[str, str] = {}
+
+
+def _launch(n: int, device: str) -> int:
+    """``headlens scan ... --gpus N``: rerun this command as N torchrun processes; their exit code."""
+    from . import distributed
+
+    distributed.check_device(device)
+    if device.startswith("cuda") or device == "auto":
+        import torch
+        if torch.cuda.device_count() < n:
+            raise HeadlensError(f"--gpus {n} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    else:
+        err.print(f"--gpus {n} with --device {device}: {n} CPU processes (gloo); add --device cuda for GPUs")
+    if "scan" not in sys.argv:
+        raise HeadlensError("--gpus works from the command line (headlens scan ... --gpus N)")
+    argv, skip = [], False
+    for a in sys.argv[sys.argv.index("scan"):]:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            argv.append(a)
+    return distributed.launch(n, argv)
 
 
 def _takes(name: str, field: str) -> bool:
@@ -169,7 +230,7 @@ def main() -> None:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("interrupted; nothing was written")
+        err.print(f"interrupted; {_interrupted.get('hint', 'nothing was written')}")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

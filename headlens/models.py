@@ -1,8 +1,16 @@
 """Model loading: the embedded SmolLM2 GGUF, local Hugging Face folders, .gguf files and hub ids.
 
-Every path ends in a TransformerLens ``TransformerBridge`` in eval mode, eager attention, with
-``enable_compatibility_mode()`` applied (LayerNorm folded, writing weights centred) so that direct
-logit attribution is exact, wrapped in a :class:`HeadModel` that also carries the metadata.
+Every path ends in a TransformerLens ``TransformerBridge`` in eval mode, eager attention, in
+compatibility mode (TransformerLens hook names), with the weights processed as TransformerLens's
+``process_weights`` does (norm weights folded into the linear maps that read them, writing weights and
+the unembedding centred, value biases folded) so that direct logit attribution is exact, wrapped in a
+:class:`HeadModel` that also carries the metadata.
+
+Weights are loaded straight onto the target device and dtype, and processed **in place**, one tensor
+at a time (:func:`process_weights_in_place`): TransformerLens's own ``process_weights`` clones the whole
+state dict at every step (and upcasts it to float32), which needs several times the weights' memory.
+Architectures outside the common layout (separate or joint q/k/v, plain or gated MLP, LayerNorm or
+RMSNorm) fall back to TransformerLens's processing.
 """
 from __future__ import annotations
 
@@ -160,8 +168,11 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
+    """``cpu``, ``cuda[:N]``, ``mps``, or ``auto``: every visible GPU (model parallel), else the CPU."""
+    if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HeadlensError(f"device '{device}' asked for, but no CUDA GPU is visible to torch")
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
@@ -243,14 +254,19 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def _load_hf(source: str, dtype: torch.dtype, is_hub: bool):
+def _load_hf(source: str, dtype: torch.dtype, is_hub: bool, device: str = "cpu",
+             max_memory: dict | None = None):
+    """The transformers model, loaded straight onto ``device`` (``auto``: spread over the GPUs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = {"device_map": device}
+    if device == "auto" and max_memory:
+        placement["max_memory"] = max_memory
     try:
         with _quiet():
             tok = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
-                                                         attn_implementation="eager")
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="eager",
+                                                         **placement)
     except Exception as exc:
         if is_hub:
             raise HeadlensError(
@@ -263,12 +279,16 @@ def _load_hf(source: str, dtype: torch.dtype, is_hub: bool):
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu",
-               dtype: str | torch.dtype = "float32", start_token: str | int | None = None) -> HeadModel:
+               dtype: str | torch.dtype = "float32", max_memory: dict | None = None,
+               start_token: str | int | None = None) -> HeadModel:
     """Load a model for head analysis.
 
     ``spec`` is the built-in name ``smollm2-135m``, a local Hugging Face folder, a ``.gguf`` file,
-    or a hub id (needs network access to the hub). ``start_token`` overrides the start token of
-    plain-text prompts (a token string or an id; see :func:`choose_start_token`).
+    or a hub id (needs network access to the hub). The weights are read straight onto ``device``
+    (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: layers spread over every visible GPU by accelerate,
+    at most ``max_memory`` per device, e.g. ``{0: "70GiB", 1: "70GiB"}``; without a GPU ``auto`` is
+    the CPU) in ``dtype``, and processed in place (see :func:`process_weights_in_place`). ``start_token`` overrides the start
+    token of plain-text prompts (a token string or an id; see :func:`choose_start_token`).
     """
     torch_dtype = _resolve_dtype(dtype)
     device = _resolve_device(device)
@@ -288,7 +308,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu",
         raise HeadlensError(f"model path not found: {spec}")
     else:
         name, source, is_hub = spec, spec, True
-    hf_model, tokenizer = _load_hf(source, torch_dtype, is_hub)
+    hf_model, tokenizer = _load_hf(source, torch_dtype, is_hub, device, max_memory)
     return wrap_hf_model(hf_model, tokenizer, name=name, source=source, device=device,
                          start_token=start_token)
 
@@ -300,21 +320,34 @@ def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str 
 
     if getattr(hf_model.config, "_attn_implementation", "eager") != "eager":
         hf_model.config._attn_implementation = "eager"
-    hf_model.to(device).eval()
+    placed = bool(getattr(hf_model, "hf_device_map", None)) and device == "auto"
+    if not placed and device != "auto":
+        hf_model.to(device)  # a no-op when it was loaded there
+    hf_model.eval()
+    for p in hf_model.parameters():
+        p.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     start_id, start_text = choose_start_token(tokenizer, start_token)
+    dtype = next(hf_model.parameters()).dtype
     with _quiet():
         try:
-            bridge = TransformerBridge.boot_transformers(source or name, hf_model=hf_model,
-                                                         tokenizer=tokenizer, device=device)
+            bridge = TransformerBridge.boot_transformers(
+                source or name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype,
+                device=None if device == "auto" else device)
         except Exception as exc:
             raise HeadlensError(f"TransformerLens cannot bridge {name}: "
                                 f"{str(exc).splitlines()[0]}") from exc
-        bridge.enable_compatibility_mode(disable_warnings=True)
+        if in_place_supported(bridge):
+            bridge.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+            process_weights_in_place(bridge)
+        else:  # TransformerLens's own processing (copies the state dict)
+            bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
+    if device == "auto":
+        device = str(bridge.cfg.device)  # where the embedding (the input) lives
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     info = ModelInfo(
@@ -325,3 +358,216 @@ def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str 
         start_token_id=start_id, start_token=start_text,
     )
     return HeadModel(bridge=bridge, tokenizer=tokenizer, info=info)
+
+
+# ---- weight processing in place ---------------------------------------------------------------------
+#
+# The same transformation as TransformerLens's ``process_weights`` (fold_ln, center_writing_weights,
+# center_unembed, fold_value_biases), done on the live parameters one tensor at a time, in the
+# weights' own dtype (arithmetic in float32 on chunks of rows). Checked against TransformerLens's result
+# in tests/test_models.py.
+
+_CHUNK = 1 << 24  # elements per float32 working chunk (64 MB)
+_ATTN_PARTS = {"q", "k", "v", "o", "qkv", "q_norm", "k_norm"}
+_MLP_PARTS = {"gate", "in", "out"}
+_BLOCK_PARTS = {"ln1", "ln2", "attn", "mlp", "ln1_post", "ln2_post"}
+
+
+def _module(component):
+    return getattr(component, "original_component", None)
+
+
+def _is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's [in, out] linear layer
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, torch.nn.Linear) or _is_conv1d(module)
+
+
+def _is_norm(module) -> bool:
+    return isinstance(module, torch.nn.LayerNorm) or "RMSNorm" in type(module).__name__
+
+
+def _parts(component) -> dict:
+    return {k: v[1] for k, v in getattr(component, "real_components", {}).items()}
+
+
+def in_place_supported(bridge) -> bool:
+    """Whether :func:`process_weights_in_place` knows this architecture's layout."""
+    adapter, cfg = bridge.adapter, bridge.cfg
+    from transformer_lens.model_bridge.architecture_adapter import ArchitectureAdapter
+
+    if (type(adapter).preprocess_weights is not ArchitectureAdapter.preprocess_weights
+            or type(adapter).postprocess_weights is not ArchitectureAdapter.postprocess_weights
+            or not getattr(adapter, "supports_fold_ln", True)
+            or not getattr(adapter, "supports_center_writing_weights", True)
+            or getattr(cfg, "parallel_attn_mlp", False)
+            or getattr(cfg, "normalization_type", None) not in ("LN", "RMS")
+            or not hasattr(bridge, "ln_final") or not hasattr(bridge, "unembed")):
+        return False
+    if any(not p.dtype.is_floating_point or p.device.type == "meta" for p in bridge.original_model.parameters()):
+        return False
+    if not (_is_norm(_module(bridge.ln_final)) and _is_linear(_module(bridge.unembed))):
+        return False
+    for block in bridge.blocks:
+        parts = _parts(block)
+        if not {"ln1", "ln2", "attn", "mlp"} <= set(parts) <= _BLOCK_PARTS:
+            return False
+        attn, mlp = _parts(parts["attn"]), _parts(parts["mlp"])
+        if not set(attn) <= _ATTN_PARTS or not set(mlp) <= _MLP_PARTS or "o" not in attn or "out" not in mlp:
+            return False
+        readers = [attn["qkv"]] if "qkv" in attn else [attn.get(k) for k in "qkv"]
+        linears = readers + [attn["o"], mlp["out"], mlp["in"]] + ([mlp["gate"]] if "gate" in mlp else [])
+        if any(c is None or not _is_linear(_module(c)) for c in linears):
+            return False
+        if not (_is_norm(_module(parts["ln1"])) and _is_norm(_module(parts["ln2"]))):
+            return False
+    return True
+
+
+def _rows(weight: torch.Tensor):
+    """Row chunks of a 2-D weight (views), each small enough for a float32 working copy."""
+    step = max(1, _CHUNK // max(1, weight.shape[1]))
+    for i in range(0, weight.shape[0], step):
+        yield weight[i:i + step]
+
+
+def _as_in_out(module) -> torch.Tensor:
+    """A linear map's weight as ``[in, out]`` (a view: Conv1D stores it so, nn.Linear transposed)."""
+    return module.weight if _is_conv1d(module) else module.weight.T
+
+
+def _add_to_bias(module, extra: torch.Tensor) -> None:
+    """``bias += extra`` (float32 arithmetic), creating the bias if the layer has none."""
+    w = module.weight
+    if module.bias is None:
+        module.bias = torch.nn.Parameter(torch.zeros(extra.shape, dtype=w.dtype, device=w.device),
+                                         requires_grad=False)
+    module.bias.copy_(module.bias.float() + extra.to(module.bias.device))
+
+
+def _centre_columns(w: torch.Tensor) -> None:
+    """Subtract from every column of a 2-D tensor its mean over the rows (chunked, in place)."""
+    mean = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+    for rows in _rows(w):
+        mean += rows.float().sum(0)
+    mean /= w.shape[0]
+    for rows in _rows(w):
+        rows.sub_(mean.to(w.dtype))
+
+
+def _rows(weight: torch.Tensor):
+    """Row chunks of a 2-D tensor (views), each small enough for a float32 working copy."""
+    step = max(1, _CHUNK // max(1, weight.shape[1]))
+    for i in range(0, weight.shape[0], step):
+        yield weight[i:i + step]
+
+
+@torch.no_grad()
+def _fold_norm(norm, readers: list, layer_norm: bool, offset: bool) -> None:
+    """Fold a norm's gain (and LayerNorm's bias) into the linear maps reading it; reset the norm.
+
+    For a reader ``y = x W + c`` of ``x = n * g + b`` (``W`` as ``[in, out]``, ``n`` the normalised
+    input): ``W' = diag(g) W`` and ``c' = c + b W``. Under LayerNorm each column of ``W'`` is then centred
+    over the input dimension (the normalised input has zero mean, so this changes nothing).
+    """
+    gain = norm.weight.detach().float()
+    if offset:
+        gain = gain + 1.0  # Gemma: the norm multiplies by (1 + weight)
+    shift = getattr(norm, "bias", None) if layer_norm else None
+    for module in readers:
+        w = _as_in_out(module)
+        if shift is not None:
+            _add_to_bias(module, shift.detach().float().to(w.device) @ w.float())
+        g = gain.to(w.device)
+        step = max(1, _CHUNK // max(1, w.shape[1]))
+        for i in range(0, w.shape[0], step):
+            rows = w[i:i + step]
+            rows.copy_(rows.float() * g[i:i + step, None])
+        if layer_norm:
+            _centre_columns(w)
+    norm.weight.fill_(0.0 if offset else 1.0)
+    if shift is not None:
+        shift.zero_()
+
+
+@torch.no_grad()
+def _centre_output(module) -> None:
+    """Centre what a linear map or embedding writes to the residual stream over ``d_model``."""
+    w = module.weight if isinstance(module, torch.nn.Embedding) else _as_in_out(module)  # [.., d_model]
+    for rows in _rows(w):
+        rows.sub_(rows.float().mean(1, keepdim=True).to(w.dtype))
+    if getattr(module, "bias", None) is not None:
+        module.bias.sub_(module.bias.float().mean().to(module.bias.dtype))
+
+
+@torch.no_grad()
+def _fold_value_bias(attn, n_heads: int, n_kv: int) -> None:
+    """``b_O += b_V W_O`` (attention weights sum to one, so b_V always reaches the output); ``b_V = 0``."""
+    parts = _parts(attn)
+    if "qkv" in parts:  # GPT-2's joint projection: bias [q | k | v], each n_heads * d_head wide
+        bias = _module(parts["qkv"]).bias
+        b_v = None if bias is None else bias[2 * bias.shape[0] // 3:]
+        b_v_full = b_v
+    else:
+        b_v = _module(parts["v"]).bias
+        b_v_full = b_v
+        if b_v is not None and n_kv != n_heads:  # one value head serves n_heads / n_kv query heads
+            b_v_full = b_v.view(n_kv, -1).repeat_interleave(n_heads // n_kv, 0).flatten()
+    if b_v is None:
+        return
+    o = _module(parts["o"])
+    _add_to_bias(o, b_v_full.float().to(o.weight.device) @ _as_in_out(o).float())
+    b_v.zero_()
+
+
+@torch.no_grad()
+def process_weights_in_place(bridge) -> None:
+    """TransformerLens's weight processing, done in place (no copy of the state dict).
+
+    LayerNorm models: each norm's gain and bias folded into the linear maps that read it (their rows
+    centred over ``d_model``), writing weights (embeddings, attention and MLP outputs) centred.
+    RMSNorm models: each norm's gain folded (``(1 + w)`` for Gemma's offset norms); no centring of
+    writing weights. Both: the final norm folded into the unembedding, the unembedding centred over
+    the vocabulary (not with logit soft-capping, which is not shift-invariant), value biases folded
+    into the output bias. A tied unembedding is untied first (one copy of that matrix), so the token
+    embedding stays as it was.
+    """
+    cfg = bridge.cfg
+    layer_norm = cfg.normalization_type == "LN"
+    offset = bool(getattr(cfg, "rmsnorm_uses_offset", False))
+    n_heads = cfg.n_heads
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    unembed, embed = _module(bridge.unembed), _module(bridge.embed)
+    if embed is not None and unembed.weight.data_ptr() == embed.weight.data_ptr():
+        unembed.weight = torch.nn.Parameter(unembed.weight.detach().clone(), requires_grad=False)
+    for block in bridge.blocks:
+        parts = _parts(block)
+        attn, mlp = _parts(parts["attn"]), _parts(parts["mlp"])
+        readers = [attn["qkv"]] if "qkv" in attn else [attn["q"], attn["k"], attn["v"]]
+        _fold_norm(_module(parts["ln1"]), [_module(c) for c in readers], layer_norm, offset)
+        mlp_in = [mlp["in"]] + ([mlp["gate"]] if "gate" in mlp else [])
+        _fold_norm(_module(parts["ln2"]), [_module(c) for c in mlp_in], layer_norm, offset)
+        if layer_norm:
+            _centre_output(_module(attn["o"]))
+            _centre_output(_module(mlp["out"]))
+        _fold_value_bias(parts["attn"], n_heads, n_kv)
+        if "gate" in mlp:  # as TransformerLens does: the gated MLP's functional path, with its hooks
+            parts["mlp"]._use_processed_weights = True
+        if layer_norm and _module(attn["o"]).bias is not None:
+            b = _module(attn["o"]).bias
+            b.sub_(b.float().mean().to(b.dtype))
+    _fold_norm(_module(bridge.ln_final), [unembed], layer_norm, offset)
+    if layer_norm:
+        for name in ("embed", "pos_embed"):
+            module = _module(getattr(bridge, name, None)) if hasattr(bridge, name) else None
+            if isinstance(module, torch.nn.Embedding):
+                _centre_output(module)
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+
+    if not softcap_enabled(getattr(cfg, "output_logits_soft_cap", None)):
+        _centre_columns(_as_in_out(unembed).T)  # [vocab, d_model]: each direction centred over the vocab
+        if unembed.bias is not None:
+            unembed.bias.sub_(unembed.bias.float().mean().to(unembed.bias.dtype))
+    bridge._weights_processed = True

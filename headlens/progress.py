@@ -1,11 +1,21 @@
-"""Progress reporting: silent by default, rich progress bars when the CLI turns them on."""
+"""Progress reporting: silent by default; while the CLI shows bars, every long step (a detector, a batched
+sweep's chunks) gets a bar with done/total, elapsed time and an ETA. In a log (stderr not a terminal,
+where no bar is drawn) the same figures are printed as one line at most every ``HEADLENS_PROGRESS_EVERY``
+seconds (default 30) per step. Steps run inside :func:`stage` are prefixed with the detector's name and
+their time is recorded (:func:`step_times`), so the JSON sidecar says where a scan's time went. In a
+distributed run only rank 0 turns bars on, so only rank 0 prints.
+"""
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from typing import Iterable, TypeVar
 
 T = TypeVar("T")
-_active = None  # a rich.progress.Progress while the CLI shows bars
+_active = None       # a rich.progress.Progress while the CLI shows bars
+_stage = ""          # the detector running now (prefix of step names)
+_steps: dict[str, dict[str, dict[str, float]]] = {}   # stage -> step -> {"seconds", "chunks"}
 
 
 @contextlib.contextmanager
@@ -13,10 +23,12 @@ def bars():
     """Show a rich progress bar for every long step run inside this block."""
     global _active
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as p:
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as p:
         _active = p
         try:
             yield p
@@ -24,23 +36,61 @@ def bars():
             _active = None
 
 
+@contextlib.contextmanager
+def stage(name: str):
+    """Name the steps run inside the block after ``name`` (a detector) and record their times."""
+    global _stage
+    old, _stage = _stage, name
+    _steps.setdefault(name, {})
+    try:
+        yield
+    finally:
+        _stage = old
+
+
+def step_times(name: str) -> dict[str, dict[str, float]]:
+    """``{step: {"seconds": s, "chunks": n}}`` of the steps run inside ``stage(name)`` so far."""
+    return {k: dict(v) for k, v in _steps.get(name, {}).items()}
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
 def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
-    """Iterate over ``items``, advancing a progress bar when one is active."""
-    if _active is None:
-        yield from items
-        return
+    """Iterate over ``items``, advancing a progress bar when one is active (and timing the step)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)
-    task = _active.add_task(description, total=total)
+    label = f"{_stage}: {description}" if _stage and description != "detectors" else description
+    record = _steps.get(_stage, {}).setdefault(description, {"seconds": 0.0, "chunks": 0}) if _stage else None
+    p = _active
+    task = p.add_task(label, total=total) if p is not None else None
+    to_log = p is not None and not p.console.is_terminal
+    every = float(os.environ.get("HEADLENS_PROGRESS_EVERY", "30"))
+    t0 = last = time.perf_counter()
+    done = 0
     try:
         for item in items:
             yield item
-            _active.advance(task)
+            done += 1
+            if p is not None:
+                p.advance(task)
+            now = time.perf_counter()
+            if to_log and now - last >= every:
+                last = now
+                eta = f", ETA {_clock((now - t0) / done * (total - done))}" if total else ""
+                note(f"{label}: {done}/{total if total is not None else '?'} done, "
+                     f"{_clock(now - t0)} elapsed{eta}")
     finally:
-        _active.remove_task(task)
+        if record is not None:
+            record["seconds"] = round(record["seconds"] + time.perf_counter() - t0, 3)
+            record["chunks"] += done
+        if p is not None:
+            p.remove_task(task)
 
 
 def note(message: str) -> None:
     """Print one line above the bars (and in logs, where bars are not drawn) while bars are shown."""
-    if _active is not None:
+    if _active is not None and message:
         _active.console.print(message, highlight=False)

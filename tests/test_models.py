@@ -21,6 +21,12 @@ def _save_tiny(kind, folder):
                                              num_hidden_layers=2, num_attention_heads=4,
                                              num_key_value_heads=2, max_position_embeddings=32,
                                              bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    # Norm gains and biases away from 1 and 0, so the in-place folding at load really does something.
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "ln" in name or "norm" in name or name.endswith("bias"):
+            p.data = (0.5 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("weight")
+                      else 0.3 * torch.randn(p.shape, generator=g))
     model.save_pretrained(folder)
     make_tokenizer(64, folder)
     return folder
@@ -55,6 +61,25 @@ def test_embedded_smollm2(smollm):
     assert any(p.name.startswith("SmolLM2-135M-Instruct") for p in cache_dir().iterdir())
     tokens = smollm.bridge.to_tokens("The capital of France is")
     assert smollm.tokenizer.decode(smollm.bridge(tokens)[0, -1].argmax()).strip() == "Paris"
+
+
+@pytest.mark.real
+def test_smollm2_matches_transformers(smollm):
+    """After the in-place weight processing: log-probs equal plain transformers', and DLA sums exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from headlens.methods import direct_logit_attribution
+
+    tokens = smollm.bridge.to_tokens(["The capital of France is Paris, and the capital of Italy is"])
+    ref = AutoModelForCausalLM.from_pretrained(smollm.info.source, attn_implementation="eager").eval()
+    ref_logits = ref(tokens).logits
+    ours = smollm.bridge(tokens)
+    torch.testing.assert_close(torch.log_softmax(ours, -1), torch.log_softmax(ref_logits, -1), atol=1e-4, rtol=0)
+    dla = direct_logit_attribution(smollm, tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(dla.total(), dla.logits, atol=1e-3, rtol=1e-5)
+    # The unembedding was untied from the embedding before folding; the embedding is unchanged.
+    torch.testing.assert_close(smollm.bridge.embed.original_component.weight, ref.model.embed_tokens.weight,
+                               atol=0, rtol=0)
 
 
 @pytest.mark.real

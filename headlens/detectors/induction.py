@@ -30,7 +30,7 @@ import torch
 from einops import einsum
 
 from ..methods import clean_run, loss_metric, run_variants, sweep_heads
-from ..methods.ablation import random_head_sets
+from ..methods.ablation import logits_at, random_head_sets
 from ..methods.circuits import effective_embedding, normalise
 from .base import Detector, DetectorResult, causal_summary, head_frame
 
@@ -108,7 +108,8 @@ class InductionDetector(Detector):
         after_copy, copy, queries = induction_masks(tokens.cpu(), 1 + p.seq_len)
         names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)}
         names |= {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+        with logits_at(model, torch.tensor([tokens.shape[1] - 1])):  # the logits are not read: unembed one position
+            _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
         pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.n_layers)])
         pattern = pattern.float().cpu()                                     # [L, b, H, q, k]
 

@@ -40,6 +40,7 @@ from einops import einsum
 from ..data import data_path
 from ..errors import HeadlensError
 from ..methods import clean_run, run_variants
+from ..methods.ablation import logits_at
 from ..methods.ablation import random_head_sets
 from ..methods.circuits import effective_embedding, head_dla, normalise, ov_out
 from .base import Detector, DetectorResult, causal_summary, head_frame
@@ -282,7 +283,8 @@ class SuccessorDetector(Detector):
         p = self.params
         tokens = tokens.to(model.device)
         names = {f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
-        logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+        with logits_at(model, torch.tensor([tokens.shape[1] - 1])):  # the logits are not read: unembed one position
+            _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
         w_u = model.bridge.W_U.float()
         direction = (w_u[:, target.to(w_u.device)] - w_u[:, current.to(w_u.device)]).T   # [b, d]
         last = torch.full((len(tokens),), tokens.shape[1] - 1)

@@ -31,9 +31,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .. import distributed
+from ..checkpoint import digest
 from ..errors import HeadlensError
-from ..progress import progress
-from .metrics import Metric
+from .metrics import Metric, position_index
 
 KINDS = ("zero", "mean", "resample", "patch", "scale", "uniform")
 Head = tuple[int, int]  # (layer, head), or (layer, head, position) to act at one position only
@@ -73,7 +74,11 @@ def as_ablation(ablation: str | Ablation) -> Ablation:
 
 @dataclass
 class CleanRun:
-    """What a clean forward pass leaves behind for later variants: logits, residuals, head outputs."""
+    """What a clean forward pass leaves behind for later variants: logits, residuals, head outputs.
+
+    Everything is kept in the model's dtype. ``resid`` and ``z`` live on the model's device, or on
+    the CPU when they did not fit the GPU's memory budget (``offloaded``); runs move what they need.
+    """
     tokens: torch.Tensor
     attention_mask: torch.Tensor | None
     logits: torch.Tensor
@@ -81,34 +86,59 @@ class CleanRun:
     z: dict[int, torch.Tensor] = field(default_factory=dict)
     block_returns_tuple: bool = False
     scale: torch.Tensor | None = None  # the final norm's scale ``ln_final.hook_scale``: [batch, pos, 1]
+    offloaded: bool = False
+
+    def nbytes(self, device_only: bool = True) -> int:
+        """Bytes held (on the model's device only, unless ``device_only=False``)."""
+        tensors = [self.logits, *self.resid.values(), *self.z.values()]
+        if device_only and self.offloaded:
+            tensors = [self.logits]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def clean_run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              keep_z: bool = True) -> CleanRun:
-    """One clean forward pass, caching every layer's residual input and head outputs."""
+              keep_z: bool = True, max_memory: str | int | None = None) -> CleanRun:
+    """One clean forward pass, caching every layer's residual input and head outputs.
+
+    The cache is counted against the memory budget (see :mod:`headlens.memory`): on a GPU, when it
+    would take more than half of the budget, the residuals and head outputs are kept on the CPU.
+    """
+    from ..memory import clean_run_bytes, resolve_budget
+
     bridge = model.bridge
     tokens = tokens.to(model.device)
+    batch, n_pos = tokens.shape
+    offload = False
+    if model.device.type == "cuda":
+        need = clean_run_bytes(model, batch, n_pos, keep_z)
+        offload = need > resolve_budget(max_memory, model.device, model) // 2
     names = {resid_name(l) for l in range(model.n_layers)} | {"ln_final.hook_scale"}
     if keep_z:
         names |= {z_name(l) for l in range(model.n_layers)}
-    seen = {}
+    seen, kept = {}, {}
 
     def record_output_type(module, inputs, output):
         seen["tuple"] = isinstance(output, tuple)  # returns None: the output is left alone
 
+    def keeper(name):
+        def keep(x, hook):
+            kept[name] = x.detach().to("cpu") if offload else x.detach()
+        return keep
+
     handle = bridge.blocks[0].original_component.register_forward_hook(record_output_type)
     try:
         with torch.no_grad():
-            logits, cache = bridge.run_with_cache(tokens, attention_mask=attention_mask,
-                                                  names_filter=lambda n: n in names)
+            logits = bridge.run_with_hooks(tokens, attention_mask=attention_mask,
+                                           fwd_hooks=[(n, keeper(n)) for n in sorted(names)])
     finally:
         handle.remove()
     run = CleanRun(tokens=tokens, attention_mask=attention_mask, logits=logits,
-                   block_returns_tuple=seen.get("tuple", False), scale=cache["ln_final.hook_scale"])
+                   block_returns_tuple=seen.get("tuple", False),
+                   scale=kept["ln_final.hook_scale"].to(model.device), offloaded=offload)
     for l in range(model.n_layers):
-        run.resid[l] = cache[resid_name(l)]
+        run.resid[l] = kept[resid_name(l)]
         if keep_z:
-            run.z[l] = cache[z_name(l)]
+            run.z[l] = kept[z_name(l)]
     return run
 
 
@@ -124,13 +154,17 @@ def skip_blocks_before(model, layer: int, returns_tuple: bool = False):
         return (hidden,) if returns_tuple else hidden
 
     originals = [model.bridge.blocks[i].original_component for i in range(layer)]
+    own = [module.__dict__.get("forward") for module in originals]  # e.g. accelerate's device hooks
     for module in originals:
         module.forward = identity
     try:
         yield
     finally:
-        for module in originals:
-            del module.forward
+        for module, forward in zip(originals, own):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def uniform_pattern(n_query: int, n_key: int, key_mask: torch.Tensor | None, device, dtype) -> torch.Tensor:
@@ -199,29 +233,36 @@ def reference_means(model, ablation: Ablation) -> dict[int, torch.Tensor] | None
 
 
 def _hooks_for(ablation: Ablation, run: CleanRun, masks: dict[int, torch.Tensor],
-               ref_means: dict[int, torch.Tensor] | None) -> list:
-    """Forward hooks that ablate, in variant v, the heads set in ``masks[layer][v]``."""
+               ref_means: dict[int, torch.Tensor] | None, variant_of_row: torch.Tensor,
+               prompt_of_row: torch.Tensor) -> list:
+    """Forward hooks that ablate, in row r, the heads set in ``masks[layer][variant_of_row[r]]``.
+
+    Row r runs prompt ``prompt_of_row[r]``; replacements taken from other runs are moved to the
+    device where the hooked layer lives (layers may sit on different GPUs).
+    """
     hooks = []
-    batch = run.tokens.shape[0]
     for layer, mask in masks.items():
+        row_mask = mask[variant_of_row]  # [rows, pos|1, head]
         if ablation.kind == "uniform":
-            def hook(pattern, hook, mask=mask):
-                v = mask.shape[0]
-                p = pattern.view(v, -1, *pattern.shape[1:])
-                key_mask = None if run.attention_mask is None else run.attention_mask[:, -p.shape[-1]:]
-                uni = uniform_pattern(p.shape[-2], p.shape[-1], key_mask, p.device, p.dtype)
-                sel = mask.to(p.device).transpose(1, 2)[:, None, :, :, None]  # [v, 1, head, q, 1]
-                return torch.where(sel, uni[None], p).view_as(pattern)
+            def hook(pattern, hook, row_mask=row_mask):
+                key_mask = None
+                if run.attention_mask is not None:
+                    key_mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)]
+                    key_mask = key_mask[:, -pattern.shape[-1]:].to(pattern.device)
+                uni = uniform_pattern(pattern.shape[-2], pattern.shape[-1], key_mask, pattern.device,
+                                      pattern.dtype)
+                sel = row_mask.to(pattern.device).transpose(1, 2)[..., None]  # [rows, head, q|1, 1]
+                return torch.where(sel, uni, pattern)
             hooks.append((pattern_name(layer), hook))
             continue
         repl = _replacement(ablation, run, layer, ref_means)
+        if repl is not None and repl.shape[0] > 1:  # per prompt: [batch, pos, head, d_head]
+            repl = repl[prompt_of_row.to(repl.device)]
 
-        def hook(z, hook, mask=mask, repl=repl):
-            v = mask.shape[0]
-            zz = z.view(v, batch, *z.shape[1:])
-            sel = mask.to(z.device)[:, None, :, :, None]  # [v, 1, pos|1, head, 1]
-            new = zz * ablation.scale if repl is None else repl[None].expand_as(zz)
-            return torch.where(sel, new, zz).view_as(z)
+        def hook(z, hook, row_mask=row_mask, repl=repl):
+            sel = row_mask.to(z.device)[..., None]  # [rows, pos|1, head, 1]
+            new = z * ablation.scale if repl is None else repl.to(z.device, z.dtype).expand_as(z)
+            return torch.where(sel, new, z)
         hooks.append((z_name(layer), hook))
     return hooks
 
@@ -257,44 +298,130 @@ def _layer_masks(model, variants: Sequence[Iterable[Head]], n_pos: int) -> dict[
 
 def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]], metric: Metric,
                  ablation: str | Ablation = "mean", attention_mask: torch.Tensor | None = None,
-                 max_rows: int = 64, run: CleanRun | None = None,
-                 description: str = "ablating heads") -> torch.Tensor:
+                 max_rows: int | None = 64, run: CleanRun | None = None,
+                 description: str = "ablating heads", max_memory: str | int | None = None,
+                 stats: dict | None = None) -> torch.Tensor:
     """Run every variant (a set of heads to ablate) and return ``metric`` for each: ``[n_variants, ...]``.
 
     ``metric(logits)`` is TransformerLens-shaped: it gets one variant's logits ``[batch, pos, vocab]``
-    (the prompts in order) and returns a scalar or any per-run shape; the result stacks them.
-    Variants are grouped into chunks of at most ``max_rows`` sequences; each chunk starts at the first
-    layer any of its variants touches, reusing the clean residual stream below it.
+    (the prompts in order) and returns a scalar or any per-run shape; the result stacks them. A metric
+    that declares ``positions`` (see :mod:`headlens.methods.metrics`) gets, through its
+    ``on_positions``, the logits at those positions only, ``[batch, n_positions, vocab]``: the final
+    norm and the unembedding run only there.
+
+    Rows (one prompt of one variant) are run in chunks sized by :func:`headlens.memory.plan_rows` to
+    fit ``max_memory`` (default: the device's free memory, or the ``headlens.memory.limit`` in force),
+    at most ``max_rows`` rows each (``None``: no cap); a variant may straddle two chunks. Each chunk
+    starts at the first layer any of its rows touches, reusing the clean residual stream below it.
+    ``stats``, if given, receives ``rows_per_chunk`` and ``chunks``.
     """
+    from ..memory import plan_rows, resolve_budget
+
     ablation = as_ablation(ablation)
     variants = [sorted(set(map(tuple, v))) for v in variants]
     if run is None:
-        run = clean_run(model, tokens, attention_mask)
+        run = clean_run(model, tokens, attention_mask, max_memory=max_memory)
     ref_means = reference_means(model, ablation)
-    batch = run.tokens.shape[0]
-    per_chunk = max(1, max_rows // batch)
+    batch, n_pos = run.tokens.shape
+    index = None
+    if getattr(metric, "positions", None) is not None and hasattr(metric, "on_positions"):
+        index = position_index(metric.positions, n_pos)
+    n_logit = n_pos if index is None else len(index)
+    budget = resolve_budget(max_memory, model.device, model)
+    if max_memory is not None or _limit_set():  # an explicit budget also holds the cached clean run
+        budget -= run.nbytes()
+    rows_per_chunk = plan_rows(model, n_pos, n_logit, budget, description)
+    if max_rows is not None:
+        rows_per_chunk = min(rows_per_chunk, max_rows)
     start = [min((e[0] for e in v), default=model.n_layers) for v in variants]
     order = sorted(range(len(variants)), key=lambda i: start[i])
     results: list[torch.Tensor | None] = [None] * len(variants)
-    chunks = [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
-    for chunk in progress(chunks, description):
-        chunk_variants = [variants[i] for i in chunk]
-        first = min(start[i] for i in chunk)
-        n = len(chunk)
-        if first >= model.n_layers:  # nothing ablated: the clean logits
-            out = per_variant(metric, run.logits, n, batch, repeat=True)
-        else:
-            masks = _layer_masks(model, chunk_variants, run.tokens.shape[1])
-            resid = run.resid[first].repeat(n, 1, 1)
-            mask = None if run.attention_mask is None else run.attention_mask.repeat(n, 1)
-            hooks = _hooks_for(ablation, run, masks, ref_means)
-            with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple):
-                logits = model.bridge.run_with_hooks(resid, start_at_layer=first,
-                                                     attention_mask=mask, fwd_hooks=hooks)
-            out = per_variant(metric, logits, n, batch)
-        for j, i in enumerate(chunk):
-            results[i] = out[j]
+    # Variants with nothing ablated are the clean run itself.
+    for i in order:
+        if start[i] >= model.n_layers:
+            results[i] = metric(run.logits)
+    # One chunk plan on every rank; whole variants per chunk when one fits, so that a rank assembles
+    # each variant from the same rows, in the same batches, as a one-process run.
+    rows_per_chunk = distributed.agree_min(rows_per_chunk)
+    if rows_per_chunk >= batch:
+        rows_per_chunk -= rows_per_chunk % batch
+    rows = [(v, p) for v in order if start[v] < model.n_layers for p in range(batch)]
+    chunks = [rows[i:i + rows_per_chunk] for i in range(0, len(rows), rows_per_chunk)]
+    groups = distributed.segments(chunks, key=lambda row: row[0])  # a variant never spans two groups
+    if stats is not None:
+        stats.update(rows_per_chunk=rows_per_chunk, chunks=len(chunks))
+
+    def run_group(group: list[list[tuple[int, int]]]) -> dict[int, torch.Tensor]:
+        """The metric of every variant whose rows are in ``group`` (consecutive chunks)."""
+        pending: dict[int, list[torch.Tensor]] = {}
+        done: dict[int, torch.Tensor] = {}
+        for chunk in group:
+            chunk_vars = sorted({v for v, _ in chunk}, key=order.index)
+            local = {v: j for j, v in enumerate(chunk_vars)}
+            variant_of_row = torch.tensor([local[v] for v, _ in chunk])
+            prompt_of_row = torch.tensor([p for _, p in chunk])
+            first = min(start[v] for v in chunk_vars)
+            masks = _layer_masks(model, [variants[v] for v in chunk_vars], n_pos)
+            resid = run.resid[first][prompt_of_row.to(run.resid[first].device)].to(model.device)
+            mask = None
+            if run.attention_mask is not None:
+                mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
+            hooks = _hooks_for(ablation, run, masks, ref_means, variant_of_row, prompt_of_row)
+            with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple), \
+                    logits_at(model, index):  # final norm + unembedding only at the metric's positions
+                logits = model.bridge.run_with_hooks(resid, start_at_layer=first, attention_mask=mask,
+                                                     fwd_hooks=hooks)
+            del resid
+            j = 0
+            for v in chunk_vars:
+                n = sum(1 for vv, _ in chunk if vv == v)
+                pending.setdefault(v, []).append(logits[j:j + n])
+                j += n
+                if sum(len(x) for x in pending[v]) == batch:
+                    parts = pending.pop(v)
+                    full = parts[0] if len(parts) == 1 else torch.cat(parts)
+                    done[v] = metric.on_positions(full) if index is not None else metric(full)
+            del logits
+        return done
+
+    # Data parallel and resumable: with several ranks each computes its share of the groups (the same
+    # groups as one process) and all results are gathered; finished groups are checkpointed in a scan.
+    key = digest(description, variants, ablation.kind, ablation.scale, ablation.seed, ablation.reference,
+                 run.tokens, chunks)
+    for done in distributed.map(run_group, groups, description, key=key, resumable=True):
+        for v, value in done.items():
+            results[v] = value.to(run.logits.device)
     return torch.stack(results)
+
+
+def _limit_set() -> bool:
+    from ..memory import _LIMIT
+    return _LIMIT.get() is not None
+
+
+@contextlib.contextmanager
+def logits_at(model, index: torch.Tensor | None):
+    """Within the block, the unembedding sees only positions ``index``.
+
+    A forward pre-hook on ``unembed`` slices its input to ``[batch, len(index), d_model]`` (the final
+    norm, a per-position map of ``d_model`` values, still runs everywhere); the model's logits come out
+    as ``[batch, len(index), vocab]``. ``None``: every position.
+    """
+    if index is None:
+        yield
+        return
+
+    def select(module, args, kwargs):
+        if args:
+            return (args[0][:, index.to(args[0].device)], *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"][:, index.to(kwargs["hidden_states"].device)]
+        return args, kwargs
+
+    handle = model.bridge.unembed.register_forward_pre_hook(select, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def per_variant(metric: Metric, logits: torch.Tensor, n: int, batch: int, repeat: bool = False) -> torch.Tensor:
@@ -308,11 +435,12 @@ def per_variant(metric: Metric, logits: torch.Tensor, n: int, batch: int, repeat
 
 def sweep_heads(model, tokens: torch.Tensor, metric: Metric, ablation: str | Ablation = "mean",
                 heads: Sequence[Head] | None = None, attention_mask: torch.Tensor | None = None,
-                max_rows: int = 64, run: CleanRun | None = None) -> torch.Tensor:
+                max_rows: int | None = 64, run: CleanRun | None = None,
+                max_memory: str | int | None = None) -> torch.Tensor:
     """The metric with each head ablated alone: ``[n_layers, n_heads, ...]`` (NaN for heads not asked)."""
     heads = list(heads) if heads is not None else model.heads()
     values = run_variants(model, tokens, [[h] for h in heads], metric, ablation, attention_mask,
-                          max_rows, run, description="single-head ablations")
+                          max_rows, run, description="single-head ablations", max_memory=max_memory)
     out = torch.full((model.n_layers, model.n_heads, *values.shape[1:]), float("nan"))
     for (l, h), v in zip(heads, values):
         out[l, h] = v.float().cpu()
@@ -321,9 +449,10 @@ def sweep_heads(model, tokens: torch.Tensor, metric: Metric, ablation: str | Abl
 
 def ablate_group(model, tokens: torch.Tensor, heads: Sequence[Head], metric: Metric,
                  ablation: str | Ablation = "mean", attention_mask: torch.Tensor | None = None,
-                 run: CleanRun | None = None) -> torch.Tensor:
+                 run: CleanRun | None = None, max_memory: str | int | None = None) -> torch.Tensor:
     """The metric with all ``heads`` ablated together."""
-    return run_variants(model, tokens, [list(heads)], metric, ablation, attention_mask, run=run)[0]
+    return run_variants(model, tokens, [list(heads)], metric, ablation, attention_mask, run=run,
+                        max_memory=max_memory)[0]
 
 
 def random_head_sets(model, k: int, n_draws: int, seed: int = 0,
@@ -337,12 +466,13 @@ def random_head_sets(model, k: int, n_draws: int, seed: int = 0,
 
 def random_baseline(model, tokens: torch.Tensor, k: int, metric: Metric, n_draws: int = 10,
                     seed: int = 0, ablation: str | Ablation = "mean", exclude: Iterable[Head] = (),
-                    attention_mask: torch.Tensor | None = None, max_rows: int = 64,
-                    run: CleanRun | None = None) -> tuple[torch.Tensor, list[list[Head]]]:
+                    attention_mask: torch.Tensor | None = None, max_rows: int | None = 64,
+                    run: CleanRun | None = None, max_memory: str | int | None = None
+                    ) -> tuple[torch.Tensor, list[list[Head]]]:
     """The metric under ``n_draws`` random k-head ablations (all draws batched): (values, draws)."""
     draws = random_head_sets(model, k, n_draws, seed, exclude)
     values = run_variants(model, tokens, draws, metric, ablation, attention_mask, max_rows, run,
-                          description="random-head baselines")
+                          description="random-head baselines", max_memory=max_memory)
     return values, draws
 
 

@@ -5,6 +5,17 @@ variant, so a metric written for TransformerLens's patching works unchanged.
 >>> metric = loss_metric(tokens)          # doctest: +SKIP
 >>> metric(model.bridge(tokens))          # doctest: +SKIP
 tensor(2.0761)
+
+**Positions.** A metric may say which positions it reads: an attribute ``positions`` (an int, a slice,
+a list of ints or a 1-D index tensor over the prompt's positions; negatives count from the end) and a
+method ``on_positions(logits)`` that takes the logits at just those positions,
+``[batch, n_positions, d_vocab]``, in the order given. ``run_variants`` then applies the final norm
+and the unembedding only at those positions (for a 262k vocabulary the unembedding costs more than
+the rest of a small model) and calls ``on_positions``. :func:`positioned` builds such a metric from a
+function of the selected logits; calling it on full logits selects the positions first, so both
+routes give the same value. The built-in metrics all declare their positions, and compute
+log-probabilities a few positions at a time (never a float copy of the whole logits tensor). A plain
+metric without ``positions`` gets the full logits.
 """
 from __future__ import annotations
 
@@ -14,38 +25,99 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..errors import HeadlensError
+
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Tensor]
+_CHUNK = 1 << 24  # float32 elements per working chunk (64 MB)
 
 
-def loss_metric(tokens: torch.Tensor, positions: torch.Tensor | None = None) -> Metric:
-    """Mean next-token cross-entropy over ``positions`` (a bool mask over ``tokens[:, 1:]``, default all)."""
+def position_index(positions, n_pos: int) -> Tensor:
+    """``positions`` (an int, a slice, a list of ints or a 1-D index tensor; negatives count from the
+    end) as a sorted-as-given 1-D tensor of non-negative indices into ``n_pos`` positions."""
+    if isinstance(positions, slice):
+        return torch.arange(n_pos)[positions]
+    index = torch.as_tensor(positions, dtype=torch.long).reshape(-1).cpu()
+    if ((index < -n_pos) | (index >= n_pos)).any():
+        raise HeadlensError(f"metric positions {index.tolist()} are outside the {n_pos}-token prompts")
+    return index % n_pos
+
+
+class PositionMetric:
+    """A metric that reads the logits only at ``positions`` (see the module docstring).
+
+    ``fn(logits[batch, n_positions, d_vocab])`` computes the value from the logits at those positions,
+    in the order given. Calling the metric on full logits ``[batch, pos, d_vocab]`` selects the
+    positions first; :func:`~headlens.methods.run_variants` instead computes the logits only there and
+    calls :meth:`on_positions` with them. Both give the same value.
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], positions):
+        self.fn = fn
+        self.positions = positions
+
+    def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
+        return self.fn(logits[:, position_index(self.positions, logits.shape[1]).to(logits.device)])
+
+    def on_positions(self, logits: Float[Tensor, "batch n_positions d_vocab"]) -> Tensor:
+        return self.fn(logits)
+
+
+def positioned(fn: Callable[[Tensor], Tensor], positions) -> PositionMetric:
+    """A metric reading only ``positions``, from ``fn`` of the logits there (``[batch, n, d_vocab]``)."""
+    return PositionMetric(fn, positions)
+
+
+def _chunks(n_rows: int, row_elems: int):
+    step = max(1, _CHUNK // max(1, row_elems))
+    return range(0, n_rows, step), step
+
+
+def token_logprobs(logits: Float[Tensor, "batch pos d_vocab"], targets: Tensor) -> Float[Tensor, "batch pos"]:
+    """``log_softmax(logits)[..., target]`` at each position, in float32, a few positions at a time
+    (never a float copy of the whole ``[batch, pos, d_vocab]`` tensor)."""
+    b, n, v = logits.shape
+    starts, step = _chunks(n, b * v)
+    out = []
+    for i in starts:
+        x = logits[:, i:i + step].float()
+        t = targets[:, i:i + step].to(x.device)
+        out.append(x.gather(-1, t[..., None])[..., 0] - x.logsumexp(-1))
+    return torch.cat(out, 1)
+
+
+def loss_metric(tokens: torch.Tensor, positions: torch.Tensor | None = None) -> PositionMetric:
+    """Mean next-token cross-entropy over ``positions`` (a bool mask over ``tokens[:, 1:]``, default all).
+
+    It reads the logits only at the positions that predict a masked target (``.positions``).
+    """
     targets = tokens[:, 1:]
-    mask = torch.ones_like(targets, dtype=torch.bool) if positions is None else positions
+    mask = torch.ones_like(targets, dtype=torch.bool) if positions is None else positions.bool()
+    read = mask.any(0).nonzero()[:, 0]                        # positions whose prediction counts
+    targets, weight = targets[:, read], mask[:, read].float()
 
-    def metric(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, targets.to(logp.device)[..., None])[..., 0]
-        m = mask.to(nll.device).float()
-        return (nll * m).sum() / m.sum()
-    return metric
+    def metric(logits: Float[Tensor, "batch n d_vocab"]) -> Float[Tensor, ""]:
+        nll = -token_logprobs(logits, targets)
+        w = weight.to(nll.device)
+        return (nll * w).sum() / w.sum()
+    return positioned(metric, read)
 
 
-def kl_metric(clean_logits: torch.Tensor, position: int = -1) -> Metric:
-    """Mean KL(clean || ablated) of the next-token distribution at ``position``."""
+def kl_metric(clean_logits: torch.Tensor, position: int = -1) -> PositionMetric:
+    """Mean KL(clean || ablated) of the next-token distribution at ``position`` (reads only there)."""
     clean = torch.log_softmax(clean_logits[:, position].float(), dim=-1)
 
-    def metric(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
-        abl = torch.log_softmax(logits[:, position].float(), dim=-1)
+    def metric(logits: Float[Tensor, "batch 1 d_vocab"]) -> Float[Tensor, ""]:
+        abl = torch.log_softmax(logits[:, 0].float(), dim=-1)
         c = clean.to(abl.device)
         return (c.exp() * (c - abl)).sum(-1).mean()
-    return metric
+    return positioned(metric, [position])
 
 
-def logit_diff_metric(correct: torch.Tensor, wrong: torch.Tensor, position: int = -1) -> Metric:
+def logit_diff_metric(correct: torch.Tensor, wrong: torch.Tensor, position: int = -1) -> PositionMetric:
     """Mean logit(correct) - logit(wrong) at ``position``; ``correct``/``wrong`` are ``[batch]`` ids."""
-    def metric(logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, ""]:
-        last = logits[:, position].float()
+    def metric(logits: Float[Tensor, "batch 1 d_vocab"]) -> Float[Tensor, ""]:
+        last = logits[:, 0].float()
         c = last.gather(-1, correct.to(last.device)[:, None])
         w = last.gather(-1, wrong.to(last.device)[:, None])
         return (c - w)[:, 0].mean()
-    return metric
+    return positioned(metric, [position])

@@ -1,0 +1,183 @@
+"""Data parallel scans with torch.distributed (gloo on the CPU): 2 ranks started by torchrun give the same
+catalogue bytes as 1 process, each rank computing half of every batched sweep's chunks.
+
+The model is a tiny random-weight Llama (3 layers x 4 heads, grouped-query attention) over the word-level
+vocabulary of the planted successor model, so induction, successor and copy suppression all run and give
+non-trivial floats; the planted safety model covers padded prompts (Ships under uniform attention)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from headlens import distributed
+
+from planted import SUCCESSOR_SEQUENCES, make_tokenizer, safety_model
+
+ARGS = ["-d", "induction,successor,copy_suppression", "--batch-size", "8", "-p", "induction.seq_len=10",
+        "-p", "copy_suppression.n_tokens=32", "-p", "copy_suppression.seq_len=32"]
+
+
+def random_llama(folder: Path) -> Path:
+    """A seeded random Llama (3 x 4 heads, 2 kv heads, d_model 64) with the successor words as vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    words = [w for seq in SUCCESSOR_SEQUENCES for w in seq]
+    ids = {w: i + 1 for i, w in enumerate(words)}
+    cfg = LlamaConfig(vocab_size=len(words) + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+                      initializer_range=0.2)
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    make_tokenizer(len(words) + 1, folder, special=ids)
+    return folder
+
+
+def headlens(*args, ranks: int = 1, env: dict | None = None, cwd=None):
+    """``python -m headlens ARGS`` (ranks=1) or ``torchrun --nproc-per-node RANKS -m headlens ARGS``."""
+    root = str(Path(__file__).resolve().parents[1])
+    full = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **(env or {}))
+    full.pop("WORLD_SIZE", None)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+                if ranks > 1 else [sys.executable])
+    return subprocess.run([*launcher, "-m", "headlens", *map(str, args)], capture_output=True, text=True,
+                          env=full, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return random_llama(tmp_path_factory.mktemp("tiny_llama") / "model")
+
+
+def test_one_process_needs_no_process_group():
+    assert "WORLD_SIZE" not in os.environ
+    calls = []
+    out = distributed.map(lambda x: calls.append(x) or x * x, [3, 1, 2], "squares")
+    assert out == [9, 1, 4] and calls == [3, 1, 2]          # every item, in order, on the one rank
+    assert list(distributed.shard(5)) == [0, 1, 2, 3, 4]
+    assert distributed.init("cpu") == "cpu" and distributed.world_size() == 1 and distributed.is_main()
+    assert not torch.distributed.is_initialized()
+
+
+def test_segments_keep_straddling_variants_together():
+    # rows (variant, prompt), 3 prompts per variant, chunks of 4 rows: variants straddle chunk ends.
+    rows = [(v, p) for v in range(4) for p in range(3)]
+    chunks = [rows[i:i + 4] for i in range(0, len(rows), 4)]
+    assert distributed.segments(chunks, key=lambda r: r[0]) == [chunks]          # one chain
+    chunks = [rows[i:i + 6] for i in range(0, len(rows), 6)]                     # whole variants
+    assert distributed.segments(chunks, key=lambda r: r[0]) == [[c] for c in chunks]
+    assert distributed.agree_min(7) == 7
+
+
+def test_map_gather_and_broadcast_on_two_gloo_ranks(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        from headlens import distributed as d
+        assert d.init("cpu") == "cpu" and d.world_size() == 2
+        who = d.map(lambda x: (x, d.rank()), list(range(5)), key="k")
+        assert who == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)], who   # round-robin, results in order
+        assert d.broadcast(f"plan of rank {d.rank()}") == "plan of rank 0"
+        assert d.agree_min(10 + d.rank()) == 10
+        try:
+            d.gather({}, 3 + d.rank(), key="plan")                   # ranks that planned different work
+        except RuntimeError as exc:
+            assert "planned different work" in str(exc)
+            import sys
+            sys.stdout.write(f"refused {d.rank()}\\n")   # one write: the two ranks share stdout
+            sys.stdout.flush()
+        d.finish()
+    """))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "refused 0" in r.stdout and "refused 1" in r.stdout
+
+
+def test_two_ranks_give_the_same_catalogue_bytes(tiny, tmp_path):
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    r1 = headlens("scan", tiny, *ARGS, "-o", one)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = headlens("scan", tiny, *ARGS, "-o", two, ranks=2, env={"HEADLENS_PROGRESS_EVERY": "0"})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert one.read_bytes() == two.read_bytes()
+    m1, m2 = (json.loads(p.with_suffix(".json").read_text()) for p in (one, two))
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    # Rank 0 really computed only its share: ceil(n / 2) of each sweep's n chunks.
+    for role, steps in m1["steps_s"].items():
+        for step, rec in steps.items():
+            assert m2["steps_s"][role][step]["chunks"] == (rec["chunks"] + 1) // 2, (role, step)
+    assert sum(rec["chunks"] for s in m1["steps_s"].values() for rec in s.values()) >= 10
+    # Only rank 0 prints: one table per role, one 'done' line per detector.
+    assert r2.stdout.count("induction: top 10 heads") == 1
+    assert r2.stderr.count("induction: done in") == 1
+    # Progress in a log (no terminal): chunks done/total and an ETA per step of each detector, rank 0 only.
+    n = (m1["steps_s"]["induction"]["single-head ablations"]["chunks"] + 1) // 2
+    assert r2.stderr.count(f"induction: single-head ablations: {n}/{n} done") == 1
+    assert "ETA 0:00" in r2.stderr
+    assert not list(tmp_path.glob("*.ckpt"))                 # the checkpoint folder is gone
+
+
+def test_two_ranks_padded_safety_prompts_same_bytes(tmp_path):
+    folder = safety_model(tmp_path / "safety")
+    (tmp_path / "harmful.txt").write_text("t7 t8 harm t9\nharm t3 t4\nt2 t10 t11 harm t12 t13\nt4 harm t4 t9\n")
+    (tmp_path / "harmless.txt").write_text("t7 t8 t14 t9\nt15 t3 t4\nt2 t10 t11 t1 t12 t13\nt4 t3 t4 t9\n")
+    (tmp_path / "phrases.txt").write_text("sorry\n")
+    args = ["-d", "safety", "--batch-size", "8", "-p", f"safety.harmful={tmp_path / 'harmful.txt'}",
+            "-p", f"safety.harmless={tmp_path / 'harmless.txt'}", "-p", "safety.max_new_tokens=3",
+            "-p", f"safety.refusal_phrases={tmp_path / 'phrases.txt'}"]
+    r1 = headlens("scan", folder, *args, "-o", tmp_path / "one.csv")
+    r2 = headlens("scan", folder, *args, "-o", tmp_path / "two.csv", ranks=2)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+    meta = json.loads((tmp_path / "two.json").read_text())
+    assert meta["detectors"]["safety"]["status"] == "ok" and meta["detectors"]["safety"]["labelled"] == ["L1H1"]
+
+
+def test_gpus_with_one_pinned_gpu_is_refused(tiny, tmp_path):
+    r = headlens("scan", tiny, *ARGS, "-o", tmp_path / "x.csv", "--gpus", "2", "--device", "cuda:1")
+    assert r.returncode == 1 and "use --device cuda" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_gpu_groups_for_data_times_model_parallel():
+    # 8 GPUs, 4 ranks per machine with --device auto: each rank spreads its replica over 2 GPUs.
+    assert [distributed.gpu_group(r, 4, [str(i) for i in range(8)]) for r in range(4)] == \
+        [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"]]
+    assert distributed.gpu_group(1, 2, ["3", "5", "6"]) == ["5"]      # an odd GPU is left over
+    with pytest.raises(Exception, match="at least one"):
+        distributed.gpu_group(0, 4, ["0", "1"])
+
+
+def test_layer_skip_keeps_a_modules_own_forward(tiny):
+    """Blocks skipped by start_at_layer runs get their own forward back (accelerate's device hooks on a
+    model split over GPUs live in the instance's ``forward``), and plain blocks get the class's."""
+    from headlens import load_model
+    from headlens.methods.ablation import skip_blocks_before
+
+    model = load_model(str(tiny))
+    block0, block1 = (model.bridge.blocks[i].original_component for i in (0, 1))
+    hooked = block0.forward  # a bound method, stored on the instance like accelerate does
+    block0.forward = hooked
+    with skip_blocks_before(model, 2):
+        assert block0.forward is not hooked and "forward" in block1.__dict__
+    assert block0.__dict__["forward"] is hooked and "forward" not in block1.__dict__
+
+
+@pytest.mark.real
+def test_two_ranks_same_bytes_on_smollm(tmp_path):
+    args = ["smollm2-135m", "-d", "induction", "--batch-size", "32", "-p", "induction.seq_len=10",
+            "-p", "induction.n_seqs=2", "-p", "induction.causal_seqs=1", "-p", "induction.n_random=4"]
+    r1 = headlens("scan", *args, "-o", tmp_path / "one.csv")
+    r2 = headlens("scan", *args, "-o", tmp_path / "two.csv", ranks=2)
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+    steps = json.loads((tmp_path / "two.json").read_text())["steps_s"]["induction"]
+    assert steps["single-head ablations"]["chunks"] == 5      # 270 heads / 32 per chunk = 9 chunks; rank 0: 5
