@@ -281,7 +281,7 @@ class CopySuppressionDetector(Detector):
             z = cache[f"blocks.{l}.attn.hook_z"][:n_b, :, h].float()                      # [b, q, dh]
             w_o = w_o_all[l, h]
             out = z @ w_o                                                                    # [b, q, d]
-            mean = out.mean((0, 1), keepdim=True)
+            mean = out[:, 1:].mean((0, 1), keepdim=True)                                   # start token left out
             v = cache[f"blocks.{l}.attn.hook_v"][:n_b, :, model.kv_head(h)].float()         # [b, k, dh]
             coef = einsum(v @ w_o, u, "b k d, b k d -> b k").clamp(max=0)                   # suppression only
             attn = cache[f"blocks.{l}.attn.hook_pattern"][:n_b, h].float()                  # [b, q, k]
