@@ -61,6 +61,9 @@ def scan(
     seed: int = typer.Option(0, help="random seed (same seed, same catalogue)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    start_token: Optional[str] = typer.Option(
+        None, "--start-token", help="token (or id) that starts plain-text prompts; "
+        "default: the document start the model was trained with"),
     batch_size: int = typer.Option(64, "--batch-size", help="most sequences in one batched forward pass"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="most memory on the device, weights "
                                              "included, e.g. 8GB (default: what is free)"),
@@ -106,7 +109,7 @@ def scan(
         raise typer.Exit(_launch(gpus, device))
     t0 = time.perf_counter()
     with err.status(f"loading {model}"):
-        m = load_model(model, device=device, dtype=dtype)
+        m = load_model(model, device=device, dtype=dtype, start_token=start_token)
     load_s = time.perf_counter() - t0
     err.print(f"loaded {m.info.name}: {m.n_layers} layers x {m.n_heads} heads "
               f"({m.info.n_kv_heads} kv heads), {m.info.dtype} on {m.info.device} in {load_s:.1f} s")

@@ -56,6 +56,8 @@ class ModelInfo:
     dtype: str
     device: str
     has_chat_template: bool
+    start_token_id: int | None = None   # prepended to plain-text prompts (see choose_start_token)
+    start_token: str = ""               # its text, and why it was chosen, for the catalogue metadata
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,10 +84,13 @@ class HeadModel:
 
     @property
     def bos_token_id(self) -> int | None:
-        tok = self.tokenizer
-        if tok.bos_token_id is not None:
-            return tok.bos_token_id
-        return tok.eos_token_id
+        """The start token prepended to plain-text prompts: the document start the model was trained
+        with (:func:`choose_start_token`), not necessarily the tokenizer's BOS."""
+        return self.info.start_token_id
+
+    @property
+    def start_token_id(self) -> int | None:
+        return self.info.start_token_id
 
     def kv_head(self, head: int) -> int:
         """The key/value head a query head reads (grouped-query attention)."""
@@ -99,6 +104,59 @@ class HeadModel:
             raise HeadlensError(
                 f"{what} is {n_tokens} tokens long but {self.info.name} has a context of "
                 f"{self.info.n_ctx} tokens; use shorter prompts or settings")
+
+
+DOCUMENT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+def _is_chat_marker(tokenizer, token: str) -> bool:
+    """Whether ``token`` opens every turn of the chat template (a role marker such as ``<|im_start|>``)
+    rather than the conversation once (a document start such as Llama's ``<|begin_of_text|>``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
+                                              {"role": "assistant", "content": "b"},
+                                              {"role": "user", "content": "c"}], tokenize=False)
+    except Exception:
+        return False
+    return text.count(token) >= 3
+
+
+def choose_start_token(tokenizer, override: str | int | None = None) -> tuple[int | None, str]:
+    """The token a plain-text prompt starts with, the way the model was trained: ``(id, description)``.
+
+    ``override`` (a token string or id) wins. Otherwise the tokenizer's
+    BOS, unless it is a chat role marker (SmolLM2-Instruct reports ``<|im_start|>``): then the
+    document/end-of-text token (``<|endoftext|>``, ``</s>``, ...) the pretraining corpus was packed with.
+    GPT-2 has BOS = ``<|endoftext|>``; Llama/Gemma keep their real BOS.
+    """
+    if override is not None and str(override) != "":
+        if isinstance(override, int) or str(override).isdigit():
+            tid = int(override)
+            if not 0 <= tid < len(tokenizer):
+                raise HeadlensError(f"start token id {tid} is outside the vocabulary (size {len(tokenizer)})")
+        else:
+            tid = tokenizer.convert_tokens_to_ids(str(override))
+            if tid is None or tid == tokenizer.unk_token_id and str(override) != tokenizer.unk_token:
+                raise HeadlensError(f"start token {override!r} is not a token of this tokenizer")
+        return tid, f"{tokenizer.convert_ids_to_tokens(tid)} (id {tid}, override)"
+    bos = tokenizer.bos_token
+    if bos is not None and not _is_chat_marker(tokenizer, bos):
+        return tokenizer.bos_token_id, f"{bos} (id {tokenizer.bos_token_id}, the tokenizer's BOS)"
+    vocab = tokenizer.get_vocab()
+    for name in DOCUMENT_TOKENS:
+        if name in vocab and not _is_chat_marker(tokenizer, name):
+            why = "document token; the tokenizer's BOS " + (f"{bos} is a chat marker" if bos else "is unset")
+            return vocab[name], f"{name} (id {vocab[name]}, {why})"
+    eos = tokenizer.eos_token
+    if eos is not None and not _is_chat_marker(tokenizer, eos):
+        return tokenizer.eos_token_id, f"{eos} (id {tokenizer.eos_token_id}, the tokenizer's EOS)"
+    fallback = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if fallback is None:
+        return None, "none (the tokenizer has no BOS, EOS or document token)"
+    name = tokenizer.convert_ids_to_tokens(fallback)
+    return fallback, f"{name} (id {fallback}, fallback: no better document-start token found)"
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -221,14 +279,16 @@ def _load_hf(source: str, dtype: torch.dtype, is_hub: bool, device: str = "cpu",
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu",
-               dtype: str | torch.dtype = "float32", max_memory: dict | None = None) -> HeadModel:
+               dtype: str | torch.dtype = "float32", max_memory: dict | None = None,
+               start_token: str | int | None = None) -> HeadModel:
     """Load a model for head analysis.
 
     ``spec`` is the built-in name ``smollm2-135m``, a local Hugging Face folder, a ``.gguf`` file,
     or a hub id (needs network access to the hub). The weights are read straight onto ``device``
     (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: layers spread over every visible GPU by accelerate,
     at most ``max_memory`` per device, e.g. ``{0: "70GiB", 1: "70GiB"}``; without a GPU ``auto`` is
-    the CPU) in ``dtype``, and processed in place (see :func:`process_weights_in_place`).
+    the CPU) in ``dtype``, and processed in place (see :func:`process_weights_in_place`). ``start_token`` overrides the start
+    token of plain-text prompts (a token string or an id; see :func:`choose_start_token`).
     """
     torch_dtype = _resolve_dtype(dtype)
     device = _resolve_device(device)
@@ -249,10 +309,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu",
     else:
         name, source, is_hub = spec, spec, True
     hf_model, tokenizer = _load_hf(source, torch_dtype, is_hub, device, max_memory)
-    return wrap_hf_model(hf_model, tokenizer, name=name, source=source, device=device)
+    return wrap_hf_model(hf_model, tokenizer, name=name, source=source, device=device,
+                         start_token=start_token)
 
 
-def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str = "cpu") -> HeadModel:
+def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str = "cpu",
+                  start_token: str | int | None = None) -> HeadModel:
     """Wrap an already loaded transformers model (eager attention) in a bridge ready for analysis."""
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -266,6 +328,7 @@ def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str 
         p.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    start_id, start_text = choose_start_token(tokenizer, start_token)
     dtype = next(hf_model.parameters()).dtype
     with _quiet():
         try:
@@ -292,6 +355,7 @@ def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str 
         n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=n_kv, d_head=cfg.d_head,
         d_model=cfg.d_model, n_ctx=cfg.n_ctx, dtype=str(next(hf_model.parameters()).dtype).replace("torch.", ""),
         device=str(device), has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+        start_token_id=start_id, start_token=start_text,
     )
     return HeadModel(bridge=bridge, tokenizer=tokenizer, info=info)
 

@@ -1,6 +1,7 @@
 """Tiny models with hand-set weights whose head roles are known (planted ground truth).
 
-All are GPT-2 architecture (learned absolute positions make hand-set attention easy), saved to a folder
+GPT-2 architecture (learned absolute positions make hand-set attention easy) and, at the end of the
+file, Llama-style models (RMSNorm, rotary, grouped-query attention, gated MLP0; see LlamaSpace), saved to a folder
 with a word-level tokenizer and loaded through the public ``headlens.load_model(path)`` route.
 
 Residual layout for ``d_model = 4 * n_tok_dims`` (``plant_space``): the token one-hot lives in dims
@@ -10,6 +11,7 @@ LN(x) is roughly x. Unembedding is tied to the token embedding, so writing e_t r
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,4 +284,211 @@ def copy_suppression_model(folder: Path, vocab: int = 32, n_pos: int = 32, stren
         o_copy[t, space.tok(t)] = 1.0
     set_head(model, space, *COPY_SUPPRESSION_HEAD, q=q, k=k, v=v, o=o_sup)
     set_head(model, space, *COPYING_HEAD, q=q, k=k, v=v, o=o_copy)
+    return save(model, make_tokenizer(vocab, folder), folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Llama-style planted models: RMSNorm, rotary positions, grouped-query attention, a gated MLP0.
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class LlamaSpace:
+    """Residual layout of the Llama-style planted models (``d_model`` dims, one-hot subspaces):
+
+    - ``raw(t)``: the token as the embedding writes it (and as the tied unembedding reads it);
+    - ``mid(t)``: the token as MLP0 writes it; layer-1 heads read tokens only here, so the effective
+      embedding ``W_E + MLP0(W_E)`` sees them and the bare ``W_E`` does not;
+    - ``prev(t)``: the previous token, written by a layer-0 previous-token head;
+    - ``one``: a constant 1 in every embedding (Llama has no biases: positional queries/keys need it).
+
+    Rotary: HF Llama rotates the dim pairs ``(j, j + d_head/2)`` of queries and keys by ``pos * f_j``
+    with ``f_j = rope_theta ** (-2j / d_head)``. Content matching (token t meets token t) lives in the
+    pairs with ``j >= d_head/4``: with ``rope_theta = 1e6`` those turn by at most 1e-3 rad per position,
+    so over these short contexts the match score stays within 0.5% of its unrotated value. Positional
+    attention uses the pairs ``j < 16`` instead: a constant query ``(1, 0)`` and key ``(cos f_j, sin f_j)``
+    per pair give the score ``sum_j cos((q - k - 1) f_j)``, maximal exactly at relative distance 1 (a
+    rotation by equal angles for equal distances), with a gap of about 1.3 x strength to every other
+    distance.
+    """
+    vocab: int
+    d_model: int
+    d_head: int
+    n_head: int = 4
+    n_kv: int = 2
+
+    def raw(self, t: int) -> int:
+        return t
+
+    def mid(self, t: int) -> int:
+        return self.vocab + t
+
+    def prev(self, t: int) -> int:
+        return 2 * self.vocab + t
+
+    @property
+    def one(self) -> int:
+        return 3 * self.vocab
+
+    def content(self, t: int) -> int:
+        """A query/key dim for token t in a slowly rotating pair."""
+        low = [j for j in range(self.d_head // 4, self.d_head // 2)]
+        dims = low + [j + self.d_head // 2 for j in low]
+        return dims[t]
+
+
+def blank_llama(space: LlamaSpace, n_layer: int = 2, rope_theta: float = 1e6):
+    """A Llama with zero attention and MLPs, one-hot token embeddings (+ the constant dim), tied
+    unembedding and RMSNorm gains that keep a few-one-hot residual at values ~1."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert space.one < space.d_model and 2 * (space.d_head // 4) >= space.vocab
+    cfg = LlamaConfig(vocab_size=space.vocab, hidden_size=space.d_model, intermediate_size=space.vocab,
+                      num_hidden_layers=n_layer, num_attention_heads=space.n_head,
+                      num_key_value_heads=space.n_kv, head_dim=space.d_head, max_position_embeddings=128,
+                      rope_theta=rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, attention_bias=False, mlp_bias=False)
+    if hasattr(cfg, "rope_parameters") and isinstance(getattr(cfg, "rope_parameters"), dict):
+        cfg.rope_parameters["rope_theta"] = rope_theta
+    model = LlamaForCausalLM(cfg).eval()
+    g = (3.0 / space.d_model) ** 0.5          # RMSNorm of ~3 unit one-hots in d_model dims -> ~1 each
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        emb = model.model.embed_tokens.weight
+        for t in range(space.vocab):
+            emb[t, space.raw(t)] = 1.0
+            emb[t, space.one] = 1.0
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(g)
+            layer.post_attention_layernorm.weight.fill_(g)
+        model.model.norm.weight.fill_(g)
+    return model
+
+
+def set_mlp0_copy(model, space: LlamaSpace, gain: float = 10.0) -> None:
+    """MLP0 copies raw(t) into mid(t): gate and up read raw(t), silu(gain * x) * x ~ gain * x^2, and
+    down writes mid(t) scaled back to ~1."""
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        for t in range(1, space.vocab):
+            mlp.gate_proj.weight[t, space.raw(t)] = gain
+            mlp.up_proj.weight[t, space.raw(t)] = 1.0
+            mlp.down_proj.weight[space.mid(t), t] = 1.0 / gain
+
+
+def set_llama_head(model, space: LlamaSpace, layer: int, head: int, q=None, k=None, v=None, o=None):
+    """Set one query head's W_Q ([d_model, d_head]) and W_O ([d_head, d_model]), and its key/value
+    head's W_K, W_V (shared with the other query heads of its group)."""
+    attn = model.model.layers[layer].self_attn
+    dh = space.d_head
+    kv = head // (space.n_head // space.n_kv)
+    with torch.no_grad():
+        if q is not None:   # scaled by sqrt(d_head) so that ``strength`` is the attention score itself
+            attn.q_proj.weight[head * dh:(head + 1) * dh] = q.T * dh ** 0.5
+        if k is not None:
+            attn.k_proj.weight[kv * dh:(kv + 1) * dh] = k.T
+        if v is not None:
+            attn.v_proj.weight[kv * dh:(kv + 1) * dh] = v.T
+        if o is not None:
+            attn.o_proj.weight[:, head * dh:(head + 1) * dh] = o.T
+
+
+def _llama_prev_token_head(model, space: LlamaSpace, layer: int, head: int, strength: float,
+                           rope_theta: float) -> None:
+    """A previous-token head from rotary alone (see :class:`LlamaSpace`); OV writes prev(t)."""
+    d, dh = space.d_model, space.d_head
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    for j in range(16):
+        f = rope_theta ** (-2 * j / dh)
+        q[space.one, j] = strength
+        k[space.one, j] = math.cos(f)
+        k[space.one, j + dh // 2] = math.sin(f)
+    for t in range(1, space.vocab):
+        v[space.raw(t), t] = 1.0
+        o[t, space.prev(t)] = 1.0
+    set_llama_head(model, space, layer, head, q=q, k=k, v=v, o=o)
+
+
+LLAMA_INDUCTION_HEAD = (1, 2)
+LLAMA_PREV_TOKEN_HEAD = (0, 1)
+
+
+def llama_induction_model(folder: Path, vocab: int = 32, strength: float = 30.0) -> Path:
+    """Llama-style (RMSNorm, rotary, 4 query heads on 2 key/value heads, gated MLP0), two layers:
+    L0H1 a rotary previous-token head, MLP0 copying each token into the subspace layer 1 reads, and L1H2
+    an induction head (query: current token via MLP0; key: previous token; OV copies the attended token
+    to the logits). L1H3 shares L1H2's key/value head with a zero query and output."""
+    theta = 1e6
+    space = LlamaSpace(vocab=vocab, d_model=128, d_head=128)
+    model = blank_llama(space, rope_theta=theta)
+    set_mlp0_copy(model, space)
+    _llama_prev_token_head(model, space, *LLAMA_PREV_TOKEN_HEAD, strength=strength, rope_theta=theta)
+    d, dh = space.d_model, space.d_head
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    for t in range(1, vocab):
+        q[space.mid(t), space.content(t)] = strength
+        k[space.prev(t), space.content(t)] = 1.0
+        v[space.mid(t), t] = 1.0
+        o[t, space.raw(t)] = 3.0
+    set_llama_head(model, space, *LLAMA_INDUCTION_HEAD, q=q, k=k, v=v, o=o)
+    return save(model, make_tokenizer(vocab, folder), folder)
+
+
+LLAMA_SUCCESSOR_HEAD = (1, 1)
+LLAMA_SUCCESSOR_COPY_HEAD = (1, 0)   # same (shared) key/value head and query, identity OV
+
+
+def llama_successor_model(folder: Path, strength: float = 30.0, gain: float = 3.0) -> Path:
+    """Llama-style successor model over the words of :data:`SUCCESSOR_SEQUENCES`: MLP0 moves each token
+    into the subspace layer 1 reads; L1H1 attends to its own token (content match at distance 0, which
+    rotary leaves exact) and its OV maps it to its successor; L1H0 shares that key/value head and query
+    but copies the token instead."""
+    words = [w for seq in SUCCESSOR_SEQUENCES for w in seq]
+    vocab = len(words) + 1
+    ids = {w: i + 1 for i, w in enumerate(words)}
+    succ = {}
+    for seq, cyclic in SUCCESSOR_SEQUENCES.items():
+        for i, w in enumerate(seq):
+            if i + 1 < len(seq) or cyclic:
+                succ[ids[w]] = ids[seq[(i + 1) % len(seq)]]
+    space = LlamaSpace(vocab=vocab, d_model=256, d_head=256)
+    model = blank_llama(space)
+    set_mlp0_copy(model, space)
+    d, dh = space.d_model, space.d_head
+    q, k, v = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh)
+    o_succ, o_copy = torch.zeros(dh, d), torch.zeros(dh, d)
+    for t in range(1, vocab):
+        q[space.mid(t), space.content(t)] = strength
+        k[space.mid(t), space.content(t)] = 1.0
+        v[space.mid(t), t] = 1.0
+        if t in succ:
+            o_succ[t, space.raw(succ[t])] = gain
+        o_copy[t, space.raw(t)] = 1.0
+    set_llama_head(model, space, *LLAMA_SUCCESSOR_HEAD, q=q, k=k, v=v, o=o_succ)
+    set_llama_head(model, space, *LLAMA_SUCCESSOR_COPY_HEAD, q=q, o=o_copy)
+    return save(model, make_tokenizer(vocab, folder, special=ids), folder)
+
+
+LLAMA_COPY_SUPPRESSION_HEAD = (1, 2)
+LLAMA_COPYING_HEAD = (1, 0)
+
+
+def llama_copy_suppression_model(folder: Path, vocab: int = 32, strength: float = 20.0) -> Path:
+    """Llama-style copy suppression: L1H2 (key/value head 1) attends from a query holding the predicted
+    token t (the current token, raw subspace, which the tied unembedding reads) to earlier keys holding t
+    in the MLP0 subspace, and its OV writes -t; L1H0 (key/value head 0) has the same QK and a +t OV."""
+    space = LlamaSpace(vocab=vocab, d_model=128, d_head=128)
+    model = blank_llama(space)
+    set_mlp0_copy(model, space)
+    d, dh = space.d_model, space.d_head
+    q, k, v = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh)
+    o_sup, o_copy = torch.zeros(dh, d), torch.zeros(dh, d)
+    for t in range(1, vocab):
+        q[space.raw(t), space.content(t)] = strength
+        k[space.mid(t), space.content(t)] = 1.0
+        v[space.mid(t), t] = 1.0
+        o_sup[t, space.raw(t)] = -1.0
+        o_copy[t, space.raw(t)] = 1.0
+    set_llama_head(model, space, *LLAMA_COPY_SUPPRESSION_HEAD, q=q, k=k, v=v, o=o_sup)
+    set_llama_head(model, space, *LLAMA_COPYING_HEAD, q=q, k=k, v=v, o=o_copy)
     return save(model, make_tokenizer(vocab, folder), folder)

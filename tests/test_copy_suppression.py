@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from headlens.detectors import get_detector
-from headlens.detectors.copy_suppression import ov_ranks, qk_diagonal
+from headlens.detectors.copy_suppression import ov_own_ranks, ov_ranks, qk_diagonal, qk_own_ranks, wilson_lower
 from headlens.errors import HeadlensError
 from headlens.methods.circuits import effective_embedding, head_dla, normalise
 
@@ -42,6 +42,9 @@ def test_planted_cs_head_first_copying_head_kept_apart(planted_result):
     assert res.labelled == [COPY_SUPPRESSION_HEAD]
     cs, cp = f.loc[COPY_SUPPRESSION_HEAD], f.loc[COPYING_HEAD]
     assert cs["copy_suppression_score"] == 1.0 and cs["copy_suppression_qk"] == 1.0
+    assert cs["copy_suppression_ov_median_rank"] == 1 and cs["copy_suppression_qk_median_rank"] == 1
+    assert cs["copy_suppression_ov_bottom1pct"] == 1.0 and cs["copy_suppression_qk_top1pct"] == 1.0
+    assert cp["copy_suppression_ov_bottom1pct"] == 0.0                 # a copying head's own logit is high
     # The copying head has the same QK but a positive OV: signed score -1, never labelled.
     assert cp["copy_suppression_score"] == -1.0 and cp["copy_suppression_qk"] == 1.0
     assert cp["copy_suppression_dla_seen"] > 0 > cs["copy_suppression_dla_seen"]
@@ -93,6 +96,20 @@ def test_ov_and_qk_batched_match_plain_per_head(smollm):
         assert suppress[l, h] == pytest.approx(n_sup / len(tokens))
         assert copy[l, h] == pytest.approx(n_copy / len(tokens))
         assert qk[l, h] == pytest.approx(n_diag / len(tokens))
+    # Rank columns: own-token ranks over the whole vocabulary, for OV (from the bottom) and QK (from the top).
+    lower, _ = ov_own_ranks(smollm, tokens, chunk=3)
+    qk_rank = qk_own_ranks(smollm, tokens, chunk=5000)
+    keys = normalise(smollm, effective_embedding(smollm, torch.arange(b.cfg.d_vocab)))
+    for l, h in [(23, 3), (24, 4)]:
+        kv = smollm.kv_head(h)
+        all_keys = keys @ W_K[l, kv]                                     # [vocab, d_head]
+        for i, t in enumerate(tokens.tolist()[:3]):
+            logits = W_U.T @ (W_O[l, h].T @ (W_V[l, kv].T @ x[i]))
+            assert int(lower[l, h, i]) == int((logits <= logits[t]).sum() - 1)
+            row = all_keys @ (query[i] @ W_Q[l, h])
+            own = (x[i] @ W_K[l, kv]) @ (query[i] @ W_Q[l, h])
+            rivals = torch.cat([row[:t], row[t + 1:]])
+            assert abs(int(qk_rank[l, h, i]) - int((rivals >= own).sum())) <= 1   # float rounding at a tie
 
 
 def test_effective_embedding_is_block0_mlp_without_attention(smollm):
@@ -126,3 +143,39 @@ def test_corpus_errors(smollm, tmp_path):
         get_detector("copy_suppression", corpus=str(short), n_tokens=8).run(smollm)
     with pytest.raises(HeadlensError, match="not found"):
         get_detector("copy_suppression", corpus="missing.txt", n_tokens=8).run(smollm)
+
+
+@pytest.fixture(scope="module")
+def planted_llama(tmp_path_factory, planted_cs):
+    from headlens import load_model
+
+    from planted import llama_copy_suppression_model
+
+    model = load_model(str(llama_copy_suppression_model(tmp_path_factory.mktemp("llama_cs"))))
+    det = get_detector("copy_suppression", corpus=planted_cs[1], seq_len=24, n_seqs=4, cspa_seqs=2,
+                       causal_seqs=2, top_k=1, n_random=4, cspa_heads=2)
+    return det.run(model, seed=0)
+
+
+def test_planted_llama_cs_head_first(planted_llama):
+    """RMSNorm, rotary, GQA, and keys that exist only after MLP0: the planted head is first and labelled,
+    the copying head (same QK) is never labelled, and ablating the planted head raises repeat log-probs."""
+    from planted import LLAMA_COPY_SUPPRESSION_HEAD, LLAMA_COPYING_HEAD
+
+    res = planted_llama
+    top = res.top(1).iloc[0]
+    assert (int(top["layer"]), int(top["head"])) == LLAMA_COPY_SUPPRESSION_HEAD
+    assert res.labelled == [LLAMA_COPY_SUPPRESSION_HEAD]
+    f = res.frame.set_index(["layer", "head"])
+    cs, cp = f.loc[LLAMA_COPY_SUPPRESSION_HEAD], f.loc[LLAMA_COPYING_HEAD]
+    assert cs["copy_suppression_qk_top1pct"] == 1.0 and cs["copy_suppression_ov_bottom1pct"] == 1.0
+    assert cp["copy_suppression_qk_top1pct"] == 1.0 and cp["copy_suppression_score"] == -1.0
+    assert cs["copy_suppression_dla_seen"] < 0 < cp["copy_suppression_dla_seen"]
+    assert res.causal["top_k_ablated"] > res.causal["clean"] + 0.1
+
+
+def test_wilson_label_margin():
+    """The label needs the Wilson lower bound above 0.5: 60% of 200 tokens passes, 53% does not, so a
+    resampled token set cannot flip a head sitting at the threshold."""
+    lo = wilson_lower(torch.tensor([0.53, 0.60, 1.0]), 200)
+    assert lo[0] < 0.5 < lo[1] and lo[2] > 0.98

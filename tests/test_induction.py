@@ -54,7 +54,7 @@ def test_batched_loss_rise_equals_one_head_at_a_time(planted_induction, planted_
     clean = metric(m.bridge(tokens))
     _, cache = m.bridge.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
     for layer, head in m.heads():
-        mean = cache[f"blocks.{layer}.attn.hook_z"][:, :, head].mean((0, 1))
+        mean = cache[f"blocks.{layer}.attn.hook_z"][:, 1:, head].mean((0, 1))   # start token left out
 
         def hook(z, hook, head=head, mean=mean):
             z[:, :, head] = mean
@@ -119,3 +119,50 @@ def test_smollm2_has_labelled_induction_heads_with_evidence(smollm_induction):
     assert len(labelled) < 0.1 * len(f)
     # The single-head causal evidence agrees on average: top heads raise the loss more than the rest.
     assert top.induction_loss_rise.mean() > f.induction_loss_rise.median() + 0.1
+    # Copying as Olsson et al. define it. Its chance level (a random other token's share of the same head
+    # outputs) must sit near 1/vocabulary, and the two copying measures must agree: among the top heads,
+    # the one with the most copying OV circuit (eigenvalue ratio) copies above chance in context.
+    info = smollm_induction.meta["detectors"]["induction"]["info"]
+    assert 0.5 < info["copying_chance"] / info["copying_uniform"] < 2
+    best_ov = top.sort_values("induction_ov_eigen").iloc[-1]
+    assert best_ov.induction_copying > 2 * info["copying_chance"]
+
+
+@pytest.fixture(scope="module")
+def planted_llama(tmp_path_factory):
+    from headlens import load_model
+
+    from planted import llama_induction_model
+
+    model = load_model(str(llama_induction_model(tmp_path_factory.mktemp("llama_induction"))))
+    return model, get_detector("induction", seq_len=10, top_k=1, n_random=6).run(model, seed=0)
+
+
+def test_planted_llama_induction_head_ranked_first(planted_llama):
+    """RMSNorm, rotary, grouped-query attention and an MLP0: the planted head still comes first."""
+    from planted import LLAMA_INDUCTION_HEAD, LLAMA_PREV_TOKEN_HEAD
+
+    model, res = planted_llama
+    assert model.info.architecture == "LlamaForCausalLM" and model.info.n_kv_heads == 2
+    top = res.top(2)
+    assert tuple(top.iloc[0][["layer", "head"]]) == LLAMA_INDUCTION_HEAD
+    assert res.labelled == [LLAMA_INDUCTION_HEAD]
+    f = res.frame.set_index(["layer", "head"])
+    row = f.loc[LLAMA_INDUCTION_HEAD]
+    assert row.induction_score > 0.9 and row.induction_ov_eigen > 0.9 and row.induction_loss_rise > 0.3
+    # The head shares its key/value head with L1H3, whose query and output are zero: nothing there.
+    assert f.loc[(1, 3)].induction_score < 0.2 and f.loc[(1, 3)].induction_copying == 0
+    assert f.induction_prev_token.idxmax() == LLAMA_PREV_TOKEN_HEAD
+
+
+def test_copying_column_against_its_chance_level(planted_result, planted_llama):
+    """Olsson et al.'s copying share: 1 for a pure copying head, at its recorded chance level for heads
+    that copy nothing (planted zero heads: nothing is raised at all)."""
+    for frame, info in ((planted_result[0], None), (planted_llama[1].frame, planted_llama[1].info)):
+        f = frame.set_index(["layer", "head"])
+        assert f.loc[(1, 2)].induction_copying > 0.9
+        off = f.drop([(1, 2)])
+        assert off.induction_copying.max() < 0.2          # zero heads: 0; rounding noise stays near 1/vocab
+        if info is not None:
+            assert 0 <= info["copying_chance"] < 0.5 * f.loc[(1, 2)].induction_copying
+            assert info["copying_uniform"] == pytest.approx(1 / 32)

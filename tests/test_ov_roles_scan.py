@@ -1,11 +1,14 @@
 """Real run on SmolLM2-135M through ``headlens scan --detectors successor,copy_suppression``.
 
-Small settings keep it to a couple of minutes; the full-size figures are in docs/detectors/*.md.
-SmolLM2-135M has no head that passes either label rule, so these tests assert the honest outcome (no
-label, best candidates with their evidence) and the causal figures of those best candidates.
+Small settings keep it short; the full-size figures are in docs/detectors/*.md. Nothing here is fitted
+to one run's output: the assertions are the label rules themselves (labelled heads are exactly those
+that pass them), chance levels from the nulls, and top-k vs random-k with the margin stated in the docs
+(the top-k ablation must be worse than the random mean by more than two standard deviations of the
+random draws).
 """
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -29,53 +32,71 @@ def scanned(tmp_path_factory):
     return pd.read_csv(out), meta, result.output
 
 
-def test_scan_writes_both_roles(scanned):
-    frame, meta, output = scanned
+def test_scan_writes_both_roles_and_the_start_token(scanned):
+    frame, meta, _ = scanned
     assert len(frame) == 270
     for role in ("successor", "copy_suppression"):
         assert meta["detectors"][role]["status"] == "ok"
         assert frame[f"{role}_score"].notna().all()
         assert role in meta["timings_s"]
-    assert "no head labelled" in output
+    # SmolLM2-Instruct's BOS is the chat marker <|im_start|>; plain-text prompts start with <|endoftext|>.
+    assert meta["model"]["start_token_id"] == 0 and "<|endoftext|>" in meta["model"]["start_token"]
 
 
-def test_successor_honest_outcome_on_smollm(scanned):
+def test_successor_label_rule_and_null(scanned):
     frame, meta, _ = scanned
     d = meta["detectors"]["successor"]
-    # No head maps most ordinal pairs to their successor: no label, and the reason says so.
-    assert frame["successor_score"].max() < d["params"]["threshold"]
-    assert d["labelled"] == [] and "best candidates" in d["reason"]
-    # The best candidate is also the head that, in context, pushes the successor the most.
-    best = frame.sort_values("successor_score", ascending=False).iloc[0]
-    assert best["successor_dla"] == frame["successor_dla"].max() > 0.2
-    assert best["successor_score"] > 2 * frame["successor_score"].median()
+    p = d["params"]
+    rule = ((frame.successor_score >= p["threshold"]) & (frame.successor_p <= p["alpha"])
+            & (frame.successor_dla > 0))
+    assert set(d["labelled"]) == set(frame.head_id[rule])
+    if not d["labelled"]:
+        assert "best candidates" in d["reason"]
+    # Empirical p-values live on the grid (1 + m) / (1 + n_null); z and p agree in direction.
+    assert ((frame.successor_p > 0) & (frame.successor_p <= 1)).all()
+    assert np.allclose(frame.successor_p * (1 + p["n_null"]) % 1, 0, atol=1e-6)
+    assert frame.sort_values("successor_z").successor_p.iloc[-1] <= frame.successor_p.median()
+    # Succession is a sparse role: most heads sit at their shuffled-successor chance level.
+    assert frame.successor_p.median() > 0.05
 
 
 def test_successor_causal_margin_on_smollm(scanned):
     c = scanned[1]["detectors"]["successor"]["causal"]
-    # Ablating the top-5 candidates costs far more next-item accuracy than 5 random heads.
-    assert c["top_k_ablated"] < c["clean"] - 0.05
-    assert c["top_k_ablated"] < c["random_k_ablated_mean"] - 3 * max(c["random_k_ablated_std"], 0.01)
-    assert c["top_k_ablated_logprob"] < c["random_k_ablated_logprob_mean"]
+    assert c["top_k_ablated"] < c["random_k_ablated_mean"] - 2 * c["random_k_ablated_std"]
 
 
-def test_copy_suppression_honest_outcome_on_smollm(scanned):
+def test_copy_suppression_label_rule_and_rank_columns(scanned):
+    from headlens.detectors.copy_suppression import wilson_lower
+    import torch
+
     frame, meta, _ = scanned
     d = meta["detectors"]["copy_suppression"]
-    assert d["labelled"] == [] and "best candidates" in d["reason"]
-    # The QK side is what is missing: no head attends from a predicted token to that token's key.
-    assert frame["copy_suppression_qk"].max() < d["params"]["qk_threshold"]
-    # Signed score: suppressing minus copying; no head does both.
-    assert (frame["copy_suppression_score"]
-            == frame["copy_suppression_ov_suppress"] - frame["copy_suppression_ov_copy"]).all()
-    assert not ((frame["copy_suppression_ov_suppress"] >= 0.5) & (frame["copy_suppression_ov_copy"] >= 0.5)).any()
-    assert d["info"]["n_tokens_sampled"] == 64 and d["info"]["n_repeat_positions"] > 100
-    assert frame["copy_suppression_cspa"].notna().sum() == d["params"]["cspa_heads"]
+    p, info = d["params"], d["info"]
+    n = info["n_tokens_sampled"]
+    lo = lambda col: wilson_lower(torch.tensor(frame[col].values), n, p["z"]).numpy()
+    rule = ((lo("copy_suppression_ov_bottom1pct") > p["majority"])
+            & (lo("copy_suppression_qk_top1pct") > p["majority"]) & (frame.copy_suppression_dla_seen < 0))
+    assert set(d["labelled"]) == set(frame.head_id[rule])
+    if not d["labelled"]:
+        assert "best candidates" in d["reason"]
+    # Ranks are 1-based over the whole vocabulary; fractions are shares of the sampled tokens.
+    vocab = info["vocab_size"]
+    for col in ("ov_median_rank", "qk_median_rank"):
+        assert frame[f"copy_suppression_{col}"].between(1, vocab).all()
+    for col in ("ov_bottom1pct", "qk_top1pct"):
+        assert (frame[f"copy_suppression_{col}"] * n % 1).abs().max() < 1e-6
+    # A random head's own token is nowhere special: the median head's median ranks are far from the
+    # extreme 1% band, and its band fractions are near the 1% chance level.
+    assert frame.copy_suppression_ov_median_rank.median() > info["rank_band_tokens"]
+    assert frame.copy_suppression_qk_median_rank.median() > info["rank_band_tokens"]
+    assert frame.copy_suppression_ov_bottom1pct.median() < 0.1
+    # The paper's top-10 OV fraction can never exceed the 1%-band fraction (10 < 1% of the vocabulary).
+    assert (frame.copy_suppression_ov_suppress <= frame.copy_suppression_ov_bottom1pct + 1e-9).all()
 
 
-def test_copy_suppression_causal_direction_on_smollm(scanned):
-    c = scanned[1]["detectors"]["copy_suppression"]["causal"]
-    # The best OV-suppression candidates act like copy suppression: ablating them RAISES the log-prob
-    # of repeated predictions, while random heads lower it.
-    assert c["top_k_ablated"] > c["clean"]
-    assert c["top_k_ablated"] > max(c["random_k_ablated"])
+def test_copy_suppression_causal_check_has_its_specificity_control(scanned):
+    d = scanned[1]["detectors"]["copy_suppression"]
+    control = d["info"]["causal_specificity"]
+    assert control["n_positions"] > 0 and control["n_repeat_positions"] > 0
+    assert np.isfinite([control["clean"], control["top_k_ablated"], control["specificity"]]).all()
+    assert len(d["causal"]["random_k_ablated"]) == 6

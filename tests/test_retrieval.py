@@ -260,7 +260,9 @@ def test_smollm_retrieval_heads_via_cli(tmp_path):
     assert meta["status"] == "ok" and meta["info"]["n_retrieved"] >= 3
     scores = frame.retrieval_score
     assert scores.max() >= 0.1 and meta["labelled"]
-    assert (scores >= 0.1).mean() < 0.25            # a minority of heads copies the needle
+    # Wu et al.: retrieval heads are sparse, under 5% of heads above 0.1 (llama-2-7b-80k: 33 of 1024).
+    # A head earns 1/|needle| per copied token, so 0.1 needs real copying at any context length.
+    assert (scores >= 0.1).mean() < 0.05
     assert set(meta["labelled"]) == set(frame.head_id[frame.retrieval_label])
     c = meta["causal"]
     assert c["clean"] > 0.8

@@ -7,14 +7,16 @@ import torch
 
 from headlens import load_model
 from headlens.detectors import get_detector
-from headlens.detectors.safety import is_refusal, read_lines
+from headlens.detectors.safety import is_refusal, read_lines, wilson
 from headlens.methods import ablated, clean_run, kl_metric, sweep_heads
 from headlens.methods.generation import encode_prompt, left_pad
 from test_cli import headlens
 from planted import SAFETY_HEAD, safety_model
 
-HARMFUL = ["t7 t8 harm t9", "harm t3 t4", "t2 t10 t11 harm t12 t13", "t4 harm t4 t9"]
-HARMLESS = ["t7 t8 t14 t9", "t15 t3 t4", "t2 t10 t11 t1 t12 t13", "t4 t3 t4 t9"]
+HARMFUL = ["t7 t8 harm t9", "harm t3 t4", "t2 t10 t11 harm t12 t13", "t4 harm t4 t9",
+           "t9 harm t2", "t3 t3 harm t8 t1", "t12 t13 t14 harm t12", "t11 t10 t9 harm t7"]
+HARMLESS = ["t7 t8 t14 t9", "t15 t3 t4", "t2 t10 t11 t1 t12 t13", "t4 t3 t4 t9",
+            "t9 t14 t2", "t3 t3 t15 t8 t1", "t12 t13 t14 t1 t12", "t11 t10 t9 t2 t7"]
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +40,20 @@ def test_refusal_phrases():
     assert is_refusal("I'm sorry, but I can't help with that.", phrases)
     assert is_refusal("As an AI, I CANNOT do this", phrases)
     assert not is_refusal("Sure! Here is a recipe for lemon cake.", phrases)
+    # Read at the start of the reply only: a later "I cannot" inside a compliant answer is not a refusal.
+    assert not is_refusal("Sure, here is a plan. I cannot promise it works, but step one is", phrases)
+    assert is_refusal("  I'm sorry, but I can't help with that. Instead", phrases)
 
+
+def test_wilson_interval():
+    lo, hi = wilson(7, 24)
+    assert lo < 7 / 24 < hi and 0.13 < lo < 0.16 and 0.47 < hi < 0.51     # textbook values 0.149-0.488
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
 
 def test_request_sets_are_balanced():
     harmful, harmless = read_lines("harmful.txt"), read_lines("harmless.txt")
-    assert len(harmful) == len(harmless) >= 20 and not set(harmful) & set(harmless)
+    assert len(harmful) == len(harmless) >= 100 and not set(harmful) & set(harmless)
+    assert len(set(harmful)) == len(harmful)
     mean = lambda xs: sum(len(x.split()) for x in xs) / len(xs)
     assert abs(mean(harmful) - mean(harmless)) < 1.0
 
@@ -50,10 +61,12 @@ def test_request_sets_are_balanced():
 def test_planted_safety_head_found_and_causal(planted):
     model, folder = planted
     res = planted_detector(folder).run(model, seed=0)
-    assert res.status == "ok" and res.info["refusal_rate"] == 1.0
+    assert res.status == "ok" and res.info["refusal_rate"] == 1.0 and res.info["n_refused"] == 8
+    assert res.info["refusal_rate_lo"] == pytest.approx(wilson(8, 8)[0]) and res.info["refusal_rate_hi"] == 1.0
     assert res.info["harmless_refusal_rate"] == 0.0
     assert res.labelled == [SAFETY_HEAD] and res.info["group"] == ["L1H1"]
     assert res.info["asr_top_head"] == 1.0 and res.info["asr_group"] == 1.0   # refusal broken
+    assert res.info["asr_group_lo"] > res.params["min_asr_rise"]
     top = res.top(2)
     assert (top["layer"].iloc[0], top["head"].iloc[0]) == SAFETY_HEAD
     assert top.safety_score.iloc[0] > 0.01 and top.safety_score.iloc[1] == 0
@@ -66,8 +79,22 @@ def test_model_that_never_refuses_is_not_applicable(planted):
     model, folder = planted
     res = planted_detector(folder, harmful="harmless.txt").run(model)
     assert res.status == "not_applicable" and res.labelled == []
-    assert res.info["refusal_rate"] == 0.0 and "refuses only 0%" in res.reason
+    assert res.info["refusal_rate"] == 0.0 and "refuses only 0 of 8" in res.reason
     assert res.frame.safety_score.isna().all()
+
+
+def test_few_refusals_still_scored_on_the_refused_prompts(planted, tmp_path):
+    """A model that refuses 5 of 10 requests (under the old 50%-rate rule borderline; 5 of 24 would
+    have been dropped) has refusal behaviour: Ships is scored on the refused requests only."""
+    model, folder = planted
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("\n".join(HARMFUL[:5] + HARMLESS[:5]))
+    res = planted_detector(folder, harmful=str(mixed), min_refused=5).run(model, seed=0)
+    assert res.status == "ok" and res.info["n_refused"] == 5 and res.info["refusal_rate"] == 0.5
+    assert res.info["refused_prompts"] == HARMFUL[:5] and res.info["n_ships_prompts"] == 5
+    assert res.top(1)[["layer", "head"]].values.tolist() == [list(SAFETY_HEAD)]
+    four = planted_detector(folder, harmful=str(mixed), min_refused=6).run(model)
+    assert four.status == "not_applicable" and "fewer than min_refused=6" in four.reason
 
 
 def one_at_a_time_kl(model, prompts, heads):
@@ -117,7 +144,7 @@ def test_smollm_does_not_refuse_so_safety_is_not_applicable(tmp_path):
     frame = pd.read_csv(out)
     meta = json.loads(out.with_suffix(".json").read_text())["detectors"]["safety"]
     assert meta["status"] == "not_applicable" and meta["labelled"] == []
-    assert meta["info"]["refusal_rate"] < 0.5 and meta["info"]["n_harmful"] == 8
+    assert meta["info"]["n_refused"] < 5 and meta["info"]["n_harmful"] == 8
     shown = headlens("show", str(out), "--role", "safety")  # one line with the reason, no table of NaNs
     assert shown.returncode == 0 and "safety: not applicable: the model refuses only" in shown.stdout
     assert "nan" not in shown.stdout

@@ -106,3 +106,69 @@ def test_bad_parameter_and_missing_task_file(smollm):
         get_detector("successor", thresold=0.3)
     with pytest.raises(HeadlensError, match="not found"):
         get_detector("successor", tasks_file="nope.json").run(smollm)
+
+
+@pytest.fixture(scope="module")
+def planted_llama(tmp_path_factory):
+    from headlens import load_model
+
+    from planted import llama_successor_model
+
+    model = load_model(str(llama_successor_model(tmp_path_factory.mktemp("llama_successor"))))
+    return model, get_detector("successor", top_k=1, n_random=3).run(model, seed=0)
+
+
+def test_planted_llama_successor_head_first_and_significant(planted_llama):
+    """RMSNorm, rotary, GQA, and an MLP0 the tokens must pass through: the planted head comes first,
+    alone labelled, with the smallest possible p-value against the shuffled-successor null."""
+    from headlens.detectors.successor import source_embedding
+    from headlens.methods.circuits import ov_out
+    from planted import LLAMA_SUCCESSOR_COPY_HEAD, LLAMA_SUCCESSOR_HEAD
+
+    model, res = planted_llama
+    f = res.frame.set_index(["layer", "head"])
+    assert res.top(1).index[0] == f.index.get_loc(LLAMA_SUCCESSOR_HEAD)
+    assert res.labelled == [LLAMA_SUCCESSOR_HEAD]
+    row = f.loc[LLAMA_SUCCESSOR_HEAD]
+    assert row.successor_score == 1.0 and row.successor_p == pytest.approx(1 / (1 + res.params["n_null"]))
+    assert row.successor_z > 5
+    assert f.loc[LLAMA_SUCCESSOR_COPY_HEAD].successor_dla < 0 < row.successor_dla
+    # The tokens reach layer 1 only through MLP0: the bare embedding gives the head nothing to map,
+    # while MLP0(W_E) alone (the reference's choice) gives the same answer as W_E + MLP0(W_E).
+    ids = torch.tensor([5, 6, 7])
+    bare = ov_out(model, normalise(model, model.bridge.W_E.float()[ids]))[LLAMA_SUCCESSOR_HEAD]
+    assert bare.abs().max() < 1e-4
+    mlp0 = get_detector("successor", embedding="mlp0", averaging="pooled", top_k=1, n_random=2)
+    other = mlp0.run(model, seed=0).frame.set_index(["layer", "head"])
+    assert other.loc[LLAMA_SUCCESSOR_HEAD].successor_score == 1.0
+    assert source_embedding(model, ids, "mlp0").shape == (3, model.info.d_model)
+
+
+def test_null_mean_is_the_analytic_chance_level(smollm):
+    """Under the shuffled-successor null a head wins a pair with probability 1/|group| (when its top
+    logit is unique), so the null mean of every head must match that analytic chance level."""
+    from headlens.detectors.successor import aggregate, null_scores, succession_logits
+
+    groups = task_groups(smollm.tokenizer, load_tasks())
+    logits = succession_logits(smollm, groups)
+    null = null_scores(groups, logits, 400, "task", seed=0)
+    per_task: dict[str, list[torch.Tensor]] = {}
+    for g, (lg, _) in zip(groups, logits):
+        top2 = lg.topk(2, dim=-1).values
+        per_task.setdefault(g.task, []).append((top2[..., 0] > top2[..., 1]).float() / lg.shape[-1])
+    analytic = aggregate({t: torch.cat(v, -1) for t, v in per_task.items()}, "task")
+    # 400 draws: the standard error of a head's null mean is at most ~0.5 / sqrt(400) / ... < 0.01
+    assert (null.mean(0) - analytic).abs().max() < 0.02
+    assert 0.05 < float(analytic.median()) < 0.2       # SmolLM2's task chance averages ~0.11
+
+
+def test_pooled_and_per_task_averaging(smollm):
+    from headlens.detectors.successor import aggregate
+
+    hits = succession_hits(smollm, task_groups(smollm.tokenizer, load_tasks()))
+    pooled, task = aggregate(hits, "pooled"), aggregate(hits, "task")
+    n = sum(h.shape[-1] for h in hits.values())
+    assert torch.allclose(pooled, sum(h.float().sum(-1) for h in hits.values()) / n)
+    assert torch.allclose(task, torch.stack([h.float().mean(-1) for h in hits.values()]).mean(0))
+    with pytest.raises(HeadlensError, match="averaging"):
+        aggregate(hits, "median")

@@ -14,6 +14,11 @@ vocabulary, ``n_tokens`` of them, listed in the metadata):
 - ``copy_suppression_qk``: in ``W_U^T . W_QK . W_EE`` over the sampled tokens (query = the unembedding of
   the predicted token, key = the effective embedding), the fraction of rows whose diagonal is the row's
   strict maximum (paper, L10H7: 95.7%, over its token set). Positional rotation is ignored.
+- Rank columns, on the same rows (the sampled tokens) and the same competitors (the whole vocabulary) for
+  OV and QK, so they are comparable and do not hinge on a top-10 cut: ``ov_median_rank`` (median 1-based
+  rank of the own logit from the bottom), ``ov_bottom1pct`` (fraction of tokens whose own logit is in the
+  lowest ``rank_band`` = 1% of the vocabulary), ``qk_median_rank`` (median rank of the own key from the
+  top among every token's key for that query), ``qk_top1pct`` (fraction in the top 1%).
 - Behaviour on ``data/prose.txt`` (public-domain prose), at positions where the model's top prediction
   already appears earlier in the context: ``attn_seen`` (the head's attention to those earlier copies),
   ``dla_seen`` (its direct logit attribution to that predicted token; negative = suppression),
@@ -24,10 +29,14 @@ vocabulary, ``n_tokens`` of them, listed in the metadata):
   output from it along that token's unembedding. Simplification: the clean attention pattern is kept
   (the paper also restricts the QK side to predicted tokens), so ``cspa`` is an OV-only CSPA.
 
-Label rule: ``ov_suppress >= ov_threshold`` (0.5) and ``qk >= qk_threshold`` (0.5) and ``dla_seen < 0``;
-a copying head (``ov_copy`` high) cannot be labelled. Causal check: the top-k heads by score mean-ablated
-together vs k random heads, on the mean log-prob of the model's own top prediction at positions where
-it repeats an earlier token: ablating real copy-suppression heads RAISES it (overconfidence).
+Label rule (the paper's definition, "for most tokens the own token is among the extreme entries", made
+robust to sampling): the 95% Wilson lower bound of ``ov_bottom1pct`` AND of ``qk_top1pct`` above 0.5
+(most tokens, with a margin for the sample of ``n_tokens``), and ``dla_seen < 0``. A copying head cannot
+pass (its own logit is high). Causal check: the top-k heads by score mean-ablated together vs k random
+heads, on the mean log-prob of the model's own top prediction at positions where it repeats an earlier
+token: ablating real copy-suppression heads RAISES it (overconfidence). Specificity control (in
+``info["causal_specificity"]``): the same ablations scored at positions whose prediction is not in the
+context, where copy suppression has nothing to suppress.
 """
 from __future__ import annotations
 
@@ -45,11 +54,9 @@ from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
 from .induction import random_token_ids
 
 
-def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128,
-             per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[L, H]`` fractions of ``tokens`` whose own logit in ``W_U^T W_OV norm(W_EE)`` is among the ``k``
-    lowest (suppress) / ``k`` highest (copy) over the whole vocabulary; ties count against the token.
-    With ``per_token``, the per-token indicators ``[n_tokens, L, H]`` instead of their means.
+def ov_own_ranks(model, tokens: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, H, n]`` ranks of each token's own logit in ``W_U^T W_OV norm(W_EE)`` over the whole vocabulary:
+    (from the bottom, from the top), 0 = the extreme; ties count against the token.
 
     With more tokens than ``d_head``, ``W_O W_U`` (``[H, d_head, vocab]``) is formed once per layer, so
     each token costs a d_head-sized product per head instead of a d_model-sized one.
@@ -72,9 +79,38 @@ def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128,
             mine = logits.gather(-1, own[i:i + chunk].expand(model.n_heads, -1)[..., None])
             lower[l, :, i:i + chunk] = (logits <= mine).sum(-1).cpu() - 1   # others at or below its own
             higher[l, :, i:i + chunk] = (logits >= mine).sum(-1).cpu() - 1
-    if per_token:
-        return (lower < k).float().permute(2, 0, 1), (higher < k).float().permute(2, 0, 1)
+    return lower, higher
+
+
+def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[L, H]`` fractions of ``tokens`` whose own OV logit is among the ``k`` lowest (suppress) / ``k``
+    highest (copy) of the whole vocabulary (the paper's OV score)."""
+    lower, higher = ov_own_ranks(model, tokens, chunk)
     return (lower < k).float().mean(-1), (higher < k).float().mean(-1)
+
+
+def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """``[L, H, n]``: for the query ``norm(W_U[:, t])`` of each token t, the rank of t's own key
+    ``norm(W_EE[t])`` in ``W_U^T W_QK W_EE`` among the keys of the **whole** vocabulary (0 = the top;
+    ties count against the token). Same rows and same competitor set as :func:`ov_own_ranks`."""
+    b = model.bridge
+    vocab = b.cfg.d_vocab
+    query = normalise(model, b.W_U.float()[:, tokens.to(b.W_U.device)].T)
+    q = einsum(query, b.W_Q.float(), "n d, l h d e -> l h n e")                          # [L, H, n, e]
+    w_k = per_query_head(model, b.W_K.float())
+    keys_own = normalise(model, effective_embedding(model, tokens))
+    own = einsum(q, einsum(keys_own, w_k, "n d, l h d e -> l h n e"), "l h n e, l h n e -> l h n")
+    above = torch.zeros(model.n_layers, model.n_heads, len(tokens), dtype=torch.long)
+    ids = tokens.cpu()
+    for i in range(0, vocab, chunk):
+        stop = min(i + chunk, vocab)
+        keys = normalise(model, effective_embedding(model, torch.arange(i, stop)))
+        rows = ((ids >= i) & (ids < stop)).nonzero()[:, 0]          # tokens whose own key is in this chunk
+        for l in range(model.n_layers):
+            scores = einsum(q[l], einsum(keys, w_k[l], "m d, h d e -> h m e"), "h n e, h m e -> h n m")
+            scores[:, rows, ids[rows] - i] = float("-inf")                   # the own key is not a rival
+            above[l] += (scores >= own[l][..., None]).sum(-1).cpu()
+    return above
 
 
 def qk_diagonal(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -88,6 +124,13 @@ def qk_diagonal(model, tokens: torch.Tensor) -> torch.Tensor:
     diag = scores.diagonal(dim1=-2, dim2=-1)
     others = scores.masked_fill(torch.eye(len(tokens), dtype=torch.bool, device=scores.device), float("-inf"))
     return (diag > others.amax(-1)).float().mean(-1).cpu()
+
+
+def wilson_lower(frac: torch.Tensor, n: int, z: float = 1.96) -> torch.Tensor:
+    """Lower end of the Wilson score interval of a binomial proportion ``frac`` out of ``n``."""
+    centre = frac + z * z / (2 * n)
+    half = z * torch.sqrt(frac * (1 - frac) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n)
 
 
 def prose_tokens(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
@@ -138,8 +181,9 @@ class CopySuppressionDetector(Detector):
     class Params(ReviewParams):
         k: int = 10                  # own logit among the k most suppressed (paper: 10)
         n_tokens: int = 200          # sampled tokens for the OV and QK circuits
-        ov_threshold: float = 0.5    # label: ov_suppress at least this
-        qk_threshold: float = 0.5    # label: qk at least this
+        rank_band: float = 0.01      # rank columns: share of the vocabulary counted as extreme (1%)
+        majority: float = 0.5        # label: the Wilson lower bound of both band fractions exceeds this
+        z: float = 1.96              # Wilson interval's normal quantile (95%)
         corpus: str = "prose.txt"    # natural text (file in data/ or a path)
         seq_len: int = 128           # tokens per text chunk
         n_seqs: int = 8              # text chunks for the behavioural evidence
@@ -154,9 +198,15 @@ class CopySuppressionDetector(Detector):
         p = self.params
         tokens = prose_tokens(model, p.corpus, p.seq_len, p.n_seqs).to(model.device)
         sample = random_token_ids(model, 1, p.n_tokens, torch.Generator().manual_seed(seed))[0].unique()
-        suppress_tok, copy_tok = ov_ranks(model, sample, p.k, per_token=True)     # [n_tokens, L, H]
-        suppress, copy = suppress_tok.mean(0), copy_tok.mean(0)
+        lower, higher = ov_own_ranks(model, sample)                            # [L, H, n_tokens]
+        suppress_tok, copy_tok = (lower < p.k).float(), (higher < p.k).float()
+        suppress, copy = suppress_tok.mean(-1), copy_tok.mean(-1)
         qk = qk_diagonal(model, sample)
+        qk_rank = qk_own_ranks(model, sample)
+        band = p.rank_band * model.bridge.cfg.d_vocab                  # the extreme 1% of the vocabulary
+        ov_band, qk_band = (lower < band).float().mean(-1), (qk_rank < band).float().mean(-1)
+        ov_median = lower.float().median(-1).values + 1                  # 1-based ranks
+        qk_median = qk_rank.float().median(-1).values + 1
         score = suppress - copy
 
         names = {f"blocks.{l}.{x}" for l in range(model.n_layers)
@@ -186,18 +236,26 @@ class CopySuppressionDetector(Detector):
                                                             top[:p.cspa_heads])):
             cspa[l, h] = v
         del cache
-        labelled = [(l, h) for l, h in model.heads() if suppress[l, h] >= p.ov_threshold
-                    and qk[l, h] >= p.qk_threshold and dla_seen[l, h] < 0]
-        causal, effects = self._causal_check(model, tokens[:p.causal_seqs], top[:p.top_k], score, seed)
-        frame = head_frame(model, self.name, score, {**self.interval(suppress_tok - copy_tok, seed),
-            "ov_suppress": suppress, "ov_copy": copy, "qk": qk, "attn_seen": attn_seen,
-            "dla_seen": dla_seen, "neg_share": neg_share, "cspa": cspa, **effects})
+        n = len(sample)
+        ov_lo, qk_lo = wilson_lower(ov_band, n, p.z), wilson_lower(qk_band, n, p.z)
+        labelled = [(l, h) for l, h in model.heads() if ov_lo[l, h] > p.majority
+                    and qk_lo[l, h] > p.majority and dla_seen[l, h] < 0]
+        causal, control, effects = self._causal_check(model, tokens[:p.causal_seqs], top[:p.top_k], score, seed)
+        frame = head_frame(model, self.name, score, {
+            **self.interval((suppress_tok - copy_tok).permute(2, 0, 1), seed),
+            "ov_suppress": suppress, "ov_copy": copy, "qk": qk,
+            "ov_median_rank": ov_median, "ov_bottom1pct": ov_band,
+            "qk_median_rank": qk_median, "qk_top1pct": qk_band,
+            "attn_seen": attn_seen, "dla_seen": dla_seen, "neg_share": neg_share, "cspa": cspa, **effects})
         reason = "" if labelled else (
-            f"no head has ov_suppress >= {p.ov_threshold}, qk >= {p.qk_threshold} and a negative "
-            "attribution on repeated predictions; the top rows are the best candidates")
+            f"no head has most sampled tokens (95% Wilson lower bound > {p.majority}) in the extreme "
+            f"{p.rank_band:.0%} of the vocabulary for both OV (own logit lowest) and QK (own key highest), "
+            "with a negative attribution on repeated predictions; the top rows are the best candidates")
         info = {"n_tokens_sampled": int(len(sample)), "sampled_token_ids": sample.tolist(),
+                "vocab_size": int(model.bridge.cfg.d_vocab), "rank_band_tokens": int(band),
                 "n_text_tokens": int(tokens.numel()), "n_repeat_positions": int(seen.sum()),
-                "clean_repeat_share": float(seen.float().mean())}
+                "clean_repeat_share": float(seen.float().mean()), "start_token": model.info.start_token,
+                "causal_specificity": control}
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
 
@@ -218,7 +276,7 @@ class CopySuppressionDetector(Detector):
             z = cache[f"blocks.{l}.attn.hook_z"][:n_b, :, h].float()                      # [b, q, dh]
             w_o = w_o_all[l, h]
             out = z @ w_o                                                                    # [b, q, d]
-            mean = out.mean((0, 1), keepdim=True)
+            mean = out[:, 1:].mean((0, 1), keepdim=True)                                   # start token left out
             v = cache[f"blocks.{l}.attn.hook_v"][:n_b, :, model.kv_head(h)].float()         # [b, k, dh]
             coef = einsum(v @ w_o, u, "b k d, b k d -> b k").clamp(max=0)                   # suppression only
             attn = cache[f"blocks.{l}.attn.hook_pattern"][:n_b, h].float()                  # [b, q, k]
@@ -250,27 +308,44 @@ class CopySuppressionDetector(Detector):
             seen["t"] = isinstance(output, tuple)   # returns None: the output is left alone
         handle = blk.register_forward_hook(record)
         try:
-            model.bridge(torch.tensor([[model.bos_token_id]], device=model.device))
+            model.bridge(torch.tensor([[model.bos_token_id or 0]], device=model.device))
         finally:
             handle.remove()
         return seen["t"]
 
-    def _causal_check(self, model, tokens, top, score, seed):
-        """The top-k vs random-k check on the repeat log-prob, and the direct vs total effect of the
-        ``effect_heads`` top heads on it (signed so that positive = ablation raises it, as suppression)."""
+    def _causal_check(self, model, tokens, top, score, seed) -> tuple[dict, dict, dict]:
+        """Top-k vs random-k on repeated predictions; the specificity control (the same ablations scored
+        at positions whose prediction is NOT in the context: copy suppression has nothing to act on there,
+        so a specific effect changes that log-prob little); and the direct vs total effect of the
+        ``effect_heads`` top heads on the repeat log-prob (signed so that positive = ablation raises it,
+        as for suppression)."""
         p = self.params
         run = clean_run(model, tokens)
         pred, seen, _ = repeated_predictions(tokens, run.logits)
-        metric = repeat_logprob_metric(pred, seen)
+        unseen = ~seen
+        unseen[:, 0] = False                                                 # the start position
+        on, off = repeat_logprob_metric(pred, seen), repeat_logprob_metric(pred, unseen)
+
+        def both(logits):
+            return torch.stack([on(logits), off(logits)])
         check = self.causal_check(
             model, None, seed, "mean log-prob of the model's top prediction where it repeats an earlier "
             f"token ({p.ablation} ablation; copy suppression lowers it, so ablation raises it)",
-            "higher", top=top, run=run, metric=metric)
+            "higher", top=top, run=run, metric=both)
+        values, clean = check.raw, both(run.logits).float().cpu()
+        rise_on = float(values[1, 0] - clean[0])
+        rise_off = float(values[1, 1] - clean[1])
+        control = {"metric": "the same mean log-prob at positions whose top prediction is not in the context",
+                   "n_positions": int(unseen.sum()), "n_repeat_positions": int(seen.sum()),
+                   "clean": float(clean[1]), "top_k_ablated": float(values[1, 1]),
+                   "random_k_ablated_mean": float(values[2:, 1].mean()),
+                   "top_k_change_repeat": rise_on, "top_k_change_control": rise_off,
+                   "specificity": rise_on / (abs(rise_on) + abs(rise_off)) if rise_on or rise_off else float("nan")}
         heads = top_heads(score, p.effect_heads)
         # Full logits of every ablated copy are [rows, pos, vocab]: keep a chunk near 512 MB.
         rows = max(1, min(p.max_rows, 2 ** 27 // (tokens.shape[1] * model.bridge.cfg.d_vocab)))
-        total = sweep_heads(model, run.tokens, metric, p.ablation, heads=heads, max_rows=rows, run=run)
+        total = sweep_heads(model, run.tokens, on, p.ablation, heads=heads, max_rows=rows, run=run)
         total = total - check.clean
-        direct = self.direct_and_self_repair(model, run, metric, total, "higher", check.clean, heads=heads,
+        direct = self.direct_and_self_repair(model, run, on, total, "higher", check.clean, heads=heads,
                                              max_rows=rows)
-        return check.to_dict(), {"total": total, **direct}
+        return check.to_dict(), control, {"total": total, **direct}

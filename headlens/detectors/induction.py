@@ -6,11 +6,13 @@ the logit of the token it attends to (copying). Columns:
 
 - ``induction_score`` = prefix-matching score: mean attention, over every position of repeats 2..R,
   to the positions right after earlier occurrences of the current token.
-- ``induction_copying``: fraction of the head's positive direct logit raise (its output through the final
-  norm and W_U, minus the vocabulary mean, ReLU) that falls on the token it should copy (the next token),
-  on sampled positions of the last repeat; 1 = pure copying.
+- ``induction_copying``: copying as Olsson et al. define it: the head's OV output for the token it should
+  attend to (the value vector at the position after the earlier copy, through W_O, the final norm and
+  W_U; attention left out), minus the vocabulary mean, ReLU; the share of that raise on that token, on
+  sampled positions of the last repeat. 1 = pure copying; chance (the same share for a random other
+  token, over all heads) is recorded as ``copying_chance`` in the metadata, next to 1/vocabulary.
 - ``induction_ov_eigen``: weight-only copying proxy, sum(lambda) / sum(|lambda|) of the full OV circuit
-  W_E W_V W_O W_U (positive = copying).
+  W_EE W_V W_O W_U (positive = copying; W_EE = the effective embedding, block 0 without attention).
 - ``induction_prev_token``: mean attention to the previous position; ``induction_duplicate_token``: mean
   attention to earlier copies of the current token (the other two heads of the circuit).
 - ``induction_loss_rise``: causal evidence: rise in mean loss on the repeated part when that head alone is
@@ -29,6 +31,7 @@ from einops import einsum
 
 from ..methods import clean_run, loss_metric, sweep_heads
 from ..methods.ablation import logits_at
+from ..methods.circuits import effective_embedding, normalise
 from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 
@@ -66,10 +69,13 @@ def induction_masks(tokens: torch.Tensor, first_repeat_end: int):
 
 
 def ov_eigen_ratio(model) -> torch.Tensor:
-    """``[n_layers, n_heads]``: sum(lambda)/sum(|lambda|) of W_E W_V W_O W_U, via the d_head x d_head
-    matrix W_O (W_U W_E) W_V that has the same non-zero eigenvalues."""
+    """``[n_layers, n_heads]``: sum(lambda)/sum(|lambda|) of W_EE W_V W_O W_U, via the d_head x d_head
+    matrix W_O (W_U W_EE) W_V that has the same non-zero eigenvalues. ``W_EE`` is the effective embedding
+    (block 0 with its attention ablated, normalised as the heads' norm would), which equals W_E in the
+    attention-only models of Olsson et al. and is what later heads actually read when block 0 has an MLP."""
     b = model.bridge
-    ue = b.W_U.float() @ b.W_E.float()                                      # [d, d]
+    w_ee = normalise(model, effective_embedding(model, torch.arange(b.cfg.d_vocab)))
+    ue = b.W_U.float() @ w_ee.to(b.W_U.device)                              # [d, d]
     rep = model.n_heads // model.info.n_kv_heads
     w_v = b.W_V.float().repeat_interleave(rep, dim=1)                       # [L, H, d, dh]
     m = einsum(b.W_O.float(), ue, w_v, "l h e d1, d1 d2, l h d2 f -> l h e f")
@@ -98,7 +104,7 @@ class InductionDetector(Detector):
         tokens = repeated_tokens(model, p.n_seqs, p.seq_len, p.n_repeats, seed).to(model.device)
         after_copy, copy, queries = induction_masks(tokens.cpu(), 1 + p.seq_len)
         names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)}
-        names |= {f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
+        names |= {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
         with logits_at(model, torch.tensor([tokens.shape[1] - 1])):  # the logits are not read: unembed one position
             _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
         pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.n_layers)])
@@ -115,7 +121,7 @@ class InductionDetector(Detector):
         prev = torch.zeros(tokens.shape[0], n, n, dtype=torch.bool)
         prev[:, torch.arange(1, n), torch.arange(n - 1)] = True
         prev_token = mean_over_queries(prev, torch.arange(n) >= 1).mean(0)
-        copying = self._copying(model, cache, tokens, seed)
+        copying, copying_chance = self._copying(model, cache, tokens, seed)
         ov = ov_eigen_ratio(model).cpu()
         loss_rise, run, metric = self._loss_sweep(model, tokens)
         clean_loss = float(metric(run.logits))
@@ -133,28 +139,45 @@ class InductionDetector(Detector):
                                       "copying OV circuit; the top rows are the best candidates")
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(),
-                              info={"n_tokens": int(tokens.shape[1]), "clean_repeat_loss": clean_loss})
+                              info={"n_tokens": int(tokens.shape[1]), "clean_repeat_loss": clean_loss,
+                                    "copying_chance": copying_chance,
+                                    "copying_uniform": 1.0 / model.bridge.cfg.d_vocab,
+                                    "start_token": model.info.start_token})
 
-    def _copying(self, model, cache, tokens, seed) -> torch.Tensor:
-        """Fraction of each head's positive direct logit raise that lands on the next (copied) token."""
+    def _copying(self, model, cache, tokens, seed) -> tuple[torch.Tensor, float]:
+        """Olsson et al.'s copying: each head's OV output for the token it *should* attend to.
+
+        At sampled positions q of the last repeat, the key position an induction head attends to is
+        ``q - seq_len + 1`` (just after the earlier copy of token q), holding the token to copy
+        (``tokens[q + 1]``). Its value vector through W_O, the final norm's scale at q and W_U gives the
+        head's logit contribution *if* it attended there fully (attention is left out: that is the prefix
+        score's job); minus the vocabulary mean, ReLU; share of that raise on the attended token.
+        Returns (``[L, H]`` shares, chance level = mean share of a random other token over every head).
+        """
         p = self.params
         b = model.bridge
         g = torch.Generator().manual_seed(seed + 1)
         last_start = 1 + p.seq_len * (p.n_repeats - 1)
         pos = last_start + torch.randperm(p.seq_len - 1, generator=g)[:p.copy_positions]
-        target = tokens[:, pos + 1]                                          # [b, P]
-        scale = cache["ln_final.hook_scale"][:, pos]                          # [b, P, 1]
+        key = pos - p.seq_len + 1                                             # attended positions
+        target = tokens[:, key].cpu()                                         # [b, P] = tokens[:, pos + 1]
+        other = (target + torch.randint(1, b.cfg.d_vocab, target.shape, generator=g)) % b.cfg.d_vocab
+        scale = cache["ln_final.hook_scale"][:, pos].float()                  # [b, P, 1]
         w_u = b.W_U.float()
         w_o = b.W_O.float()  # the bridge re-stacks every layer's weights on each access: read once
         out = torch.zeros(model.n_layers, model.n_heads)
+        chance = torch.zeros(model.n_layers, model.n_heads)
+        kv = torch.tensor([model.kv_head(h) for h in range(model.n_heads)])
         for l in range(model.n_layers):
-            z = cache[f"blocks.{l}.attn.hook_z"][:, pos].float()             # [b, P, H, dh]
-            resid = einsum(z, w_o[l], "b p h e, h e d -> b p h d") / scale[..., None].float()
+            v = cache[f"blocks.{l}.attn.hook_v"][:, key][:, :, kv.to(tokens.device)].float()   # [b, P, H, dh]
+            resid = einsum(v, w_o[l], "b p h e, h e d -> b p h d") / scale[..., None]
             logits = resid @ w_u                                              # [b, P, H, vocab]
             raise_ = torch.relu(logits - logits.mean(-1, keepdim=True))
-            on_target = raise_.gather(-1, target[:, :, None, None].expand(-1, -1, model.n_heads, 1))[..., 0]
-            out[l] = (on_target / raise_.sum(-1).clamp_min(1e-12)).mean((0, 1)).cpu()
-        return out
+            total = raise_.sum(-1).clamp_min(1e-12)
+            for ids, dest in ((target, out), (other, chance)):
+                idx = ids.to(raise_.device)[:, :, None, None].expand(-1, -1, model.n_heads, 1)
+                dest[l] = (raise_.gather(-1, idx)[..., 0] / total).mean((0, 1)).cpu()
+        return out, float(chance.mean())
 
     def _loss_sweep(self, model, tokens):
         """Per-head rise of the repeated-part loss when that head alone is ablated (batched)."""

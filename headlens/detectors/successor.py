@@ -8,17 +8,23 @@ leading-space and capitalised variants, and per tokenizer only the variants that
 Columns:
 
 - ``successor_score``: weight-based succession score through the effective OV circuit
-  ``W_U^T . W_OV . norm(W_EE)`` (``W_EE`` = embedding through block 0 with its attention ablated, normalised
-  as the layer's own norm would): for each pair (token, successor) of a task variant, does the successor get
-  the highest logit among that variant's tokens? Per task = fraction of successful pairs; the score is the
-  mean over the tasks that have pairs (so the 200 numbers do not outweigh the 7 days).
+  ``W_U^T . W_OV . norm(x)``: for each pair (token, successor) of a task variant, does the successor get
+  the highest logit among that variant's tokens? ``x`` is ``W_E + MLP0(W_E)`` (block 0 with its attention
+  ablated; parameter ``embedding="w_e_mlp0"``) or the reference's ``MLP0(W_E)`` (``embedding="mlp0"``).
+  Per task = fraction of successful pairs; the score is the mean over the tasks that have pairs
+  (``averaging="task"``, so the 100 letter pairs do not outweigh the 14 day pairs) or the fraction over
+  all pairs (``averaging="pooled"``).
+- ``successor_null_mean``, ``successor_z``, ``successor_p``: the same head's score with the successors
+  shuffled within each task variant (``n_null`` seeded draws): its mean, the raw score's z-score against
+  it, and the empirical p-value (1 + #draws >= score) / (1 + n_null).
 - ``successor_<task>``: the per-task fraction (NaN where the tokenizer leaves a task no pair).
-- ``successor_dla``: behavioural evidence: on in-context prompts (BOS + 3 consecutive items, e.g.
+- ``successor_dla``: behavioural evidence: on in-context prompts (start token + 3 consecutive items, e.g.
   `` Monday Tuesday Wednesday``), the head's direct logit attribution to the successor minus to the
   current token at the last position, averaged over prompts.
 
-Label rule: ``successor_score >= threshold`` (0.5: most pairs of the average task map to the successor)
-and ``successor_dla > 0`` (in context the head pushes towards the successor, not the current item).
+Label rule: ``successor_score >= threshold`` (0.5: most pairs of the average task map to the successor),
+``successor_p <= alpha`` (0.01: above the shuffled null) and ``successor_dla > 0`` (in context the head
+pushes towards the successor, not the current item).
 Causal check: the top-k heads by score, mean-ablated together, vs k random heads (other than those), on
 the model's next-item accuracy on the ordinal prompts, counted like the score: is the next item the
 argmax among that task variant's tokens? (Full-vocabulary accuracy and log-prob are recorded too.)
@@ -97,34 +103,85 @@ def task_groups(tokenizer, tasks: dict[str, dict]) -> list[Group]:
     return [g for g in groups.values() if g.pairs()]
 
 
-def succession_hits(model, groups: list[Group]) -> dict[str, torch.Tensor]:
-    """Per task, ``[L, H, n_pairs]`` booleans: does the successor get the strictly highest logit among the
-    group's tokens?
+def source_embedding(model, ids: torch.Tensor, embedding: str = "w_e_mlp0") -> torch.Tensor:
+    """``[n, d_model]`` normalised residual the OV circuit reads for each token.
 
-    All heads at once: one effective-OV product for every source token, then one small unembedding
-    product per task variant.
+    ``w_e_mlp0``: ``W_E + MLP0(W_E)``, the residual after block 0 with its attention ablated (``W_EE``, as
+    copy suppression uses). ``mlp0``: ``MLP0(W_E)`` alone, the reference implementation's choice
+    (the embedding itself subtracted from that residual).
     """
+    if embedding not in ("w_e_mlp0", "mlp0"):
+        raise HeadlensError(f"successor embedding must be 'w_e_mlp0' or 'mlp0', not '{embedding}'")
+    x = effective_embedding(model, ids)
+    if embedding == "mlp0":
+        x = x - model.bridge.W_E.float()[ids.to(model.bridge.W_E.device)].to(x.device)
+    return normalise(model, x)
+
+
+def succession_logits(model, groups: list[Group], embedding: str = "w_e_mlp0"):
+    """Per group: (``[L, H, n_pairs, n_candidates]`` OV logits of each source over the group's tokens,
+    ``[n_pairs]`` index of each successor among the candidates). All heads at once: one effective-OV
+    product for every source token, then one small unembedding product per task variant."""
     b = model.bridge
     sources = torch.tensor([s for g in groups for s, _ in g.pairs()])
-    x = normalise(model, effective_embedding(model, sources))
-    out = ov_out(model, x)                                                     # [L, H, n, d]
+    out = ov_out(model, source_embedding(model, sources, embedding))           # [L, H, n, d]
     w_u = b.W_U.float()
-    hits: dict[str, list[torch.Tensor]] = {}
-    start = 0
+    result, start = [], 0
     for g in groups:
-        pairs = g.pairs()
-        cand = g.candidates
+        pairs, cand = g.pairs(), g.candidates
         logits = einsum(out[:, :, start:start + len(pairs)], w_u[:, cand], "l h n d, d c -> l h n c")
-        target = torch.tensor([cand.index(t) for _, t in pairs], device=logits.device)
-        mine = logits.gather(-1, target[None, None, :, None].expand(*logits.shape[:3], 1))
-        others = logits.scatter(-1, target[None, None, :, None].expand(*logits.shape[:3], 1), float("-inf"))
-        hits.setdefault(g.task, []).append((mine[..., 0] > others.amax(-1)).cpu())   # strict: ties fail
+        result.append((logits.cpu(), torch.tensor([cand.index(t) for _, t in pairs])))
         start += len(pairs)
+    return result
+
+
+def hits_for(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[L, H, n]``: does ``target[i]`` get the strictly highest logit of row i? (ties fail)"""
+    idx = target[None, None, :, None].expand(*logits.shape[:3], 1)
+    mine = logits.gather(-1, idx)[..., 0]
+    return mine > logits.scatter(-1, idx, float("-inf")).amax(-1)
+
+
+def succession_hits(model, groups: list[Group], embedding: str = "w_e_mlp0") -> dict[str, torch.Tensor]:
+    """Per task, ``[L, H, n_pairs]`` booleans: does the successor get the strictly highest logit among the
+    group's tokens?"""
+    hits: dict[str, list[torch.Tensor]] = {}
+    for g, (logits, target) in zip(groups, succession_logits(model, groups, embedding)):
+        hits.setdefault(g.task, []).append(hits_for(logits, target))
     return {task: torch.cat(h, dim=-1) for task, h in hits.items()}
 
 
+def aggregate(hits: dict[str, torch.Tensor], averaging: str) -> torch.Tensor:
+    """``[L, H]`` succession score: mean of per-task fractions (``task``) or over all pairs (``pooled``)."""
+    if averaging == "task":
+        return torch.stack([h.float().mean(-1) for h in hits.values()]).mean(0)
+    if averaging == "pooled":
+        return torch.cat(list(hits.values()), -1).float().mean(-1)
+    raise HeadlensError(f"successor averaging must be 'task' or 'pooled', not '{averaging}'")
+
+
+def null_scores(groups: list[Group], logits, n_draws: int, averaging: str, seed: int) -> torch.Tensor:
+    """``[n_draws, L, H]`` succession scores with the successors shuffled within each task variant.
+
+    Each draw relabels every group's tokens by a random permutation and asks whether the *relabelled*
+    successor wins: a head scores as well only if its OV map prefers that arbitrary mapping as much as
+    the real order, so this is the chance level of the same head with the same logits.
+    """
+    g = torch.Generator().manual_seed(seed + 7)
+    hits: dict[str, list[torch.Tensor]] = {}
+    for grp, (lg, target) in zip(groups, logits):
+        top2 = lg.topk(min(2, lg.shape[-1]), dim=-1)
+        winner = top2.indices[..., 0]                                          # [L, H, n]
+        unique = top2.values[..., 0] > top2.values[..., 1] if lg.shape[-1] > 1 else torch.ones_like(winner, dtype=torch.bool)
+        perms = torch.stack([torch.randperm(lg.shape[-1], generator=g) for _ in range(n_draws)])
+        shuffled = perms[:, target]                                            # [D, n]
+        hits.setdefault(grp.task, []).append((winner[None] == shuffled[:, None, None, :]) & unique[None])
+    hits = {t: torch.cat(h, -1) for t, h in hits.items()}                      # [D, L, H, n]
+    return torch.stack([aggregate({t: h[d] for t, h in hits.items()}, averaging) for d in range(n_draws)])
+
+
 def ordinal_prompts(model, groups: list[Group], n_items: int, max_prompts: int, seed: int):
-    """BOS + ``n_items`` consecutive leading-space items.
+    """Start token (``model.bos_token_id``, the document start) + ``n_items`` consecutive leading-space items.
 
     Returns (tokens ``[b, 1 + n_items]``, next item ``[b]``, current item ``[b]``, the ids of each prompt's
     task variant ``[b, vocab]`` as a mask), or None when no variant has such a run of single tokens.
@@ -170,6 +227,10 @@ class SuccessorDetector(Detector):
         max_prompts: int = 200       # in-context prompts for the attribution (seeded sample if more)
         causal_prompts: int = 64     # of those, prompts used by the causal check
         max_rows: int = 512          # sequences per batched forward pass
+        embedding: str = "w_e_mlp0"  # OV input: W_E + MLP0(W_E) (w_e_mlp0) or MLP0(W_E) alone (mlp0, the reference's)
+        averaging: str = "task"      # score = mean of per-task fractions (task) or over all pairs (pooled)
+        n_null: int = 200            # draws of the shuffled-successor null per head
+        alpha: float = 0.01          # label: empirical p-value against the null at most this
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -178,11 +239,19 @@ class SuccessorDetector(Detector):
         if not groups:
             return self.not_applicable(model, "the tokenizer makes no ordinal item and its successor "
                                        "single tokens, so no succession pair can be scored")
-        hits = succession_hits(model, groups)
+        logits = succession_logits(model, groups, p.embedding)
+        hits: dict[str, list[torch.Tensor]] = {}
+        for g, (lg, target) in zip(groups, logits):
+            hits.setdefault(g.task, []).append(hits_for(lg, target))
+        hits = {t: torch.cat(h, -1) for t, h in hits.items()}
         per_task = {t: hits[t].float().mean(-1) if t in hits
                     else torch.full((model.n_layers, model.n_heads), float("nan")) for t in tasks}
-        score = torch.stack([per_task[t] for t in hits]).mean(0)
+        score = aggregate(hits, p.averaging)
         ci = self._interval(hits, seed)
+        null = null_scores(groups, logits, p.n_null, p.averaging, seed)          # [n_null, L, H]
+        null_mean, null_std = null.mean(0), null.std(0)
+        z = (score - null_mean) / null_std.clamp_min(1e-6)
+        p_value = (1 + (null >= score[None]).sum(0)) / (1 + p.n_null)
 
         prompts = ordinal_prompts(model, groups, p.prompt_items, p.max_prompts, seed)
         nan = torch.full_like(score, float("nan"))
@@ -190,12 +259,18 @@ class SuccessorDetector(Detector):
         effects = {"total": nan, "direct": nan, "self_repair": nan}
         if prompts is not None:
             dla, causal, info, effects = self._behaviour(model, score, *prompts, seed)
-        labelled = [(l, h) for l, h in model.heads() if score[l, h] >= p.threshold and dla[l, h] > 0]
-        frame = head_frame(model, self.name, score, {**ci, **per_task, "dla": dla, **effects})
+        labelled = [(l, h) for l, h in model.heads() if score[l, h] >= p.threshold and dla[l, h] > 0
+                    and p_value[l, h] <= p.alpha]
+        frame = head_frame(model, self.name, score, {
+            **ci, "null_mean": null_mean, "z": z, "p": p_value, **per_task, "dla": dla, **effects})
         reason = "" if labelled else (
             f"no head reaches succession score {p.threshold} with a positive in-context successor "
-            "attribution; the top rows are the best candidates")
-        info.update({"pairs_per_task": {t: int(h.shape[-1]) for t, h in hits.items()},
+            f"attribution and p <= {p.alpha} against the shuffled-successor null; the top rows are the "
+            "best candidates")
+        info.update({"start_token": model.info.start_token,
+                     "null_score_median": float(null_mean.median()),
+                     "null_best_of_heads_mean": float(null.flatten(1).amax(1).mean()),
+                     "pairs_per_task": {t: int(h.shape[-1]) for t, h in hits.items()},
                      "tasks_without_pairs": [t for t in tasks if t not in hits],
                      "variants": [f"{g.task}:{'space' if g.spaced else 'nospace'}" for g in groups]})
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
@@ -238,6 +313,10 @@ class SuccessorDetector(Detector):
         the task (the score is a mean over a fixed set of tasks, each a mean over its pairs)."""
         from ..stats import bootstrap_means, percentile_interval
         p = self.params
+        if p.averaging == "pooled":   # one pool of pairs: resample the pairs
+            pooled = torch.cat(list(hits.values()), -1).permute(2, 0, 1).float()
+            lo, hi = percentile_interval(bootstrap_means(pooled, p.n_boot, seed), p.ci_level)
+            return {"score_lo": lo, "score_hi": hi}
         boots = [bootstrap_means(h.permute(2, 0, 1).float(), p.n_boot, seed + i)
                  for i, h in enumerate(hits.values())]
         lo, hi = percentile_interval(torch.stack(boots).mean(0), p.ci_level)

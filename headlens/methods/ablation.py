@@ -10,7 +10,8 @@ before it are never recomputed. Everything else here is a thin wrapper:
 - :func:`random_baseline`: several random sets of k heads (the control every causal check uses);
 - :func:`ablated`: a context manager that ablates heads in any run (generation included).
 
-Ablation kinds (``kind=``): ``zero``, ``mean`` (over a reference batch), ``resample`` (the head's output
+Ablation kinds (``kind=``): ``zero``, ``mean`` (over a reference batch or the run's own prompts, leaving out
+each prompt's first position, the start-token sink, and padding), ``resample`` (the head's output
 on another prompt of the batch), ``patch`` (the head's output from a given source run: activation
 patching), ``scale`` (multiply the head's values by ``scale``; 0 removes it), and ``uniform`` (the
 "undifferentiated attention" of Zhou et al. 2025: attention spread evenly over the causal prefix).
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from .. import distributed
 from ..checkpoint import digest
@@ -177,6 +180,27 @@ def uniform_pattern(n_query: int, n_key: int, key_mask: torch.Tensor | None, dev
     return allowed / allowed.sum(-1, keepdim=True).clamp_min(1)
 
 
+def mean_weights(tokens_shape: tuple[int, int], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[batch, pos]`` weights of the positions a mean ablation averages over: every real token except
+    each prompt's first one (the start token, an attention sink whose output is unlike any other
+    position's), never padding. A prompt of one real token keeps it (there is nothing else)."""
+    b, n = tokens_shape
+    real = torch.ones(b, n) if attention_mask is None else attention_mask.detach().float().cpu()
+    first = (real.cumsum(1) == 1) & (real > 0)
+    w = real.masked_fill(first, 0.0)
+    single = w.sum(1) == 0
+    w[single] = real[single]
+    return w
+
+
+def position_mean(z: Float[Tensor, "batch pos head d_head"],
+                  attention_mask: torch.Tensor | None = None) -> Float[Tensor, "1 1 head d_head"]:
+    """The mean of ``z`` over prompts and positions weighted by :func:`mean_weights` (no start token,
+    no padding)."""
+    w = mean_weights(z.shape[:2], attention_mask).to(z.device, z.dtype)[:, :, None, None]
+    return ((z * w).sum((0, 1)) / w.sum((0, 1)).clamp_min(1e-12))[None, None]
+
+
 def _replacement(ablation: Ablation, run: CleanRun, layer: int,
                  ref_means: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
     """The z that an ablated head gets at ``layer``, broadcastable to ``[batch, pos, head, d_head]``."""
@@ -186,10 +210,7 @@ def _replacement(ablation: Ablation, run: CleanRun, layer: int,
     if ablation.kind == "mean":
         if ref_means is not None:
             return ref_means[layer]
-        if run.attention_mask is not None:
-            w = run.attention_mask.to(z.dtype)[:, :, None, None]
-            return ((z * w).sum((0, 1)) / w.sum((0, 1)))[None, None]
-        return z.mean((0, 1), keepdim=True)
+        return position_mean(z, run.attention_mask)
     if ablation.kind == "resample":
         g = torch.Generator().manual_seed(ablation.seed + layer)
         n = z.shape[0]
@@ -208,7 +229,7 @@ def reference_means(model, ablation: Ablation) -> dict[int, torch.Tensor] | None
     if ablation.kind != "mean" or ablation.reference is None:
         return None
     ref = clean_run(model, ablation.reference)
-    return {l: z.mean((0, 1), keepdim=True) for l, z in ref.z.items()}
+    return {l: position_mean(z) for l, z in ref.z.items()}
 
 
 def _hooks_for(ablation: Ablation, run: CleanRun, masks: dict[int, torch.Tensor],
@@ -457,11 +478,12 @@ def random_baseline(model, tokens: torch.Tensor, k: int, metric: Metric, n_draws
 
 @contextlib.contextmanager
 def ablated(model, heads: Sequence[Head], ablation: str | Ablation = "zero",
-            mean_over: torch.Tensor | None = None):
+            mean_over: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
     """Ablate ``heads`` in every forward pass inside the block (generation included).
 
     Kinds that need no data of the run itself work here: ``zero``, ``scale``, ``uniform``, and ``mean``
-    given ``mean_over`` (tokens whose mean head output is used).
+    given ``mean_over`` (tokens whose mean head output is used, start token excluded). For left-padded
+    batches pass their ``attention_mask``: ``uniform`` then gives padding no weight.
     """
     ablation = as_ablation(ablation)
     if ablation.kind in ("resample", "patch"):
@@ -471,7 +493,7 @@ def ablated(model, heads: Sequence[Head], ablation: str | Ablation = "zero",
     if ablation.kind == "mean":
         if mean_over is None:
             raise HeadlensError("mean ablation inside ablated() needs mean_over=tokens")
-        means = clean_run(model, mean_over).z
+        means = {l: position_mean(z)[0, 0] for l, z in clean_run(model, mean_over).z.items()}
     by_layer: dict[int, list[int]] = {}
     for l, h in heads:
         by_layer.setdefault(l, []).append(h)
@@ -480,9 +502,13 @@ def ablated(model, heads: Sequence[Head], ablation: str | Ablation = "zero",
         idx = torch.tensor(hs)
         if ablation.kind == "uniform":
             def hook(p, hook, idx=idx):
-                uni = uniform_pattern(p.shape[-2], p.shape[-1], None, p.device, p.dtype)
+                key_mask = None
+                if attention_mask is not None and attention_mask.shape[0] == p.shape[0] \
+                        and attention_mask.shape[1] >= p.shape[-1]:
+                    key_mask = attention_mask[:, -p.shape[-1]:].to(p.device)
+                uni = uniform_pattern(p.shape[-2], p.shape[-1], key_mask, p.device, p.dtype)
                 p = p.clone()
-                p[:, idx.to(p.device)] = uni[:, 0:1].expand(p.shape[0], len(idx), -1, -1)
+                p[:, idx.to(p.device)] = uni[:, 0:1].expand(p.shape[0], len(idx), -1, -1).to(p.dtype)
                 return p
             hooks.append((pattern_name(layer), hook))
         else:
@@ -494,7 +520,7 @@ def ablated(model, heads: Sequence[Head], ablation: str | Ablation = "zero",
                 elif ablation.kind == "scale":
                     z[:, :, i] = z[:, :, i] * ablation.scale
                 else:
-                    z[:, :, i] = means[layer].mean((0, 1))[i].to(z.dtype)
+                    z[:, :, i] = means[layer][i].to(z.dtype)
                 return z
             hooks.append((z_name(layer), hook))
     with model.bridge.hooks(fwd_hooks=hooks):
