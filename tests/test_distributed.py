@@ -127,8 +127,10 @@ def test_two_ranks_give_the_same_catalogue_bytes(tiny, tmp_path):
 
 def test_two_ranks_padded_safety_prompts_same_bytes(tmp_path):
     folder = safety_model(tmp_path / "safety")
-    (tmp_path / "harmful.txt").write_text("t7 t8 harm t9\nharm t3 t4\nt2 t10 t11 harm t12 t13\nt4 harm t4 t9\n")
-    (tmp_path / "harmless.txt").write_text("t7 t8 t14 t9\nt15 t3 t4\nt2 t10 t11 t1 t12 t13\nt4 t3 t4 t9\n")
+    from test_safety import HARMFUL, HARMLESS   # 8 padded pairs: enough refusals (min_refused=5)
+
+    (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
+    (tmp_path / "harmless.txt").write_text("\n".join(HARMLESS) + "\n")
     (tmp_path / "phrases.txt").write_text("sorry\n")
     args = ["-d", "safety", "--batch-size", "8", "-p", f"safety.harmful={tmp_path / 'harmful.txt'}",
             "-p", f"safety.harmless={tmp_path / 'harmless.txt'}", "-p", "safety.max_new_tokens=3",

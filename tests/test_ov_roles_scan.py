@@ -54,7 +54,8 @@ def test_successor_label_rule_and_null(scanned):
         assert "best candidates" in d["reason"]
     # Empirical p-values live on the grid (1 + m) / (1 + n_null); z and p agree in direction.
     assert ((frame.successor_p > 0) & (frame.successor_p <= 1)).all()
-    assert np.allclose(frame.successor_p * (1 + p["n_null"]) % 1, 0, atol=1e-6)
+    k = frame.successor_p * (1 + p["n_null"])          # p = k / (1 + n_null), k an integer (CSV: 6 digits)
+    assert np.allclose(k, k.round(), atol=1e-3)
     assert frame.sort_values("successor_z").successor_p.iloc[-1] <= frame.successor_p.median()
     # Succession is a sparse role: most heads sit at their shuffled-successor chance level.
     assert frame.successor_p.median() > 0.05

@@ -43,9 +43,10 @@ def tiny_llama(tmp_path_factory):
     return load_model(str(folder))
 
 
-def test_fast_path_is_used_where_it_is_exact(tiny_llama, planted):
+def test_fast_path_is_used_where_it_is_exact(tiny_llama):
     assert uses_native(tiny_llama)            # Llama: the transformers modules hold the bridge's weights
-    assert not uses_native(planted[0])        # GPT-2: the bridge keeps split QKV weights -> eager bridge path
+    # GPT-2 takes the fast path only if its parity check (next-token log-probs vs the bridge) passes;
+    # either way the tests below compare its generations with the eager bridge path.
 
 
 def planted_detector(folder, **kw):
