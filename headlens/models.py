@@ -348,6 +348,7 @@ def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str 
         p.requires_grad_(False)
     if device == "auto":
         device = str(bridge.cfg.device)  # where the embedding (the input) lives
+        _unembed_on_home_device(bridge)
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     info = ModelInfo(
@@ -358,6 +359,18 @@ def wrap_hf_model(hf_model, tokenizer, name: str, source: str = "", device: str 
         start_token_id=start_id, start_token=start_text,
     )
     return HeadModel(bridge=bridge, tokenizer=tokenizer, info=info)
+
+
+def _unembed_on_home_device(bridge) -> None:
+    """With layers spread over GPUs, TransformerLens stacks per-layer weights (``W_O``, ``W_V``, ...)
+    onto ``cfg.device`` (the embedding's), but ``W_U`` / ``b_U`` stay on the last GPU: give this bridge
+    a subclass whose ``W_U`` and ``b_U`` come to ``cfg.device`` too, so weight circuits
+    (``W_U^T W_OV W_E``) meet on one device. Forward passes are untouched."""
+    cls = type(bridge)
+    home = lambda self, t: t.to(self.cfg.device) if t is not None else t  # noqa: E731
+    bridge.__class__ = type(cls.__name__, (cls,), {
+        "W_U": property(lambda self: home(self, cls.W_U.fget(self))),
+        "b_U": property(lambda self: home(self, cls.b_U.fget(self)))})
 
 
 # ---- weight processing in place ---------------------------------------------------------------------

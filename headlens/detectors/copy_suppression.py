@@ -54,28 +54,32 @@ from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
 from .induction import random_token_ids
 
 
-def ov_own_ranks(model, tokens: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[L, H, n]`` ranks of each token's own logit in ``W_U^T W_OV norm(W_EE)`` over the whole vocabulary:
     (from the bottom, from the top), 0 = the extreme; ties count against the token.
 
     With more tokens than ``d_head``, ``W_O W_U`` (``[H, d_head, vocab]``) is formed once per layer, so
-    each token costs a d_head-sized product per head instead of a d_model-sized one.
+    each token costs a d_head-sized product per head instead of a d_model-sized one. Weights stay in the
+    model's dtype and one layer at a time is upcast; ``chunk`` tokens at a time (default: about 128 MB
+    of float32 logits), so the extra memory is a few per-layer matrices, not copies of the model.
     """
     b = model.bridge
     x = normalise(model, effective_embedding(model, tokens))
-    w_v = per_query_head(model, b.W_V.float())
-    w_o = b.W_O.float()                 # the bridge re-stacks W_O on every access: read it once
+    w_v = per_query_head(model, b.W_V)
+    w_o = b.W_O                         # the bridge re-stacks W_O on every access: read it once
     w_u = b.W_U.float()
+    chunk = chunk or max(1, min(128, 2 ** 25 // (model.n_heads * b.cfg.d_vocab)))
     own = tokens.to(w_u.device)
     lower = torch.empty(model.n_layers, model.n_heads, len(tokens), dtype=torch.long)
     higher = torch.empty_like(lower)
     for l in range(model.n_layers):
         factor = len(tokens) > b.cfg.d_head
-        ou = einsum(w_o[l], w_u, "h e d, d v -> h e v") if factor else None
-        v = einsum(x, w_v[l], "n d, h d e -> h n e")
+        w_ol = w_o[l].float()
+        ou = einsum(w_ol, w_u, "h e d, d v -> h e v") if factor else None
+        v = einsum(x, w_v[l].float(), "n d, h d e -> h n e")
         for i in range(0, len(tokens), chunk):
             vi = v[:, i:i + chunk]
-            logits = vi @ ou if factor else (vi @ w_o[l]) @ w_u                         # [H, c, vocab]
+            logits = vi @ ou if factor else (vi @ w_ol) @ w_u                           # [H, c, vocab]
             mine = logits.gather(-1, own[i:i + chunk].expand(model.n_heads, -1)[..., None])
             lower[l, :, i:i + chunk] = (logits <= mine).sum(-1).cpu() - 1   # others at or below its own
             higher[l, :, i:i + chunk] = (logits >= mine).sum(-1).cpu() - 1
@@ -95,11 +99,14 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
     ties count against the token). Same rows and same competitor set as :func:`ov_own_ranks`."""
     b = model.bridge
     vocab = b.cfg.d_vocab
-    query = normalise(model, b.W_U.float()[:, tokens.to(b.W_U.device)].T)
-    q = einsum(query, b.W_Q.float(), "n d, l h d e -> l h n e")                          # [L, H, n, e]
-    w_k = per_query_head(model, b.W_K.float())
+    w_u = b.W_U
+    query = normalise(model, w_u[:, tokens.to(w_u.device)].float().T)
+    w_q = b.W_Q
+    q = torch.stack([einsum(query, w_q[l].float(), "n d, h d e -> h n e") for l in range(model.n_layers)])
+    w_k = per_query_head(model, b.W_K)                               # model dtype; upcast per layer
     keys_own = normalise(model, effective_embedding(model, tokens))
-    own = einsum(q, einsum(keys_own, w_k, "n d, l h d e -> l h n e"), "l h n e, l h n e -> l h n")
+    own = torch.stack([einsum(q[l], einsum(keys_own, w_k[l].float(), "n d, h d e -> h n e"), "h n e, h n e -> h n")
+                       for l in range(model.n_layers)])
     above = torch.zeros(model.n_layers, model.n_heads, len(tokens), dtype=torch.long)
     ids = tokens.cpu()
     for i in range(0, vocab, chunk):
@@ -107,7 +114,7 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
         keys = normalise(model, effective_embedding(model, torch.arange(i, stop)))
         rows = ((ids >= i) & (ids < stop)).nonzero()[:, 0]          # tokens whose own key is in this chunk
         for l in range(model.n_layers):
-            scores = einsum(q[l], einsum(keys, w_k[l], "m d, h d e -> h m e"), "h n e, h m e -> h n m")
+            scores = einsum(q[l], einsum(keys, w_k[l].float(), "m d, h d e -> h m e"), "h n e, h m e -> h n m")
             scores[:, rows, ids[rows] - i] = float("-inf")                   # the own key is not a rival
             above[l] += (scores >= own[l][..., None]).sum(-1).cpu()
     return above
@@ -116,10 +123,11 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
 def qk_diagonal(model, tokens: torch.Tensor) -> torch.Tensor:
     """``[L, H]``: fraction of rows of ``W_U^T W_QK W_EE`` (over ``tokens``) whose diagonal is the strict max."""
     b = model.bridge
-    query = normalise(model, b.W_U.float()[:, tokens.to(b.W_U.device)].T)
+    w_u, w_q, w_k = b.W_U, b.W_Q, per_query_head(model, b.W_K)      # model dtype; upcast per layer
+    query = normalise(model, w_u[:, tokens.to(w_u.device)].float().T)
     key = normalise(model, effective_embedding(model, tokens))
-    q = einsum(query, b.W_Q.float(), "n d, l h d e -> l h n e")
-    kk = einsum(key, per_query_head(model, b.W_K.float()), "n d, l h d e -> l h n e")
+    q = torch.stack([einsum(query, w_q[l].float(), "n d, h d e -> h n e") for l in range(model.n_layers)])
+    kk = torch.stack([einsum(key, w_k[l].float(), "n d, h d e -> h n e") for l in range(model.n_layers)])
     scores = einsum(q, kk, "l h n e, l h m e -> l h n m")
     diag = scores.diagonal(dim1=-2, dim2=-1)
     others = scores.masked_fill(torch.eye(len(tokens), dtype=torch.bool, device=scores.device), float("-inf"))
@@ -222,8 +230,8 @@ class CopySuppressionDetector(Detector):
                                  for l in range(model.n_layers)])
         rows, pos = torch.meshgrid(torch.arange(tokens.shape[0]), torch.arange(tokens.shape[1]), indexing="ij")
         rows, pos = rows.flatten(), pos.flatten()
-        w_u = model.bridge.W_U.float()
-        dla = head_dla(model, cache, rows, pos, w_u[:, pred.flatten().to(w_u.device)].T)   # [L, H, b*pos]
+        w_u = model.bridge.W_U
+        dla = head_dla(model, cache, rows, pos, w_u[:, pred.flatten().to(w_u.device)].float().T)   # [L, H, b*pos]
         is_seen = seen.flatten()
         dla_seen = dla[..., is_seen].mean(-1)
         neg = dla.clamp(max=0)
@@ -267,19 +275,19 @@ class CopySuppressionDetector(Detector):
         b = model.bridge
         n_b, n_pos = tokens.shape
         layers = sorted({l for l, _ in heads})
-        w_u = b.W_U.float()
-        u = w_u[:, tokens.flatten().to(w_u.device)].T
+        w_u = b.W_U
+        u = w_u[:, tokens.flatten().to(w_u.device)].float().T
         u = (u / u.norm(dim=-1, keepdim=True).clamp_min(1e-9)).view(n_b, n_pos, -1)      # [b, k, d]
         deltas = {l: torch.zeros(2 * len(heads) * n_b, n_pos, b.cfg.d_model) for l in layers}
-        w_o_all = b.W_O.float()
+        w_o_all = b.W_O
         for i, (l, h) in enumerate(heads):
-            z = cache[f"blocks.{l}.attn.hook_z"][:n_b, :, h].float()                      # [b, q, dh]
-            w_o = w_o_all[l, h]
+            z = cache[f"blocks.{l}.attn.hook_z"][:n_b, :, h].float().to(u.device)          # [b, q, dh]
+            w_o = w_o_all[l, h].float().to(u.device)
             out = z @ w_o                                                                    # [b, q, d]
             mean = out[:, 1:].mean((0, 1), keepdim=True)                                   # start token left out
-            v = cache[f"blocks.{l}.attn.hook_v"][:n_b, :, model.kv_head(h)].float()         # [b, k, dh]
+            v = cache[f"blocks.{l}.attn.hook_v"][:n_b, :, model.kv_head(h)].float().to(u.device)  # [b, k, dh]
             coef = einsum(v @ w_o, u, "b k d, b k d -> b k").clamp(max=0)                   # suppression only
-            attn = cache[f"blocks.{l}.attn.hook_pattern"][:n_b, h].float()                  # [b, q, k]
+            attn = cache[f"blocks.{l}.attn.hook_pattern"][:n_b, h].float().to(u.device)      # [b, q, k]
             kept = einsum(attn, coef[..., None] * u, "b q k, b k d -> b q d")
             deltas[l][2 * i * n_b:(2 * i + 1) * n_b] = (mean - out).cpu()                  # mean ablation
             deltas[l][(2 * i + 1) * n_b:(2 * i + 2) * n_b] = (mean + kept - out).cpu()     # CSPA-like

@@ -107,7 +107,7 @@ class InductionDetector(Detector):
         names |= {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
         with logits_at(model, torch.tensor([tokens.shape[1] - 1])):  # the logits are not read: unembed one position
             _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-        pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"] for l in range(model.n_layers)])
+        pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"].to(model.device) for l in range(model.n_layers)])
         pattern = pattern.float().cpu()                                     # [L, b, H, q, k]
 
         def mean_over_queries(weights, q_mask):   # per sequence: [b, L, H]
@@ -162,14 +162,14 @@ class InductionDetector(Detector):
         key = pos - p.seq_len + 1                                             # attended positions
         target = tokens[:, key].cpu()                                         # [b, P] = tokens[:, pos + 1]
         other = (target + torch.randint(1, b.cfg.d_vocab, target.shape, generator=g)) % b.cfg.d_vocab
-        scale = cache["ln_final.hook_scale"][:, pos].float()                  # [b, P, 1]
+        scale = cache["ln_final.hook_scale"][:, pos].float().to(model.device)  # [b, P, 1]
         w_u = b.W_U.float()
         w_o = b.W_O.float()  # the bridge re-stacks every layer's weights on each access: read once
         out = torch.zeros(model.n_layers, model.n_heads)
         chance = torch.zeros(model.n_layers, model.n_heads)
         kv = torch.tensor([model.kv_head(h) for h in range(model.n_heads)])
         for l in range(model.n_layers):
-            v = cache[f"blocks.{l}.attn.hook_v"][:, key][:, :, kv.to(tokens.device)].float()   # [b, P, H, dh]
+            v = cache[f"blocks.{l}.attn.hook_v"][:, key][:, :, kv].float().to(model.device)   # [b, P, H, dh]
             resid = einsum(v, w_o[l], "b p h e, h e d -> b p h d") / scale[..., None]
             logits = resid @ w_u                                              # [b, P, H, vocab]
             raise_ = torch.relu(logits - logits.mean(-1, keepdim=True))

@@ -64,11 +64,12 @@ def head_dla(model, cache, rows: torch.Tensor, positions: torch.Tensor, directio
     with the direction (e.g. ``W_U[:, a] - W_U[:, b]``). Exact with folded norms.
     """
     w_o = model.bridge.W_O.float()      # the bridge re-stacks W_O on every access: read it once
-    scale = cache["ln_final.hook_scale"][rows, positions].float().reshape(-1)           # [n]
+    home = model.device   # layers may sit on several GPUs: meet where the stacked weights are
+    scale = cache["ln_final.hook_scale"][rows, positions].float().reshape(-1).to(home)  # [n]
     d = directions.float().to(scale.device)
     out = torch.zeros(model.n_layers, model.n_heads, len(positions))
     for l in range(model.n_layers):  # one layer at a time keeps memory small; all heads at once
-        z = cache[f"blocks.{l}.attn.hook_z"][rows, positions].float()                   # [n, H, dh]
+        z = cache[f"blocks.{l}.attn.hook_z"][rows, positions].float().to(home)          # [n, H, dh]
         wd = einsum(w_o[l], d, "h e d, n d -> n h e")
         out[l] = (einsum(z, wd, "n h e, n h e -> h n") / scale).cpu()
     return out

@@ -382,7 +382,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
         def positions():
             position = state.key_mask.long().cumsum(1) - 1                      # key column -> token position
-            return torch.stack([position.gather(1, state.top1[l]) for l in range(model.n_layers)])
+            return torch.stack([position.gather(1, state.top1[l].to(position.device)) for l in range(model.n_layers)])
 
         out, top1 = _decode(logits, advance, positions, max_new_tokens, stops, batch, record_top1)
     return Generation(tokens=out, top1=top1, prompt_lengths=lengths)
@@ -444,7 +444,7 @@ def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, 
             return step_logits[:, -1]
 
         def positions():
-            return torch.stack([rows[l] for l in range(model.n_layers)]).cpu() - n_pad[None, :, None]
+            return torch.stack([rows[l].cpu() for l in range(model.n_layers)]) - n_pad[None, :, None]
 
         return _decode(logits[:, -1], advance, positions, max_new_tokens, stops, len(prompts), record_top1)
 

@@ -127,7 +127,8 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
                              for e in chunk])
         if centre:
             delta = delta - delta.mean(-1, keepdim=True)
-        logits = target.logits[None, :, positions] + (delta / target.scale[None, :, positions]) @ W_U
+        shift = (delta / target.scale[None, :, positions]).to(W_U.device, W_U.dtype) @ W_U
+        logits = target.logits[None, :, positions] + shift.to(target.logits.device, target.logits.dtype)
         results.append(per_variant(metric, logits.flatten(0, 1), len(chunk), batch))
     return torch.cat(results)
 
