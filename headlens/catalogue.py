@@ -29,20 +29,47 @@ FLOAT_FORMAT = "%.6g"
 
 @dataclass
 class Catalogue:
+    """A scan's result: the per-head frame (one row per head, the CSV), the run metadata (the JSON
+    sidecar), and each detector's typed :class:`~headlens.detectors.DetectorResult` by role.
+
+    >>> cat = hl.scan(model, ["induction"])          # doctest: +SKIP
+    >>> cat["induction"].top(3)                      # doctest: +SKIP
+    >>> cat.heads("induction", k=3)                  # doctest: +SKIP
+    [(18, 6), (17, 4), (17, 5)]
+    """
     frame: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)   # role -> DetectorResult
 
     @property
     def roles(self) -> list[str]:
         return [r for r in self.meta.get("detectors", {})]
 
+    def __getitem__(self, role: str):
+        """The role's :class:`~headlens.detectors.DetectorResult` (scores, labels, status, causal check)."""
+        if role not in self.results:
+            raise HeadlensError(f"the catalogue has no role '{role}'; it has: {', '.join(self.roles) or 'none'}")
+        return self.results[role]
+
+    def __contains__(self, role: str) -> bool:
+        return role in self.results
+
     def top(self, role: str, k: int = 10) -> pd.DataFrame:
-        """The k highest-scoring heads for ``role``."""
+        """The k highest-scoring heads for ``role``: layer, head, head_id and the role's columns."""
         col = f"{role}_score"
         if col not in self.frame:
             raise HeadlensError(f"the catalogue has no role '{role}'; it has: {', '.join(self.roles) or 'none'}")
-        cols = ["head_id"] + [c for c in self.frame.columns if c.startswith(f"{role}_")]
+        cols = ["layer", "head", "head_id"] + [c for c in self.frame.columns if c.startswith(f"{role}_")]
         return self.frame.sort_values(col, ascending=False, na_position="last", kind="stable")[cols].head(k)
+
+    def heads(self, role: str, k: int | None = None, labelled: bool = False) -> list[tuple[int, int]]:
+        """``(layer, head)`` pairs of the role's top ``k`` heads by score (all heads if ``k`` is None,
+        NaN scores last), or only the labelled ones with ``labelled=True``."""
+        if labelled:
+            return list(self[role].labelled) if role in self.results else [
+                (int(l), int(h)) for l, h in self.frame.loc[self.frame[f"{role}_label"], ["layer", "head"]].values]
+        top = self.top(role, len(self.frame) if k is None else k)
+        return [(int(l), int(h)) for l, h in zip(top["layer"], top["head"])]
 
     def long(self) -> pd.DataFrame:
         """Long form: one row per (layer, head, role) with score and label."""
@@ -62,6 +89,15 @@ class Catalogue:
         atomic_write(path, text)
         atomic_write(sidecar_path(path), meta)
         return path
+
+    def _repr_html_(self) -> str:
+        model = self.meta.get("model", {}).get("name", "?")
+        parts = [f"<b>headlens catalogue</b>: {model}, {len(self.frame)} heads, seed {self.meta.get('seed', '?')}"]
+        for role in self.roles:
+            det = self.meta["detectors"][role]
+            parts.append(f"<br>{role}: {det.get('status', '?')}, labelled "
+                         f"{', '.join(det.get('labelled', [])) or 'none'}")
+        return "".join(parts)
 
 
 def sidecar_path(path: Path) -> Path:
@@ -117,7 +153,32 @@ def read_catalogue(path: str | os.PathLike) -> Catalogue:
     else:
         roles = [c[:-6] for c in frame.columns if c.endswith("_score")]
         meta = {"detectors": {r: {} for r in roles}}
-    return Catalogue(frame=frame, meta=meta)
+    results = {role: _result_from(frame, role, meta["detectors"].get(role) or {}) for role in meta["detectors"]}
+    return Catalogue(frame=frame, meta=meta, results=results)
+
+
+def _result_from(frame: pd.DataFrame, role: str, det: dict):
+    """A saved role's DetectorResult, rebuilt from its CSV columns and its sidecar record."""
+    from .detectors.base import DetectorResult
+
+    prefix = f"{role}_"
+    own = [c for c in frame.columns if c.startswith(prefix) and c not in (f"{role}_label", f"{role}_status")]
+    part = frame[["layer", "head"] + own].copy()
+    if "labelled" in det:
+        labelled = [_parse_head(h) for h in det["labelled"]]
+    elif f"{role}_label" in frame:
+        labelled = [(int(l), int(h)) for l, h in frame.loc[frame[f"{role}_label"].astype(bool),
+                                                            ["layer", "head"]].values]
+    else:
+        labelled = []
+    return DetectorResult(role=role, frame=part, labelled=labelled, status=det.get("status", "ok"),
+                          reason=det.get("reason", ""), causal=det.get("causal") or {},
+                          params=det.get("params") or {}, info=det.get("info") or {})
+
+
+def _parse_head(head_id: str) -> tuple[int, int]:
+    layer, _, head = head_id[1:].partition("H")
+    return int(layer), int(head)
 
 
 def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None = None) -> Catalogue:
@@ -126,6 +187,7 @@ def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None
     base = pd.DataFrame({"layer": [l for l in range(L) for _ in range(H)],
                          "head": [h for _ in range(L) for h in range(H)]})
     base["head_id"] = [f"L{l}H{h}" for l, h in zip(base["layer"], base["head"])]
+    results = list(results)
     roles_of: dict[tuple[int, int], list[str]] = {}
     detectors_meta = {}
     frame = base
@@ -145,22 +207,25 @@ def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None
     meta = {"headlens_version": __version__, "model": model.info.as_dict(), "seed": seed,
             "torch_version": torch.__version__, "detectors": detectors_meta}
     meta.update(extra_meta or {})
-    return Catalogue(frame=frame, meta=meta)
+    return Catalogue(frame=frame, meta=meta, results={r.role: r for r in results})
 
 
-def scan(model, detectors: Iterable, seed: int = 0, checkpoint=None) -> Catalogue:
+def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoint=None) -> Catalogue:
     """Run each detector on ``model`` (seeded) and build the catalogue.
 
+    ``detectors``: role names (``"induction"``), configured detector objects
+    (``get_detector("induction", n_seqs=4)``), a mix, a comma-separated string, or None for all.
     ``checkpoint`` (a :class:`headlens.checkpoint.Checkpoint`): save each finished detector (and finished
     chunks of the running one) there, and take the detectors it already holds instead of running them.
     In a distributed run (torchrun) every rank calls this and gets the same catalogue.
     """
     from . import checkpoint as ckpt
     from . import distributed
+    from .detectors import as_detectors
     from .progress import stage, step_times
 
     results, timings, steps, resumed = [], {}, {}, []
-    detectors = list(detectors)
+    detectors = as_detectors(detectors)
     for det in progress(detectors, "detectors"):
         res = checkpoint.load(det.name, det.param_dict()) if checkpoint is not None else None
         if res is not None:

@@ -108,27 +108,67 @@ def _check_head(model, layer: int, head: int) -> None:
                             f"{model.n_layers} layers x {model.n_heads} heads")
 
 
-def attention_pattern(model, prompt, layer: int, head: int, title: str | None = None) -> go.Figure:
-    """The attention pattern of head ``L{layer}H{head}`` on ``prompt`` (queries down, keys across)."""
-    _check_head(model, layer, head)
-    tokens = _tokens(model, prompt)
-    name = f"blocks.{layer}.attn.hook_pattern"
-    with torch.no_grad():
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n == name)
-    pattern = cache[name][0, head].float().cpu().numpy()
-    labels = _labels(model, tokens)
+def attention_patterns(tokens: Sequence[str], patterns, names: Sequence[str],
+                       title: str | None = None) -> go.Figure:
+    """Attention patterns as data in, a figure out (as CircuitsVis does): ``patterns`` is
+    ``[n_heads, n_query, n_key]`` (numpy or torch), ``tokens`` the ``n_key`` token strings, ``names``
+    one name per pattern; one heatmap per head, switched with buttons (queries down, keys across).
+
+    >>> attention_patterns(["<s>", " A", " B"], pattern[None], ["L1H2"])   # doctest: +SKIP
+    """
+    pats = patterns.detach().float().cpu().numpy() if isinstance(patterns, torch.Tensor) else np.asarray(patterns, float)
+    if pats.ndim != 3 or pats.shape[0] != len(names) or pats.shape[2] != len(tokens):
+        raise HeadlensError(f"patterns must be [n_heads={len(names)}, n_query, n_key={len(tokens)}], "
+                            f"got {list(pats.shape)}")
+    labels = [f"{i}:{w!r}"[:40] for i, w in enumerate(tokens)]
     n = len(labels)
-    pattern = np.where(np.tri(n, dtype=bool), pattern, np.nan)   # keys after the query are masked
-    fig = go.Figure(go.Heatmap(
-        z=pattern, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1, hoverongaps=False,
-        colorbar={"title": {"text": "attention"}},
-        hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"))
+    qlabels = labels[n - pats.shape[1]:]
+    causal = np.tri(n, dtype=bool)[n - pats.shape[1]:]
+    fig = go.Figure()
+    for i, name in enumerate(names):
+        fig.add_trace(go.Heatmap(
+            z=np.where(causal, pats[i], np.nan), x=labels, y=qlabels, colorscale="Blues", zmin=0, zmax=1,
+            hoverongaps=False, visible=i == 0, name=name, colorbar={"title": {"text": "attention"}},
+            hovertemplate=f"{name}<br>query %{{y}}<br>key %{{x}}<br>attention %{{z:.3f}}<extra></extra>"))
+    if len(names) > 1:
+        buttons = [{"label": name, "method": "update",
+                    "args": [{"visible": [j == i for j in range(len(names))]},
+                             {"title": {"text": title or f"{name} attention"}}]}
+                   for i, name in enumerate(names)]
+        fig.update_layout(updatemenus=[{"buttons": buttons, "direction": "right", "x": 0, "y": 1.12,
+                                        "xanchor": "left", "type": "buttons"}])
     side = max(420, min(1100, 22 * n + 220))
-    fig.update_layout(title=title or f"L{layer}H{head} attention on the prompt",
+    fig.update_layout(title=title or f"{names[0]} attention on the prompt",
                       xaxis={"title": "key (attended) token", "tickangle": -60},
                       yaxis={"title": "query token", "autorange": "reversed"},
-                      width=side + 80, height=side, margin={"l": 140, "r": 20, "t": 50, "b": 140})
+                      width=side + 80, height=side, margin={"l": 140, "r": 20, "t": 80, "b": 140})
     return fig
+
+
+def attention(model, prompt, heads: Sequence[tuple[int, int]], title: str | None = None) -> go.Figure:
+    """The attention patterns of ``heads`` (``[(layer, head), ...]``) on ``prompt`` (a string, BOS
+    prepended, or token ids): one forward pass, then :func:`attention_patterns`.
+
+    >>> hl.plot.attention(model, "The cat sat. The cat", heads=cat.heads("induction", 3))  # doctest: +SKIP
+    """
+    heads = [tuple(map(int, h[:2])) for h in heads]
+    if not heads:
+        raise HeadlensError("give at least one head, e.g. heads=[(18, 6)]")
+    for layer, head in heads:
+        _check_head(model, layer, head)
+    tokens = _tokens(model, prompt)
+    names = {f"blocks.{l}.attn.hook_pattern" for l, _ in heads}
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
+    pats = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads])
+    words = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
+    return attention_patterns(words, pats, [f"L{l}H{h}" for l, h in heads], title)
+
+
+def attention_pattern(model, prompt, layer: int, head: int, title: str | None = None) -> go.Figure:
+    """The attention pattern of head ``L{layer}H{head}`` on ``prompt`` (queries down, keys across)."""
+    return attention(model, prompt, [(layer, head)],
+                     title or f"L{layer}H{head} attention on the prompt")
 
 
 def _token_id(model, target) -> int:

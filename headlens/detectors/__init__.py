@@ -39,5 +39,23 @@ def parse_detectors(spec: str | None) -> list[str]:
     return names
 
 
-__all__ = ["REGISTRY", "Detector", "DetectorResult", "NOT_APPLICABLE", "OK", "CausalCheck", "CausalParams",
-           "format_causal", "top_heads", "detector_class", "get_detector", "head_frame", "parse_detectors"]
+def as_detectors(detectors) -> list[Detector]:
+    """Detector objects from names, objects, a comma-separated string, or None (all of them)."""
+    if detectors is None or isinstance(detectors, str):
+        return [get_detector(n) for n in parse_detectors(detectors)]
+    out = []
+    for d in detectors:
+        if isinstance(d, str):
+            out.extend(get_detector(n) for n in parse_detectors(d))
+        elif isinstance(d, Detector):
+            out.append(d)
+        elif isinstance(d, type) and issubclass(d, Detector):
+            out.append(d())
+        else:
+            raise HeadlensError(f"not a detector: {d!r}; pass a role name like 'induction' or a Detector")
+    return out
+
+
+__all__ = ["as_detectors", "REGISTRY", "Detector", "DetectorResult", "NOT_APPLICABLE", "OK", "CausalCheck",
+           "CausalParams", "format_causal", "top_heads", "detector_class", "get_detector", "head_frame",
+           "parse_detectors"]

@@ -41,9 +41,22 @@ class DetectorResult:
         return f"{self.role}_score"
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The k highest-scoring heads (scores first, NaN last)."""
-        return self.frame.sort_values(self.score_column, ascending=False, na_position="last",
-                                      kind="stable").head(k)
+        """The k highest-scoring heads (scores first, NaN last): layer, head, head_id, score, evidence."""
+        top = self.frame.sort_values(self.score_column, ascending=False, na_position="last",
+                                     kind="stable").head(k)
+        if "head_id" not in top:
+            top.insert(2, "head_id", [f"L{l}H{h}" for l, h in zip(top["layer"], top["head"])])
+        return top
+
+    @property
+    def causal_check(self) -> "CausalCheck | None":
+        """The causal check as a :class:`CausalCheck` (readable ``print``, ``.p_value``), or None."""
+        return CausalCheck.from_dict(self.causal) if self.causal else None
+
+    def heads(self, k: int | None = None) -> list[tuple[int, int]]:
+        """``(layer, head)`` of the top ``k`` heads by score (all if None), NaN scores last."""
+        top = self.top(len(self.frame) if k is None else k)
+        return [(int(l), int(h)) for l, h in zip(top["layer"], top["head"])]
 
 
 def head_frame(model, role: str, score: torch.Tensor | np.ndarray,
