@@ -79,14 +79,17 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.bridge.original_model.parameters())
 
 
-def resolve_budget(max_memory: str | int | None, device, model=None) -> int:
-    """Working-memory bytes for a run on ``device`` (see the module docstring)."""
+def resolve_budget(max_memory: str | int | None, device, model=None, need: int = 0) -> int:
+    """Working-memory bytes for a run on ``device`` (see the module docstring).
+
+    ``need``: the bytes one sequence of the run needs; the CPU's default cap rises to it (while the
+    machine has that much free), so a long prompt runs one sequence at a time instead of failing."""
     if max_memory is None:
         max_memory = _LIMIT.get()
     if max_memory is None:
         free = free_bytes(device)
         budget = max(0, free - max(MIN_MARGIN, int(MARGIN * free)))
-        return budget if torch.device(device).type == "cuda" else min(budget, CPU_DEFAULT)
+        return budget if torch.device(device).type == "cuda" else min(budget, max(CPU_DEFAULT, need))
     total = parse_bytes(max_memory)
     weights = weight_bytes(model) if model is not None else 0
     if total <= weights:

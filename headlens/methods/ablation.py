@@ -315,7 +315,7 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
     starts at the first layer any of its rows touches, reusing the clean residual stream below it.
     ``stats``, if given, receives ``rows_per_chunk`` and ``chunks``.
     """
-    from ..memory import plan_rows, resolve_budget
+    from ..memory import plan_rows, resolve_budget, row_bytes
 
     ablation = as_ablation(ablation)
     variants = [sorted(set(map(tuple, v))) for v in variants]
@@ -327,7 +327,7 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
     if getattr(metric, "positions", None) is not None and hasattr(metric, "on_positions"):
         index = position_index(metric.positions, n_pos)
     n_logit = n_pos if index is None else len(index)
-    budget = resolve_budget(max_memory, model.device, model)
+    budget = resolve_budget(max_memory, model.device, model, need=row_bytes(model, n_pos, n_logit))
     if max_memory is not None or _limit_set():  # an explicit budget also holds the cached clean run
         budget -= run.nbytes()
     rows_per_chunk = plan_rows(model, n_pos, n_logit, budget, description)

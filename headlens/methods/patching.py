@@ -123,11 +123,12 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
     results = []
     for start in range(0, len(entries), per_chunk):
         chunk = entries[start:start + per_chunk]
-        delta = torch.stack([(d := dz(e)[:, positions]) @ W_O[e[0], e[1]].to(d.device, d.dtype)
+        # layers may sit on several GPUs: every head's write meets on the unembedding's device
+        delta = torch.stack([(d := dz(e)[:, positions].to(W_U.device)) @ W_O[e[0], e[1]].to(d.device, d.dtype)
                              for e in chunk])
         if centre:
             delta = delta - delta.mean(-1, keepdim=True)
-        shift = (delta / target.scale[None, :, positions]).to(W_U.device, W_U.dtype) @ W_U
+        shift = (delta / target.scale[None, :, positions].to(delta.device)).to(W_U.dtype) @ W_U
         logits = target.logits[None, :, positions] + shift.to(target.logits.device, target.logits.dtype)
         results.append(per_variant(metric, logits.flatten(0, 1), len(chunk), batch))
     return torch.cat(results)
