@@ -424,12 +424,9 @@ def logits_at(model, index: torch.Tensor | None):
         handle.remove()
 
 
-def per_variant(metric: Metric, logits: torch.Tensor, n: int, batch: int, repeat: bool = False) -> torch.Tensor:
-    """``metric`` applied to each of ``n`` variants stacked along the batch (``[n * batch, pos, vocab]``;
-    with ``repeat``, one ``[batch, pos, vocab]`` run that every variant shares): ``[n, ...]``."""
-    if repeat:
-        value = metric(logits)
-        return value[None].expand(n, *value.shape)
+def per_variant(metric: Metric, logits: torch.Tensor, n: int, batch: int) -> torch.Tensor:
+    """``metric`` applied to each of ``n`` variants stacked along the batch (``[n * batch, pos, vocab]``):
+    ``[n, ...]``."""
     return torch.stack([metric(logits[j * batch:(j + 1) * batch]) for j in range(n)])
 
 
