@@ -143,3 +143,10 @@ def plan_rows(model, n_pos: int, n_logit_pos: int | None, budget_bytes: int, wha
                             f"sequence on {model.info.name}, but only {fmt_bytes(max(budget_bytes, 0))} "
                             "is available; free memory, raise --max-memory, or use shorter prompts")
     return int(budget_bytes // one)
+
+
+def plan_items(item_bytes: int, budget_bytes: int, cap: int | None = None) -> int:
+    """How many items of ``item_bytes`` each one chunk may hold within ``budget_bytes`` (at least one,
+    at most ``cap``): for loops whose unit is not a sequence (a head's direct path, a needle run)."""
+    n = max(1, int(budget_bytes // max(1, item_bytes)))
+    return min(n, cap) if cap else n

@@ -181,3 +181,39 @@ def test_one_variant_split_over_chunks(planted_induction):
     assert stats["rows_per_chunk"] == 2
     whole = run_variants(m, tokens, [[h] for h in m.heads()], metric, "resample", max_rows=None, run=run)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=0)
+
+
+def test_direct_effects_chunked_by_bytes_and_only_at_the_metric_positions(planted_induction, monkeypatch):
+    """Direct effects: under a budget of a few heads they run in more chunks and give the same values;
+    a positioned loss forms logits only at its positions and equals the same loss on full logits."""
+    from headlens.memory import plan_items
+    from headlens.methods import direct_effects
+
+    m = planted_induction
+    tokens = torch.randint(1, 32, (3, 14), generator=torch.Generator().manual_seed(5))
+    mask = torch.zeros(3, 13, dtype=torch.bool)
+    mask[:, 7:] = True
+    loss = loss_metric(tokens, mask)
+    run = clean_run(m, tokens)
+
+    def plain_loss(logits):
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        return -(logp[mask]).mean()
+    free = direct_effects(m, run, loss, "mean", max_rows=None)
+    full = direct_effects(m, run, plain_loss, "mean", max_rows=None)
+    torch.testing.assert_close(free, full, atol=1e-6, rtol=0)
+    # a budget of two heads' working memory (weights excluded) -> chunks of two heads
+    per_head = 3 * 6 * (2 * m.info.d_model * 4 + m.bridge.cfg.d_vocab * (2 * 4 + 4))
+    assert plan_items(per_head, 2 * per_head) == 2
+    import headlens.methods.patching as patching
+    shapes, original = [], patching.per_variant
+
+    def recording(metric, logits, n, batch):
+        shapes.append((n, logits.shape[1]))
+        return original(metric, logits, n, batch)
+    monkeypatch.setattr(patching, "per_variant", recording)
+    with limit(weight_bytes(m) + 2 * per_head):
+        small = direct_effects(m, run, loss, "mean", max_rows=None)
+    assert [n for n, _ in shapes] == [2] * (len(m.heads()) // 2) + [1] * (len(m.heads()) % 2)
+    assert {pos for _, pos in shapes} == {6}          # logits formed at the 6 loss positions only
+    torch.testing.assert_close(small, free, atol=1e-6, rtol=0)

@@ -184,6 +184,16 @@ def top_heads(score: torch.Tensor, k: int) -> list[tuple[int, int]]:
     return [divmod(int(i), s.shape[1]) for i in flat.argsort(descending=True, stable=True)[:k]]
 
 
+def effect_heads(score: torch.Tensor, total: torch.Tensor, k: int) -> list[tuple[int, int]] | None:
+    """The heads that get direct effects: the ``k`` top heads by ``score`` and the ``k`` with the largest
+    ``|total|`` effect (where self-repair or a large direct path is worth knowing), best first; None
+    (every head) when ``k`` is 0."""
+    if not k:
+        return None
+    heads = top_heads(score, k)
+    return heads + [h for h in top_heads(torch.as_tensor(total).abs(), k) if h not in heads]
+
+
 def _names(heads) -> list[str]:
     return [h if isinstance(h, str) else f"L{h[0]}H{h[1]}" for h in heads]
 

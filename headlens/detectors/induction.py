@@ -17,6 +17,9 @@ the logit of the token it attends to (copying). Columns:
   attention to earlier copies of the current token (the other two heads of the circuit).
 - ``induction_loss_rise``: causal evidence: rise in mean loss on the repeated part when that head alone is
   ablated (mean ablation by default), for all heads in batched forward passes.
+- ``induction_direct`` / ``induction_self_repair``: the same ablation along the head's direct path to the
+  logits only, and ``1 - loss_rise / direct``, for the ``effect_heads`` top heads by score and the
+  ``effect_heads`` with the largest loss rise (NaN elsewhere).
 
 Label rule: ``induction_score >= threshold`` (0.4) and ``induction_ov_eigen > 0`` (it copies).
 Causal check: the top-k heads by score ablated together vs k random heads (other than those), on the
@@ -32,7 +35,7 @@ from einops import einsum
 from ..methods import clean_run, loss_metric, sweep_heads
 from ..methods.ablation import logits_at
 from ..methods.circuits import effective_embedding, normalise
-from .base import Detector, DetectorResult, ReviewParams, head_frame
+from .base import Detector, DetectorResult, ReviewParams, effect_heads, head_frame
 
 
 def random_token_ids(model, n: int, length: int, generator: torch.Generator,
@@ -96,6 +99,7 @@ class InductionDetector(Detector):
         threshold: float = 0.4     # prefix-matching score for the label
         copy_positions: int = 4    # sampled positions per sequence for the copying score
         causal_seqs: int = 4       # sequences used by the all-heads ablation sweep
+        effect_heads: int = 20     # top heads by score and by |total effect| given direct effects (0 = all)
         max_rows: int = 64         # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
@@ -131,7 +135,8 @@ class InductionDetector(Detector):
                     if score[l, h] >= p.threshold and ov[l, h] > 0]
         causal = self.causal_check(model, score, seed, f"repeated-part loss ({p.ablation} ablation)",
                                    "higher", run=run, metric=metric).to_dict()
-        repair = self.direct_and_self_repair(model, run, metric, loss_rise, "higher", clean_loss)
+        repair = self.direct_and_self_repair(model, run, metric, loss_rise, "higher", clean_loss,
+                                             heads=effect_heads(score, loss_rise, p.effect_heads))
         frame = head_frame(model, self.name, score, {
             **self.interval(prefix_per_seq, seed), "copying": copying, "ov_eigen": ov,
             "prev_token": prev_token, "duplicate_token": duplicate, "loss_rise": loss_rise, **repair})

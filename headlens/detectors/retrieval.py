@@ -35,7 +35,9 @@ import torch
 
 from ..data import data_path
 from ..errors import HeadlensError
-from ..methods.generation import encode_prompt, greedy_generate, kv_bytes_per_token, prefill, stop_token_ids
+from ..memory import plan_items
+from ..methods.generation import (PREFILL_CHUNK, encode_prompt, greedy_generate, kv_bytes_per_token, prefill,
+                                  stop_token_ids)
 from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 MARKER = "\x00CONTEXT\x00"
@@ -142,27 +144,19 @@ def grid(model, p, needles: list[dict], template: str, chat: bool) -> tuple[list
     return list(p.context_lengths or lengths), list(p.depths or depths)
 
 
-def budget(model, max_bytes: int = 0) -> int:
-    """Bytes a batch of needle runs may take: ``max_bytes``, else a share of what the device has free.
-
-    A local estimate until the scan's memory planner provides one: on GPU 80% of free memory, on CPU a
-    quarter of the available RAM, at most 4 GiB.
-    """
-    if max_bytes:
-        return int(max_bytes)
-    if model.device.type == "cuda":
-        return int(0.8 * torch.cuda.mem_get_info(model.device)[0])
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-        available = int(re.search(r"MemAvailable:\s+(\d+)", meminfo).group(1)) * 1024
-    except (OSError, AttributeError):
-        available = 8 << 30
-    return min(available // 4, 4 << 30)
+def budget(model, max_bytes: int = 0, need: int = 0) -> int:
+    """Bytes a batch of needle runs may take (KV caches and activations): ``max_bytes``, else the
+    scan's working-memory budget (:func:`headlens.memory.resolve_budget`: ``--max-memory``, or what the
+    device has free; on the CPU 512 MiB unless one run (``need``) takes more)."""
+    from ..memory import resolve_budget
+    return int(max_bytes) if max_bytes else resolve_budget(None, model.device, model, need=need)
 
 
 def row_bytes(model, n_context: int, n_new: int, n_fill: int) -> int:
     """Memory of one needle run in a batch: its KV cache for ``n_context + n_new`` tokens, activations
-    for the ``n_fill`` tokens it prefills, and their attention mask."""
+    for the tokens it prefills in one forward pass (``n_fill``, at most :data:`PREFILL_CHUNK`), and
+    their attention mask."""
+    n_fill = min(n_fill, PREFILL_CHUNK)
     cfg = model.bridge.cfg
     itemsize = kv_bytes_per_token(model) // (2 * model.n_layers * model.info.n_kv_heads * model.info.d_head)
     per_token = itemsize * (6 * cfg.d_model + 3 * (getattr(cfg, "d_mlp", None) or 4 * cfg.d_model))
@@ -237,13 +231,16 @@ class RetrievalDetector(Detector):
         lengths, depths = grid(model, p, needles, template, chat)
         runs = needle_prompts(model, needles, haystack, lengths, depths, chat, template)
         stops = stop_token_ids(model)
-        results = decode_runs(model, runs, p.max_new_tokens, stops, budget(model, p.max_bytes))
-        scores, recalls, retrieved, answers = [], [], [], []
+        longest = max(len(r.tokens) for r in runs)
+        results = decode_runs(model, runs, p.max_new_tokens, stops,
+                              budget(model, p.max_bytes, row_bytes(model, longest, p.max_new_tokens, longest)))
+        scores, recalls, retrieved, answers, retrieved_recall = [], [], [], [], []
         for run, generated, top1 in results:
             answer = model.tokenizer.decode(generated, skip_special_tokens=True)
             recalls.append(rouge1_recall(run.needle, answer))
             if recalls[-1] > p.recall_threshold:
                 retrieved.append(run)
+                retrieved_recall.append(recalls[-1])
                 answers.append([int(t) for t in generated])
                 scores.append(copy_scores(run, generated, top1))
         info = {"n_runs": len(runs), "n_retrieved": len(retrieved),
@@ -260,7 +257,8 @@ class RetrievalDetector(Detector):
             raise HeadlensError("the retrieval causal check decodes with uniform attention; "
                                 f"ablation '{p.ablation}' is not available here")
         causal = self.causal_check(model, score, seed, "needle recall (ROUGE-1, uniform attention)", "lower",
-                                   runs=retrieved[:p.causal_runs], stops=stops).to_dict()
+                                   runs=retrieved[:p.causal_runs], stops=stops,
+                                   clean_recall=retrieved_recall[:p.causal_runs]).to_dict()
         reason = "" if labelled else (f"no head reaches copy-paste score {p.threshold}; "
                                       "the top rows are the best candidates")
         effects = self._effects(model, score, retrieved[:p.effect_runs], answers[:p.effect_runs])
@@ -297,14 +295,24 @@ class RetrievalDetector(Detector):
         from .base import self_repair
         return {"total": total, "direct": direct, "self_repair": self_repair(direct, total)}
 
-    def causal_values(self, model, variants, runs=(), stops=(), **_) -> torch.Tensor:
+    def causal_values(self, model, variants, runs=(), stops=(), clean_recall=None, **_) -> torch.Tensor:
         """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``. All variants
-        of one run are decoded together as one batch (one generation per retrieved run)."""
+        of one run are decoded together as one batch (one generation per retrieved run). A variant that
+        ablates nothing takes the run's recall from its detection decoding (``clean_recall``), when given,
+        instead of decoding it again."""
         p = self.params
         recall = torch.zeros(len(variants))
-        for run in runs:
-            gen = greedy_generate(model, [run.tokens] * len(variants), p.max_new_tokens,
-                                  ablate=variants, stop_ids=stops)
-            answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
-            recall += torch.tensor([rouge1_recall(run.needle, a) for a in answers]) / len(runs)
+        decode = [i for i, v in enumerate(variants) if v or clean_recall is None]
+        for r, run in enumerate(runs):
+            if clean_recall is not None:
+                recall[[i for i, v in enumerate(variants) if not v]] += clean_recall[r] / len(runs)
+            n = len(run.tokens)
+            one = row_bytes(model, n, p.max_new_tokens, n)
+            rows = plan_items(one, budget(model, p.max_bytes, one))
+            for start in range(0, len(decode), rows):       # as many variants per batch as fit the budget
+                part = decode[start:start + rows]
+                gen = greedy_generate(model, [run.tokens] * len(part), p.max_new_tokens,
+                                      ablate=[variants[i] for i in part], stop_ids=stops)
+                answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
+                recall[part] += torch.tensor([rouge1_recall(run.needle, a) for a in answers]) / len(runs)
         return recall

@@ -42,7 +42,7 @@ from ..errors import HeadlensError
 from ..methods import clean_run, sweep_heads
 from ..methods.ablation import logits_at
 from ..methods.circuits import effective_embedding, head_dla, normalise, ov_out
-from .base import Detector, DetectorResult, ReviewParams, head_frame
+from .base import Detector, DetectorResult, ReviewParams, effect_heads, head_frame
 
 
 @dataclass
@@ -226,6 +226,7 @@ class SuccessorDetector(Detector):
         prompt_items: int = 3        # items shown before the one to predict ("Monday Tuesday Wednesday")
         max_prompts: int = 200       # in-context prompts for the attribution (seeded sample if more)
         causal_prompts: int = 64     # of those, prompts used by the causal check
+        effect_heads: int = 20       # top heads by score and by |total effect| given direct effects (0 = all)
         max_rows: int = 512          # sequences per batched forward pass
         embedding: str = "w_e_mlp0"  # OV input: W_E + MLP0(W_E) (w_e_mlp0) or MLP0(W_E) alone (mlp0, the reference's)
         averaging: str = "task"      # score = mean of per-task fractions (task) or over all pairs (pooled)
@@ -304,8 +305,9 @@ class SuccessorDetector(Detector):
         logprob = lambda logits: metric(logits)[2]
         clean_lp = float(values[0, 2])
         total = clean_lp - sweep_heads(model, run.tokens, logprob, p.ablation, max_rows=p.max_rows, run=run)
+        heads = effect_heads(score, total, p.effect_heads)
         effects = {"total": total, **self.direct_and_self_repair(model, run, logprob, total, "lower", clean_lp,
-                                                                     positions=slice(-1, None))}
+                                                                     heads=heads, positions=slice(-1, None))}
         return dla, causal, {"n_prompts": int(len(tokens)), "n_causal_prompts": int(len(sub))}, effects
 
     def _interval(self, hits: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -367,10 +367,7 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
             if run.attention_mask is not None:
                 mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
             hooks = _hooks_for(ablation, run, masks, ref_means, variant_of_row, prompt_of_row)
-            with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple), \
-                    logits_at(model, index):  # final norm + unembedding only at the metric's positions
-                logits = model.bridge.run_with_hooks(resid, start_at_layer=first, attention_mask=mask,
-                                                     fwd_hooks=hooks)
+            logits = forward_from(model, resid, first, mask, hooks, index, run.block_returns_tuple)
             del resid
             j = 0
             for v in chunk_vars:
@@ -392,6 +389,88 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
         for v, value in done.items():
             results[v] = value.to(run.logits.device)
     return torch.stack(results)
+
+
+def forward_from(model, resid: Float[Tensor, "batch pos d_model"], first: int,
+                 attention_mask: torch.Tensor | None = None, fwd_hooks: Sequence = (),
+                 index: torch.Tensor | None = None, returns_tuple: bool = False) -> Float[Tensor, "batch n d_vocab"]:
+    """Logits of prompts whose residual stream entering block ``first`` is ``resid``, with ``fwd_hooks``
+    (TransformerLens-style ``(name, fn(tensor, hook))`` pairs), at positions ``index`` (all if None).
+
+    When every hook is on a head output (``hook_z``) and the model's own transformers modules compute the
+    bridge's function from a given layer (:func:`native_from_ok`, checked once per model), the blocks run
+    natively with memory-efficient attention and each hook acts on the input of the attention's output
+    projection, viewed ``[batch, pos, head, d_head]`` (that is ``hook_z``): no attention pattern is formed
+    and the bridge's wrappers are skipped (about 1.7x faster on a CPU). Otherwise the bridge runs from
+    ``start_at_layer`` with its hooks (eager attention, patterns available).
+    """
+    with torch.no_grad():
+        if all(name.endswith(".attn.hook_z") for name, _ in fwd_hooks) and native_from_ok(model):
+            return _native_from(model, resid, first, attention_mask, fwd_hooks, index, returns_tuple)
+        with skip_blocks_before(model, first, returns_tuple), logits_at(model, index):
+            return model.bridge.run_with_hooks(resid, start_at_layer=first, attention_mask=attention_mask,
+                                               fwd_hooks=list(fwd_hooks))
+
+
+def _native_from(model, resid, first, attention_mask, fwd_hooks, index, returns_tuple):
+    from .generation import native_forward
+
+    handles = []
+
+    def on_z(fn):
+        def pre(module, args):
+            x = args[0]
+            z = fn(x.view(*x.shape[:-1], model.n_heads, -1), None)
+            return (z.reshape(x.shape), *args[1:])
+        return pre
+
+    for name, fn in fwd_hooks:
+        o_proj = model.bridge.blocks[int(name.split(".")[1])].attn.o.original_component
+        handles.append(o_proj.register_forward_pre_hook(on_z(fn)))
+    if index is not None:
+        def select(module, args):
+            return (args[0][:, index.to(args[0].device)], *args[1:])
+        handles.append(model.bridge.unembed.original_component.register_forward_pre_hook(select))
+    try:
+        with skip_blocks_before(model, first, returns_tuple), native_forward(model) as hf:
+            return hf(inputs_embeds=resid, attention_mask=attention_mask, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def native_from_ok(model) -> bool:
+    """Whether :func:`forward_from` may run the model's transformers modules: they compute the bridge's
+    function (:func:`headlens.methods.generation.uses_native`), and a run resumed at block 1 from the
+    bridge's residual stream, with a head's output changed through the output projection's input,
+    gives the bridge's logits with the same head changed at ``hook_z`` (log-probabilities to 1e-4;
+    checked once per model, on a few tokens)."""
+    if "_headlens_native_from" not in model.__dict__:
+        from .generation import uses_native
+
+        ok = False
+        if uses_native(model) and model.n_layers > 1 and hasattr(model.bridge.blocks[1].attn, "o"):
+            x = torch.arange(1, 9, device=model.device)[None] % model.bridge.cfg.d_vocab
+            kept, seen = {}, {}
+            handle = model.bridge.blocks[0].original_component.register_forward_hook(
+                lambda mod, inp, out: seen.update(t=isinstance(out, tuple)))
+
+            def half(z, hook):
+                z = z.clone()
+                z[:, :, 0] = 0.5 * z[:, :, 0]
+                return z
+            try:
+                with torch.no_grad():
+                    ref = model.bridge.run_with_hooks(x, fwd_hooks=[
+                        (resid_name(1), lambda r, hook: kept.update(r=r.detach())), (z_name(1), half)])
+            finally:
+                handle.remove()
+            got = _native_from(model, kept["r"], 1, None, [(z_name(1), half)], None, seen.get("t", False))
+            ref, got = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
+            tol = 1e-4 if model.info.dtype == "float32" else 5e-2
+            ok = bool((got - ref).abs().max() <= tol * max(1.0, float(ref.abs().max())))
+        model.__dict__["_headlens_native_from"] = ok
+    return model.__dict__["_headlens_native_from"]
 
 
 def _limit_set() -> bool:

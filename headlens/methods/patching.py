@@ -23,7 +23,7 @@ import torch
 from ..errors import HeadlensError
 from .ablation import (Ablation, CleanRun, Head, _replacement, as_ablation, clean_run, per_variant,
                        reference_means, run_variants)
-from .metrics import Metric
+from .metrics import Metric, position_index
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -112,25 +112,50 @@ def path_patch_logits(model, clean: torch.Tensor, corrupted: torch.Tensor, metri
 
 
 def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metric: Metric,
-                        max_rows: int, positions: slice = slice(None)) -> torch.Tensor:
+                        max_rows: int | None, positions: slice = slice(None)) -> torch.Tensor:
     """``metric`` of the target logits plus, per entry, only the direct-path change
     ``norm(dz(entry) @ W_O[l, h]) @ W_U`` (the target run's final norm scale frozen): ``[n_entries, ...]``.
-    Only the ``positions`` slice of the logits is formed and given to the metric."""
-    batch = target.tokens.shape[0]
+
+    Only the logits the metric reads are formed: at its declared ``positions`` (then it gets them
+    through ``on_positions``), else at the ``positions`` slice. Entries are taken in chunks sized in
+    bytes by the memory budget (:func:`headlens.memory.resolve_budget`), at most ``max_rows`` rows."""
+    from ..memory import plan_items, resolve_budget
+
+    batch, n_pos = target.tokens.shape
     W_U, W_O = model.bridge.W_U, model.bridge.W_O   # the bridge re-stacks weights on each access: read once
     centre = _final_norm_centres(model)
-    per_chunk = max(1, max_rows // batch)
+    if getattr(metric, "positions", None) is not None and hasattr(metric, "on_positions"):
+        where, apply = position_index(metric.positions, n_pos), metric.on_positions
+    else:
+        where, apply = torch.arange(n_pos)[positions], metric
+    where = where.to(target.logits.device)
+    base = target.logits[:, where]
+    scale = target.scale[:, where.to(target.scale.device)].to(W_U.device)
+    # per entry: the head's write [batch, n, d_model], its logit shift and the shifted logits (model
+    # dtype), and the metric's float32 working copy
+    item = base.element_size()
+    per_entry = batch * len(where) * (2 * model.info.d_model * 4 + W_U.shape[-1] * (2 * item + 4))
+    budget = resolve_budget(None, W_U.device, model, need=per_entry)
+    per_chunk = plan_items(per_entry, budget, max_rows // batch if max_rows else None)
+
+    def write(entry):   # the head's change of the residual stream, on the unembedding's device
+        d = dz(entry)
+        d = d[:, where.to(d.device)].to(W_U.device)
+        return d @ W_O[entry[0], entry[1]].to(d.device, d.dtype)
+
     results = []
     for start in range(0, len(entries), per_chunk):
         chunk = entries[start:start + per_chunk]
         # layers may sit on several GPUs: every head's write meets on the unembedding's device
-        delta = torch.stack([(d := dz(e)[:, positions].to(W_U.device)) @ W_O[e[0], e[1]].to(d.device, d.dtype)
-                             for e in chunk])
+        delta = torch.stack([write(e) for e in chunk])
         if centre:
             delta = delta - delta.mean(-1, keepdim=True)
-        shift = (delta / target.scale[None, :, positions].to(delta.device)).to(W_U.dtype) @ W_U
-        logits = target.logits[None, :, positions] + shift.to(target.logits.device, target.logits.dtype)
-        results.append(per_variant(metric, logits.flatten(0, 1), len(chunk), batch))
+        shift = (delta / scale[None]).to(W_U.dtype) @ W_U
+        del delta
+        logits = base[None] + shift.to(base.device, base.dtype)
+        del shift
+        results.append(per_variant(apply, logits.flatten(0, 1), len(chunk), batch))
+        del logits
     return torch.cat(results)
 
 
