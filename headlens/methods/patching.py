@@ -107,22 +107,32 @@ def path_patch_logits(model, clean: torch.Tensor, corrupted: torch.Tensor, metri
             keep[entry[2]] = 1
             d = d * keep[None, :, None]
         return d
-    values = _direct_path_values(model, target, entries, dz, metric, max_rows)
+    values = _direct_path_values(model, target, entries, dz, metric, max_rows, key=(direction,),
+                                 description="path patching")
     return _scatter(model, entries, values, per_position, n_pos)
 
 
 def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metric: Metric,
-                        max_rows: int, positions: slice = slice(None)) -> torch.Tensor:
+                        max_rows: int, positions: slice = slice(None), key: tuple = (),
+                        description: str = "direct effects") -> torch.Tensor:
     """``metric`` of the target logits plus, per entry, only the direct-path change
     ``norm(dz(entry) @ W_O[l, h]) @ W_U`` (the target run's final norm scale frozen): ``[n_entries, ...]``.
-    Only the ``positions`` slice of the logits is formed and given to the metric."""
+    Only the ``positions`` slice of the logits is formed and given to the metric.
+
+    Entries go in chunks of ``max_rows // batch``, planned the same way whatever the number of
+    processes; with several (:mod:`headlens.distributed`) each computes its share of the chunks, and in
+    a checkpointed scan finished chunks are saved and reused on resume (``key``: what else, beside the
+    entries, tokens and chunking, identifies the values, e.g. the ablation)."""
+    from .. import distributed
+    from ..checkpoint import digest
+
     batch = target.tokens.shape[0]
     W_U, W_O = model.bridge.W_U, model.bridge.W_O   # the bridge re-stacks weights on each access: read once
     centre = _final_norm_centres(model)
     per_chunk = max(1, max_rows // batch)
-    results = []
-    for start in range(0, len(entries), per_chunk):
-        chunk = entries[start:start + per_chunk]
+    chunks = [entries[start:start + per_chunk] for start in range(0, len(entries), per_chunk)]
+
+    def one(chunk: list[tuple]) -> torch.Tensor:
         # layers may sit on several GPUs: every head's write meets on the unembedding's device
         delta = torch.stack([(d := dz(e)[:, positions].to(W_U.device)) @ W_O[e[0], e[1]].to(d.device, d.dtype)
                              for e in chunk])
@@ -130,8 +140,12 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
             delta = delta - delta.mean(-1, keepdim=True)
         shift = (delta / target.scale[None, :, positions].to(delta.device)).to(W_U.dtype) @ W_U
         logits = target.logits[None, :, positions] + shift.to(target.logits.device, target.logits.dtype)
-        results.append(per_variant(metric, logits.flatten(0, 1), len(chunk), batch))
-    return torch.cat(results)
+        return per_variant(metric, logits.flatten(0, 1), len(chunk), batch)
+
+    work = digest(description, entries, target.tokens, per_chunk, repr(positions), *key)
+    results = distributed.map(one, chunks, description, key=work, resumable=True)
+    home = target.logits.device
+    return torch.cat([r.to(home) for r in results])
 
 
 def uniform_z(model, run: CleanRun) -> dict[int, torch.Tensor]:
@@ -181,5 +195,6 @@ def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Ablatio
         l, h = entry
         z = run.z[l][:, :, h]
         return ablated_z[l][..., h, :].to(z.device, z.dtype).expand_as(z) - z
-    values = _direct_path_values(model, run, entries, dz, metric, max_rows, positions)
+    values = _direct_path_values(model, run, entries, dz, metric, max_rows, positions,
+                                 key=(ablation,))
     return _scatter(model, entries, values, False, run.tokens.shape[1])
