@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
+from ..checkpoint import digest
 from ..data import data_path
 from ..errors import HeadlensError
 from ..methods.generation import encode_prompt, greedy_generate, kv_bytes_per_token, prefill, stop_token_ids
@@ -182,7 +184,7 @@ def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_by
     prefix = prefill(model, start.tokens[:n_prefix]) if n_prefix > 1 else None
     rest = max_bytes - (prefix.nbytes if prefix is not None else 0)
     order = sorted(range(len(runs)), key=lambda i: (runs[i].length, runs[i].depth, i))
-    out: list = [None] * len(runs)
+    batches: list[list[int]] = []
     i = 0
     while i < len(order):
         batch = [order[i]]
@@ -195,11 +197,21 @@ def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_by
             if len(rows) * row_bytes(model, n, max_new_tokens, n - nxt.span[0]) > rest:
                 break
             batch = rows
+        batches.append(batch)
+        i += len(batch)
+
+    def decode(batch: list[int]) -> list[tuple[list[int], torch.Tensor]]:
         gen = greedy_generate(model, [runs[j].tokens for j in batch], max_new_tokens, record_top1=True,
                               stop_ids=stops, prefix=prefix)
-        for row, j in enumerate(batch):
-            out[j] = (runs[j], gen.tokens[row], gen.top1[:, :, row])
-        i += len(batch)
+        return [(gen.tokens[row], gen.top1[:, :, row].clone()) for row in range(len(batch))]
+
+    # Each batch is one item of the same plan on every rank (the budget is agreed by the caller), so a
+    # distributed run decodes each batch exactly as one process does; finished batches are checkpointed.
+    key = digest("needle runs", [r.tokens for r in runs], max_new_tokens, sorted(stops), batches, n_prefix)
+    out: list = [None] * len(runs)
+    for batch, decoded in zip(batches, distributed.map(decode, batches, "needle runs", key=key, resumable=True)):
+        for j, (tokens, top1) in zip(batch, decoded):
+            out[j] = (runs[j], tokens, top1)
     return out
 
 
@@ -237,7 +249,9 @@ class RetrievalDetector(Detector):
         lengths, depths = grid(model, p, needles, template, chat)
         runs = needle_prompts(model, needles, haystack, lengths, depths, chat, template)
         stops = stop_token_ids(model)
-        results = decode_runs(model, runs, p.max_new_tokens, stops, budget(model, p.max_bytes))
+        # every rank plans the same batches: the smallest rank's budget
+        results = decode_runs(model, runs, p.max_new_tokens, stops,
+                              distributed.agree_min(budget(model, p.max_bytes)))
         scores, recalls, retrieved, answers = [], [], [], []
         for run, generated, top1 in results:
             answer = model.tokenizer.decode(generated, skip_special_tokens=True)
@@ -301,10 +315,13 @@ class RetrievalDetector(Detector):
         """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``. All variants
         of one run are decoded together as one batch (one generation per retrieved run)."""
         p = self.params
-        recall = torch.zeros(len(variants))
-        for run in runs:
+
+        def one(run: NeedleRun) -> torch.Tensor:   # one generation per retrieved run: the ranks share them
             gen = greedy_generate(model, [run.tokens] * len(variants), p.max_new_tokens,
                                   ablate=variants, stop_ids=stops)
             answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
-            recall += torch.tensor([rouge1_recall(run.needle, a) for a in answers]) / len(runs)
+            return torch.tensor([rouge1_recall(run.needle, a) for a in answers])
+        recall = torch.zeros(len(variants))
+        for r in distributed.map(one, list(runs), "retrieval causal check"):
+            recall += r / len(runs)
         return recall
