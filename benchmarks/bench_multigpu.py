@@ -238,8 +238,11 @@ def cmd_mp(args) -> None:
     print(f"built and bridged in {out['build_s']} s", flush=True)
     params = {"induction": {"seq_len": 10}, "copy_suppression": {"n_tokens": 32, "seq_len": 32}} if args.tiny else {}
     dets = [get_detector(n, max_rows=args.batch_size, **params.get(n, {})) for n in args.detectors.split(",")]
-    timings, statuses = {}, {}
+    timings, statuses, peaks = {}, {}, {}
     for det in dets:  # one at a time, so a failure still reports the detectors before it
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
         t1 = time.perf_counter()
         try:
             cat = scan(model, [det], seed=0)
@@ -248,14 +251,20 @@ def cmd_mp(args) -> None:
         except Exception as exc:  # report, do not hide: the JSON says which detector failed and why
             statuses[det.name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         timings[det.name] = round(time.perf_counter() - t1, 1)
-        print(f"{det.name}: {statuses[det.name]} in {timings[det.name]} s", flush=True)
-        merge_json(Path(args.json), {**out, "timings_s": timings, "statuses": statuses})
+        if torch.cuda.is_available():   # per detector: the most allocated on each GPU (weights included)
+            peaks[det.name] = [round(torch.cuda.max_memory_allocated(i) / 2**30, 2)
+                               for i in range(torch.cuda.device_count())]
+        print(f"{det.name}: {statuses[det.name]} in {timings[det.name]} s; peak GiB per GPU {peaks.get(det.name)}",
+              flush=True)
+        merge_json(Path(args.json), {**out, "timings_s": timings, "statuses": statuses,
+                                     "peak_gib_per_gpu_per_detector": peaks})
     if torch.cuda.is_available():
-        out["peak_gib_per_gpu"] = [round(torch.cuda.max_memory_allocated(i) / 2**30, 2)
+        out["peak_gib_per_gpu"] = [max(p[i] for p in peaks.values()) if peaks else None
                                    for i in range(torch.cuda.device_count())]
         out["total_gib_per_gpu"] = [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)
                                     for i in range(torch.cuda.device_count())]
-    merge_json(Path(args.json), {**out, "timings_s": timings, "statuses": statuses})
+    merge_json(Path(args.json), {**out, "timings_s": timings, "statuses": statuses,
+                                 "peak_gib_per_gpu_per_detector": peaks})
     print(json.dumps({**out, "timings_s": timings, "statuses": statuses}, indent=2))
 
 

@@ -150,3 +150,14 @@ def plan_items(item_bytes: int, budget_bytes: int, cap: int | None = None) -> in
     at most ``cap``): for loops whose unit is not a sequence (a head's direct path, a needle run)."""
     n = max(1, int(budget_bytes // max(1, item_bytes)))
     return min(n, cap) if cap else n
+
+
+def plan_pieces(n_items: int, item_bytes: int, device, model=None, max_memory: str | int | None = None) -> int:
+    """How many of ``n_items`` (each needing ``item_bytes`` of working memory) one piece of a computation
+    may take so that it fits the working-memory budget (:func:`resolve_budget`): between 1 and
+    ``n_items``. Used to split weight circuits (e.g. layers of ``W_U^T W_OV``) that would otherwise be
+    formed in one piece. In a distributed run every rank gets the smallest rank's plan."""
+    from . import distributed
+
+    budget = resolve_budget(max_memory, device, model, need=item_bytes)
+    return distributed.agree_min(max(1, min(n_items, budget // max(1, item_bytes))))

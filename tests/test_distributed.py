@@ -3,7 +3,10 @@ catalogue bytes as 1 process, each rank computing half of every batched sweep's 
 
 The model is a tiny random-weight Llama (3 layers x 4 heads, grouped-query attention) over the word-level
 vocabulary of the planted successor model, so induction, successor and copy suppression all run and give
-non-trivial floats; the planted safety model covers padded prompts (Ships under uniform attention)."""
+non-trivial floats; the planted safety model covers padded prompts (Ships under uniform attention), and the
+planted retriever the needle runs, the generation causal check and the direct effects of retrieval.
+Besides the batched sweeps, the direct effects, induction's OV eigenvalues and copying, and copy
+suppression's OV and QK ranks are shared by the ranks, and all of them are checked here."""
 import json
 import os
 import subprocess
@@ -16,7 +19,7 @@ import torch
 
 from headlens import distributed
 
-from planted import SUCCESSOR_SEQUENCES, make_tokenizer, safety_model
+from planted import SUCCESSOR_SEQUENCES, make_tokenizer, retrieval_model, safety_model
 
 ARGS = ["-d", "induction,successor,copy_suppression", "--batch-size", "8", "-p", "induction.seq_len=10",
         "-p", "copy_suppression.n_tokens=32", "-p", "copy_suppression.seq_len=32"]
@@ -115,6 +118,11 @@ def test_two_ranks_give_the_same_catalogue_bytes(tiny, tmp_path):
         for step, rec in steps.items():
             assert m2["steps_s"][role][step]["chunks"] == (rec["chunks"] + 1) // 2, (role, step)
     assert sum(rec["chunks"] for s in m1["steps_s"].values() for rec in s.values()) >= 10
+    # Not only the sweeps: direct effects and the weight circuits are shared too.
+    for role, step in [("induction", "direct effects"), ("induction", "OV eigenvalues"), ("induction", "copying"),
+                       ("successor", "direct effects"), ("copy_suppression", "direct effects"),
+                       ("copy_suppression", "OV ranks"), ("copy_suppression", "QK ranks")]:
+        assert m1["steps_s"][role][step]["chunks"] >= 2, (role, step)
     # Only rank 0 prints: one table per role, one 'done' line per detector.
     assert r2.stdout.count("induction: top 10 heads") == 1
     assert r2.stderr.count("induction: done in") == 1
@@ -141,6 +149,31 @@ def test_two_ranks_padded_safety_prompts_same_bytes(tmp_path):
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
     meta = json.loads((tmp_path / "two.json").read_text())
     assert meta["detectors"]["safety"]["status"] == "ok" and meta["detectors"]["safety"]["labelled"] == ["L1H1"]
+
+
+def test_two_ranks_share_needle_runs_same_bytes(tmp_path):
+    """Retrieval on the planted retriever: the needle runs (one item per decoded batch), the causal
+    check's generations (one per retrieved run) and the direct effects are shared; same bytes."""
+    folder = retrieval_model(tmp_path / "retriever")
+    (tmp_path / "needles.json").write_text(json.dumps([{"needle": "t20 t21 t22 t23 t24", "question": "t20"}]))
+    (tmp_path / "hay.txt").write_text(" ".join(f"t{1 + (i * 7) % 15}" for i in range(60)))
+    args = ["-d", "retrieval", "-p", f"retrieval.needles={tmp_path / 'needles.json'}",
+            "-p", f"retrieval.haystack={tmp_path / 'hay.txt'}", "-p", "retrieval.context_lengths=[30,50]",
+            "-p", "retrieval.depths=[0.0,0.5,1.0]", "-p", "retrieval.plain_template={context} {question}",
+            "-p", "retrieval.max_new_tokens=4", "-p", "retrieval.top_k=2", "-p", "retrieval.n_random=5",
+            "-p", "retrieval.effect_runs=1"]
+    r1 = headlens("scan", folder, *args, "-o", tmp_path / "one.csv")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = headlens("scan", folder, *args, "-o", tmp_path / "two.csv", ranks=2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+    m1, m2 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert m1["detectors"]["retrieval"]["status"] == "ok"
+    assert m1["detectors"]["retrieval"]["causal"] == m2["detectors"]["retrieval"]["causal"]
+    s1, s2 = m1["steps_s"]["retrieval"], m2["steps_s"]["retrieval"]
+    for step in ("needle runs", "retrieval causal check"):
+        assert s1[step]["chunks"] >= 2 and s2[step]["chunks"] == (s1[step]["chunks"] + 1) // 2, step
+    assert s1["direct effects"]["chunks"] == s2["direct effects"]["chunks"] == 1   # one chunk: rank 0's
 
 
 def test_gpus_with_one_pinned_gpu_is_refused(tiny, tmp_path):
@@ -183,3 +216,25 @@ def test_two_ranks_same_bytes_on_smollm(tmp_path):
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
     steps = json.loads((tmp_path / "two.json").read_text())["steps_s"]["induction"]
     assert steps["single-head ablations"]["chunks"] == 5      # 270 heads / 32 per chunk = 9 chunks; rank 0: 5
+
+
+def test_weight_circuits_in_pieces_match_one_piece(tiny):
+    """Successor's OV logits and copy suppression's QK ranks, split by a small memory budget (one layer
+    per piece, keys recomputed per layer), equal the one-piece results exactly: at 70B the one-piece
+    products are tens of GiB (successor ran out of memory on an H200)."""
+    from headlens import load_model, memory
+    from headlens.detectors.copy_suppression import qk_own_ranks
+    from headlens.detectors.successor import load_tasks, succession_logits, task_groups
+
+    model = load_model(str(tiny))
+    groups = task_groups(model.tokenizer, load_tasks())
+    tokens = torch.tensor([3, 5, 7, 11, 2, 9])
+    whole, ranks = succession_logits(model, groups), qk_own_ranks(model, tokens, chunk=7)
+    small = memory.weight_bytes(model) + 1024                        # 1 KiB of working memory
+    assert memory.plan_pieces(model.n_layers, 2048, "cpu", model, small) == 1
+    with memory.limit(small):
+        pieces, ranks_small = succession_logits(model, groups), qk_own_ranks(model, tokens, chunk=7)
+    assert len(groups) >= 2
+    for (a, ta), (b, tb) in zip(whole, pieces):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert torch.equal(ranks, ranks_small)

@@ -45,11 +45,12 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
+from .. import distributed
 from ..data import data_path
 from ..errors import HeadlensError
 from ..methods import clean_run, sweep_heads
 from ..methods.ablation import skip_blocks_before
-from ..methods.circuits import effective_embedding, head_dla, normalise, per_query_head
+from ..methods.circuits import effective_embedding, head_dla, layer_weights, normalise, per_query_head
 from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
 from .induction import random_token_ids
 
@@ -59,31 +60,33 @@ def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple
     (from the bottom, from the top), 0 = the extreme; ties count against the token.
 
     With more tokens than ``d_head``, ``W_O W_U`` (``[H, d_head, vocab]``) is formed once per layer, so
-    each token costs a d_head-sized product per head instead of a d_model-sized one. Weights stay in the
-    model's dtype and one layer at a time is upcast; ``chunk`` tokens at a time (default: about 128 MB
-    of float32 logits), so the extra memory is a few per-layer matrices, not copies of the model.
+    each token costs a d_head-sized product per head instead of a d_model-sized one. One layer's
+    weights at a time are read and upcast (never every layer's: tens of GiB at 70B); ``chunk`` tokens at
+    a time (default: about 128 MB of float32 logits), so the extra memory is a few per-layer matrices.
+    Layers are shared among the ranks of a distributed run (:mod:`headlens.distributed`).
     """
     b = model.bridge
     x = normalise(model, effective_embedding(model, tokens))
-    w_v = per_query_head(model, b.W_V)
-    w_o = b.W_O                         # the bridge re-stacks W_O on every access: read it once
     w_u = b.W_U.float()
     chunk = chunk or max(1, min(128, 2 ** 25 // (model.n_heads * b.cfg.d_vocab)))
     own = tokens.to(w_u.device)
-    lower = torch.empty(model.n_layers, model.n_heads, len(tokens), dtype=torch.long)
-    higher = torch.empty_like(lower)
-    for l in range(model.n_layers):
-        factor = len(tokens) > b.cfg.d_head
-        w_ol = w_o[l].float()
+    factor = len(tokens) > b.cfg.d_head
+
+    def layer(l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lower = torch.empty(model.n_heads, len(tokens), dtype=torch.long)
+        higher = torch.empty_like(lower)
+        w_ol = layer_weights(model, "W_O", [l])[0].float()
         ou = einsum(w_ol, w_u, "h e d, d v -> h e v") if factor else None
-        v = einsum(x, w_v[l].float(), "n d, h d e -> h n e")
+        v = einsum(x, per_query_head(model, layer_weights(model, "W_V", [l]))[0].float(), "n d, h d e -> h n e")
         for i in range(0, len(tokens), chunk):
             vi = v[:, i:i + chunk]
             logits = vi @ ou if factor else (vi @ w_ol) @ w_u                           # [H, c, vocab]
             mine = logits.gather(-1, own[i:i + chunk].expand(model.n_heads, -1)[..., None])
-            lower[l, :, i:i + chunk] = (logits <= mine).sum(-1).cpu() - 1   # others at or below its own
-            higher[l, :, i:i + chunk] = (logits >= mine).sum(-1).cpu() - 1
-    return lower, higher
+            lower[:, i:i + chunk] = (logits <= mine).sum(-1).cpu() - 1   # others at or below its own
+            higher[:, i:i + chunk] = (logits >= mine).sum(-1).cpu() - 1
+        return lower, higher
+    per_layer = distributed.map(layer, range(model.n_layers), "OV ranks")
+    return torch.stack([lo for lo, _ in per_layer]), torch.stack([hi for _, hi in per_layer])
 
 
 def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,41 +96,65 @@ def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128) -> tuple[tor
     return (lower < k).float().mean(-1), (higher < k).float().mean(-1)
 
 
+def _qk_layer(model, query: torch.Tensor, key: torch.Tensor, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``l``'s queries ``[H, n, d_head]`` of the (normalised) rows of ``query`` and its keys
+    ``[H, m, d_head]`` of the rows of ``key``: one layer's ``W_Q``/``W_K`` read and upcast at a time."""
+    q = einsum(query, layer_weights(model, "W_Q", [l])[0].float(), "n d, h d e -> h n e")
+    k = einsum(key, per_query_head(model, layer_weights(model, "W_K", [l]))[0].float(), "n d, h d e -> h n e")
+    return q, k
+
+
 def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """``[L, H, n]``: for the query ``norm(W_U[:, t])`` of each token t, the rank of t's own key
     ``norm(W_EE[t])`` in ``W_U^T W_QK W_EE`` among the keys of the **whole** vocabulary (0 = the top;
-    ties count against the token). Same rows and same competitor set as :func:`ov_own_ranks`."""
+    ties count against the token). Same rows and same competitor set as :func:`ov_own_ranks`.
+
+    The vocabulary's keys go ``chunk`` tokens at a time; they are computed once and kept (float32,
+    ``vocab x d_model``) when that fits the working-memory budget, else recomputed for every layer.
+    Layers are shared among the ranks of a distributed run."""
+    from ..memory import plan_pieces
+
     b = model.bridge
     vocab = b.cfg.d_vocab
     w_u = b.W_U
     query = normalise(model, w_u[:, tokens.to(w_u.device)].float().T)
-    w_q = b.W_Q
-    q = torch.stack([einsum(query, w_q[l].float(), "n d, h d e -> h n e") for l in range(model.n_layers)])
-    w_k = per_query_head(model, b.W_K)                               # model dtype; upcast per layer
     keys_own = normalise(model, effective_embedding(model, tokens))
-    own = torch.stack([einsum(q[l], einsum(keys_own, w_k[l].float(), "n d, h d e -> h n e"), "h n e, h n e -> h n")
-                       for l in range(model.n_layers)])
-    above = torch.zeros(model.n_layers, model.n_heads, len(tokens), dtype=torch.long)
     ids = tokens.cpu()
-    for i in range(0, vocab, chunk):
-        stop = min(i + chunk, vocab)
-        keys = normalise(model, effective_embedding(model, torch.arange(i, stop)))
-        rows = ((ids >= i) & (ids < stop)).nonzero()[:, 0]          # tokens whose own key is in this chunk
-        for l in range(model.n_layers):
-            scores = einsum(q[l], einsum(keys, w_k[l].float(), "m d, h d e -> h m e"), "h n e, h m e -> h n m")
+    starts = list(range(0, vocab, chunk))
+    keep = plan_pieces(2, vocab * b.cfg.d_model * 4, model.device, model) == 2   # keys + room to spare
+    kept: dict[int, torch.Tensor] = {}
+
+    def keys(i: int) -> torch.Tensor:
+        if i in kept:
+            return kept[i]
+        k = normalise(model, effective_embedding(model, torch.arange(i, min(i + chunk, vocab))))
+        if keep:
+            kept[i] = k
+        return k
+
+    def layer(l: int) -> torch.Tensor:
+        q, k_own = _qk_layer(model, query, keys_own, l)
+        own = einsum(q, k_own, "h n e, h n e -> h n")
+        w_k = per_query_head(model, layer_weights(model, "W_K", [l]))[0].float()
+        above = torch.zeros(model.n_heads, len(tokens), dtype=torch.long)
+        for i in starts:
+            stop = min(i + chunk, vocab)
+            rows = ((ids >= i) & (ids < stop)).nonzero()[:, 0]          # tokens whose own key is in this chunk
+            scores = einsum(q, einsum(keys(i), w_k, "m d, h d e -> h m e"), "h n e, h m e -> h n m")
             scores[:, rows, ids[rows] - i] = float("-inf")                   # the own key is not a rival
-            above[l] += (scores >= own[l][..., None]).sum(-1).cpu()
-    return above
+            above += (scores >= own[..., None]).sum(-1).cpu()
+        return above
+    return torch.stack(distributed.map(layer, range(model.n_layers), "QK ranks"))
 
 
 def qk_diagonal(model, tokens: torch.Tensor) -> torch.Tensor:
     """``[L, H]``: fraction of rows of ``W_U^T W_QK W_EE`` (over ``tokens``) whose diagonal is the strict max."""
     b = model.bridge
-    w_u, w_q, w_k = b.W_U, b.W_Q, per_query_head(model, b.W_K)      # model dtype; upcast per layer
+    w_u = b.W_U
     query = normalise(model, w_u[:, tokens.to(w_u.device)].float().T)
     key = normalise(model, effective_embedding(model, tokens))
-    q = torch.stack([einsum(query, w_q[l].float(), "n d, h d e -> h n e") for l in range(model.n_layers)])
-    kk = torch.stack([einsum(key, w_k[l].float(), "n d, h d e -> h n e") for l in range(model.n_layers)])
+    qk = [_qk_layer(model, query, key, l) for l in range(model.n_layers)]   # one layer's weights at a time
+    q, kk = torch.stack([q for q, _ in qk]), torch.stack([k for _, k in qk])
     scores = einsum(q, kk, "l h n e, l h m e -> l h n m")
     diag = scores.diagonal(dim1=-2, dim2=-1)
     others = scores.masked_fill(torch.eye(len(tokens), dtype=torch.bool, device=scores.device), float("-inf"))

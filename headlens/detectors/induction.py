@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
+from .. import distributed
 from ..methods import clean_run, loss_metric, sweep_heads
 from ..methods.ablation import logits_at
-from ..methods.circuits import effective_embedding, normalise
+from ..methods.circuits import effective_embedding, layer_weights, normalise, per_query_head
 from .base import Detector, DetectorResult, ReviewParams, effect_heads, head_frame
 
 
@@ -79,11 +80,17 @@ def ov_eigen_ratio(model) -> torch.Tensor:
     b = model.bridge
     w_ee = normalise(model, effective_embedding(model, torch.arange(b.cfg.d_vocab)))
     ue = b.W_U.float() @ w_ee.to(b.W_U.device)                              # [d, d]
-    rep = model.n_heads // model.info.n_kv_heads
-    w_v = b.W_V.float().repeat_interleave(rep, dim=1)                       # [L, H, d, dh]
-    m = einsum(b.W_O.float(), ue, w_v, "l h e d1, d1 d2, l h d2 f -> l h e f")
-    lam = torch.linalg.eigvals(m)
-    return lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-12)
+    del w_ee
+
+    def layer(l: int) -> torch.Tensor:
+        """One layer's ratios ``[H]``: its weights alone are upcast (all layers at once are tens of GiB
+        at 70B), and the eigenvalues (a CPU-bound loop over small matrices) are shared among ranks."""
+        w_v = per_query_head(model, layer_weights(model, "W_V", [l], ue.device).float())   # [1, H, d, dh]
+        w_o = layer_weights(model, "W_O", [l], ue.device).float()
+        m = einsum(w_o, ue, w_v, "l h e d1, d1 d2, l h d2 f -> l h e f")
+        lam = torch.linalg.eigvals(m)
+        return (lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-12))[0].cpu()
+    return torch.stack(distributed.map(layer, range(model.n_layers), "OV eigenvalues"))
 
 
 class InductionDetector(Detector):
@@ -169,19 +176,23 @@ class InductionDetector(Detector):
         other = (target + torch.randint(1, b.cfg.d_vocab, target.shape, generator=g)) % b.cfg.d_vocab
         scale = cache["ln_final.hook_scale"][:, pos].float().to(model.device)  # [b, P, 1]
         w_u = b.W_U.float()
-        w_o = b.W_O.float()  # the bridge re-stacks every layer's weights on each access: read once
-        out = torch.zeros(model.n_layers, model.n_heads)
-        chance = torch.zeros(model.n_layers, model.n_heads)
         kv = torch.tensor([model.kv_head(h) for h in range(model.n_heads)])
-        for l in range(model.n_layers):
+
+        def layer(l: int) -> tuple[torch.Tensor, torch.Tensor]:   # ([H] shares of the target, of another token)
             v = cache[f"blocks.{l}.attn.hook_v"][:, key][:, :, kv].float().to(model.device)   # [b, P, H, dh]
-            resid = einsum(v, w_o[l], "b p h e, h e d -> b p h d") / scale[..., None]
+            w_o = layer_weights(model, "W_O", [l])[0].float()   # one layer upcast (all: 21 GiB at 70B)
+            resid = einsum(v, w_o, "b p h e, h e d -> b p h d") / scale[..., None]
             logits = resid @ w_u                                              # [b, P, H, vocab]
             raise_ = torch.relu(logits - logits.mean(-1, keepdim=True))
             total = raise_.sum(-1).clamp_min(1e-12)
-            for ids, dest in ((target, out), (other, chance)):
+            shares = []
+            for ids in (target, other):
                 idx = ids.to(raise_.device)[:, :, None, None].expand(-1, -1, model.n_heads, 1)
-                dest[l] = (raise_.gather(-1, idx)[..., 0] / total).mean((0, 1)).cpu()
+                shares.append((raise_.gather(-1, idx)[..., 0] / total).mean((0, 1)).cpu())
+            return shares[0], shares[1]
+        per_layer = distributed.map(layer, range(model.n_layers), "copying")
+        out = torch.stack([o for o, _ in per_layer])
+        chance = torch.stack([c for _, c in per_layer])
         return out, float(chance.mean())
 
     def _loss_sweep(self, model, tokens):

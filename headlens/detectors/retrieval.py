@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
+from ..checkpoint import digest
 from ..data import data_path
 from ..errors import HeadlensError
 from ..memory import plan_items
@@ -176,7 +178,7 @@ def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_by
     prefix = prefill(model, start.tokens[:n_prefix]) if n_prefix > 1 else None
     rest = max_bytes - (prefix.nbytes if prefix is not None else 0)
     order = sorted(range(len(runs)), key=lambda i: (runs[i].length, runs[i].depth, i))
-    out: list = [None] * len(runs)
+    batches: list[list[int]] = []
     i = 0
     while i < len(order):
         batch = [order[i]]
@@ -189,11 +191,21 @@ def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_by
             if len(rows) * row_bytes(model, n, max_new_tokens, n - nxt.span[0]) > rest:
                 break
             batch = rows
+        batches.append(batch)
+        i += len(batch)
+
+    def decode(batch: list[int]) -> list[tuple[list[int], torch.Tensor]]:
         gen = greedy_generate(model, [runs[j].tokens for j in batch], max_new_tokens, record_top1=True,
                               stop_ids=stops, prefix=prefix)
-        for row, j in enumerate(batch):
-            out[j] = (runs[j], gen.tokens[row], gen.top1[:, :, row])
-        i += len(batch)
+        return [(gen.tokens[row], gen.top1[:, :, row].clone()) for row in range(len(batch))]
+
+    # Each batch is one item of the same plan on every rank (the budget is agreed by the caller), so a
+    # distributed run decodes each batch exactly as one process does; finished batches are checkpointed.
+    key = digest("needle runs", [r.tokens for r in runs], max_new_tokens, sorted(stops), batches, n_prefix)
+    out: list = [None] * len(runs)
+    for batch, decoded in zip(batches, distributed.map(decode, batches, "needle runs", key=key, resumable=True)):
+        for j, (tokens, top1) in zip(batch, decoded):
+            out[j] = (runs[j], tokens, top1)
     return out
 
 
@@ -231,9 +243,11 @@ class RetrievalDetector(Detector):
         lengths, depths = grid(model, p, needles, template, chat)
         runs = needle_prompts(model, needles, haystack, lengths, depths, chat, template)
         stops = stop_token_ids(model)
+        # every rank plans the same batches: the smallest rank's budget
         longest = max(len(r.tokens) for r in runs)
+        need = row_bytes(model, longest, p.max_new_tokens, longest)
         results = decode_runs(model, runs, p.max_new_tokens, stops,
-                              budget(model, p.max_bytes, row_bytes(model, longest, p.max_new_tokens, longest)))
+                              distributed.agree_min(budget(model, p.max_bytes, need)))
         scores, recalls, retrieved, answers, retrieved_recall = [], [], [], [], []
         for run, generated, top1 in results:
             answer = model.tokenizer.decode(generated, skip_special_tokens=True)
@@ -297,22 +311,28 @@ class RetrievalDetector(Detector):
 
     def causal_values(self, model, variants, runs=(), stops=(), clean_recall=None, **_) -> torch.Tensor:
         """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``. All variants
-        of one run are decoded together as one batch (one generation per retrieved run). A variant that
+        of one run are decoded together, in batches that fit the memory budget. A variant that
         ablates nothing takes the run's recall from its detection decoding (``clean_recall``), when given,
         instead of decoding it again."""
         p = self.params
-        recall = torch.zeros(len(variants))
         decode = [i for i, v in enumerate(variants) if v or clean_recall is None]
-        for r, run in enumerate(runs):
-            if clean_recall is not None:
-                recall[[i for i, v in enumerate(variants) if not v]] += clean_recall[r] / len(runs)
-            n = len(run.tokens)
-            one = row_bytes(model, n, p.max_new_tokens, n)
-            rows = plan_items(one, budget(model, p.max_bytes, one))
-            for start in range(0, len(decode), rows):       # as many variants per batch as fit the budget
-                part = decode[start:start + rows]
+        # as many variants per batch as fit the budget; every rank plans the same batches
+        rows = [distributed.agree_min(plan_items(one, budget(model, p.max_bytes, one)))
+                for one in (row_bytes(model, len(run.tokens), p.max_new_tokens, len(run.tokens)) for run in runs)]
+
+        def one(item) -> torch.Tensor:   # one retrieved run's decodings: the ranks share the runs
+            run, n = item
+            recall = torch.zeros(len(decode))
+            for start in range(0, len(decode), n):
+                part = decode[start:start + n]
                 gen = greedy_generate(model, [run.tokens] * len(part), p.max_new_tokens,
                                       ablate=[variants[i] for i in part], stop_ids=stops)
                 answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
-                recall[part] += torch.tensor([rouge1_recall(run.needle, a) for a in answers]) / len(runs)
+                recall[start:start + len(part)] = torch.tensor([rouge1_recall(run.needle, a) for a in answers])
+            return recall
+        recall = torch.zeros(len(variants))
+        for r, got in enumerate(distributed.map(one, list(zip(runs, rows)), "retrieval causal check")):
+            if clean_recall is not None:
+                recall[[i for i, v in enumerate(variants) if not v]] += clean_recall[r] / len(runs)
+            recall[decode] += got / len(runs)
         return recall

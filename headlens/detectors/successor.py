@@ -118,21 +118,37 @@ def source_embedding(model, ids: torch.Tensor, embedding: str = "w_e_mlp0") -> t
     return normalise(model, x)
 
 
-def succession_logits(model, groups: list[Group], embedding: str = "w_e_mlp0"):
+def succession_logits(model, groups: list[Group], embedding: str = "w_e_mlp0",
+                      max_memory: str | int | None = None):
     """Per group: (``[L, H, n_pairs, n_candidates]`` OV logits of each source over the group's tokens,
-    ``[n_pairs]`` index of each successor among the candidates). All heads at once: one effective-OV
-    product for every source token, then one small unembedding product per task variant."""
+    ``[n_pairs]`` index of each successor among the candidates). All heads of a piece of the layers at
+    once: one effective-OV product for every source token, then one small unembedding product per task
+    variant. The pieces are as many layers as fit the working-memory budget (:mod:`headlens.memory`;
+    ``[layers, H, n_sources, d_model]`` in float32 is tens of GiB at 70B), all layers in one piece when
+    they fit."""
+    from ..memory import plan_pieces
+
     b = model.bridge
     sources = torch.tensor([s for g in groups for s, _ in g.pairs()])
-    out = ov_out(model, source_embedding(model, sources, embedding))           # [L, H, n, d]
+    x = source_embedding(model, sources, embedding)                            # [n, d]
     w_u = b.W_U.float()
-    result, start = [], 0
-    for g in groups:
-        pairs, cand = g.pairs(), g.candidates
-        logits = einsum(out[:, :, start:start + len(pairs)], w_u[:, cand], "l h n d, d c -> l h n c")
-        result.append((logits.cpu(), torch.tensor([cand.index(t) for _, t in pairs])))
-        start += len(pairs)
-    return result
+    H, (n, d), dh = model.n_heads, x.shape, model.info.d_head
+    # per layer: W_V (repeated per query head) and W_O in float32 and the model's dtype, v, and the OV image
+    itemsize = b.W_U.element_size()
+    per_layer = H * (2 * d * dh * (4 + itemsize) + 4 * n * (dh + d))
+    step = plan_pieces(model.n_layers, per_layer, x.device, model, max_memory)
+    parts: list[list[torch.Tensor]] = [[] for _ in groups]
+    for first in range(0, model.n_layers, step):
+        out = ov_out(model, x, range(first, min(first + step, model.n_layers)))   # [l, H, n, d]
+        start = 0
+        for k, g in enumerate(groups):
+            pairs, cand = g.pairs(), g.candidates
+            logits = einsum(out[:, :, start:start + len(pairs)], w_u[:, cand], "l h n d, d c -> l h n c")
+            parts[k].append(logits.cpu())
+            start += len(pairs)
+        del out
+    return [(torch.cat(parts[k]) if len(parts[k]) > 1 else parts[k][0],
+             torch.tensor([g.candidates.index(t) for _, t in g.pairs()])) for k, g in enumerate(groups)]
 
 
 def hits_for(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

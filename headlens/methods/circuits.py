@@ -7,10 +7,14 @@
 - :func:`normalise`: what a (folded) LayerNorm/RMSNorm does before ``W_Q/W_K/W_V``: centre (LN only)
   and divide by the RMS; the gains are folded into the weights by the bridge's compatibility mode.
 - :func:`ov_out`: every head's OV output ``x . W_V . W_O`` for a batch of residual vectors, all
-  ``[n_layers, n_heads]`` at once, grouped-query attention aware.
+  ``[n_layers, n_heads]`` at once (or the heads of some layers), grouped-query attention aware.
+- :func:`layer_weights`: ``W_Q/W_K/W_V/W_O`` of some layers only, so that a weight circuit can go a
+  piece of the model at a time instead of stacking (and upcasting) every layer's weights at once.
 - :func:`head_dla`: every head's direct logit attribution at chosen positions, from cached ``hook_z``.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from einops import einsum
@@ -49,12 +53,22 @@ def per_query_head(model, w: torch.Tensor) -> torch.Tensor:
     return w.repeat_interleave(rep, dim=1) if rep > 1 else w
 
 
-def ov_out(model, x: torch.Tensor) -> torch.Tensor:
-    """``[L, H, n, d_model]``: every head's OV image ``x . W_V . W_O`` of the rows of ``x`` (already normalised)."""
-    b = model.bridge
-    w_v = per_query_head(model, b.W_V.float())                                   # [L, H, d, dh]
+def layer_weights(model, name: str, layers: Sequence[int], device=None) -> torch.Tensor:
+    """``W_Q``, ``W_K``, ``W_V`` or ``W_O`` of ``layers`` only, ``[len(layers), heads, ...]`` in the model's
+    dtype on ``device`` (default the model's): what ``model.bridge.<name>[layers]`` holds, without the
+    bridge stacking every layer (tens of GiB at 70B) or moving every layer to one GPU."""
+    device = model.device if device is None else device
+    return torch.stack([getattr(model.bridge.blocks[l].attn, name).to(device) for l in layers])
+
+
+def ov_out(model, x: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+    """``[L, H, n, d_model]``: every head's OV image ``x . W_V . W_O`` of the rows of ``x`` (already
+    normalised); with ``layers``, the heads of those layers only (``[len(layers), H, n, d_model]``)."""
+    layers = range(model.n_layers) if layers is None else layers
+    w_v = per_query_head(model, layer_weights(model, "W_V", layers, x.device).float())  # [L, H, d, dh]
     v = einsum(x.float(), w_v, "n d, l h d e -> l h n e")
-    return einsum(v, b.W_O.float(), "l h n e, l h e d -> l h n d")
+    del w_v
+    return einsum(v, layer_weights(model, "W_O", layers, x.device).float(), "l h n e, l h e d -> l h n d")
 
 
 def head_dla(model, cache, rows: torch.Tensor, positions: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:

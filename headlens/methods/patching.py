@@ -107,18 +107,26 @@ def path_patch_logits(model, clean: torch.Tensor, corrupted: torch.Tensor, metri
             keep[entry[2]] = 1
             d = d * keep[None, :, None]
         return d
-    values = _direct_path_values(model, target, entries, dz, metric, max_rows)
+    values = _direct_path_values(model, target, entries, dz, metric, max_rows, key=(direction,),
+                                 description="path patching")
     return _scatter(model, entries, values, per_position, n_pos)
 
 
 def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metric: Metric,
-                        max_rows: int | None, positions: slice = slice(None)) -> torch.Tensor:
+                        max_rows: int | None, positions: slice = slice(None), key: tuple = (),
+                        description: str = "direct effects") -> torch.Tensor:
     """``metric`` of the target logits plus, per entry, only the direct-path change
     ``norm(dz(entry) @ W_O[l, h]) @ W_U`` (the target run's final norm scale frozen): ``[n_entries, ...]``.
 
     Only the logits the metric reads are formed: at its declared ``positions`` (then it gets them
     through ``on_positions``), else at the ``positions`` slice. Entries are taken in chunks sized in
-    bytes by the memory budget (:func:`headlens.memory.resolve_budget`), at most ``max_rows`` rows."""
+    bytes by the memory budget (:func:`headlens.memory.resolve_budget`), at most ``max_rows`` rows, and
+    planned the same way whatever the number of processes; with several (:mod:`headlens.distributed`)
+    each computes its share of the chunks, and in a checkpointed scan finished chunks are saved and
+    reused on resume (``key``: what else, beside the entries, tokens and chunking, identifies the
+    values, e.g. the ablation)."""
+    from .. import distributed
+    from ..checkpoint import digest
     from ..memory import plan_items, resolve_budget
 
     batch, n_pos = target.tokens.shape
@@ -136,16 +144,15 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
     item = base.element_size()
     per_entry = batch * len(where) * (2 * model.info.d_model * 4 + W_U.shape[-1] * (2 * item + 4))
     budget = resolve_budget(None, W_U.device, model, need=per_entry)
-    per_chunk = plan_items(per_entry, budget, max_rows // batch if max_rows else None)
+    per_chunk = distributed.agree_min(plan_items(per_entry, budget, max_rows // batch if max_rows else None))
+    chunks = [entries[start:start + per_chunk] for start in range(0, len(entries), per_chunk)]
 
     def write(entry):   # the head's change of the residual stream, on the unembedding's device
         d = dz(entry)
         d = d[:, where.to(d.device)].to(W_U.device)
         return d @ W_O[entry[0], entry[1]].to(d.device, d.dtype)
 
-    results = []
-    for start in range(0, len(entries), per_chunk):
-        chunk = entries[start:start + per_chunk]
+    def one(chunk: list[tuple]) -> torch.Tensor:
         # layers may sit on several GPUs: every head's write meets on the unembedding's device
         delta = torch.stack([write(e) for e in chunk])
         if centre:
@@ -154,9 +161,12 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
         del delta
         logits = base[None] + shift.to(base.device, base.dtype)
         del shift
-        results.append(per_variant(apply, logits.flatten(0, 1), len(chunk), batch))
-        del logits
-    return torch.cat(results)
+        return per_variant(apply, logits.flatten(0, 1), len(chunk), batch)
+
+    work = digest(description, entries, target.tokens, per_chunk, where, *key)
+    results = distributed.map(one, chunks, description, key=work, resumable=True)
+    home = target.logits.device
+    return torch.cat([r.to(home) for r in results])
 
 
 def uniform_z(model, run: CleanRun) -> dict[int, torch.Tensor]:
@@ -206,5 +216,6 @@ def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Ablatio
         l, h = entry
         z = run.z[l][:, :, h]
         return ablated_z[l][..., h, :].to(z.device, z.dtype).expand_as(z) - z
-    values = _direct_path_values(model, run, entries, dz, metric, max_rows, positions)
+    values = _direct_path_values(model, run, entries, dz, metric, max_rows, positions,
+                                 key=(ablation,))
     return _scatter(model, entries, values, False, run.tokens.shape[1])
