@@ -83,6 +83,7 @@ class Detector:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    default_batch_size: ClassVar[int] = 64   # runtime, not science: sequences per batched forward pass
 
     @dataclass
     class Params:
@@ -91,6 +92,9 @@ class Detector:
     def __init__(self, **overrides):
         known = {f.name for f in dataclasses.fields(self.Params)}
         unknown = set(overrides) - known
+        if "max_rows" in unknown:
+            raise HeadlensError("max_rows is a runtime setting, not a detector parameter: use --batch-size "
+                                "(CLI) or hl.scan(model, ..., batch_size=N)")
         if unknown:
             raise HeadlensError(f"detector '{self.name}' has no parameter(s) {', '.join(sorted(unknown))}; "
                                 f"it takes {', '.join(sorted(known)) or 'none'}")
@@ -98,6 +102,13 @@ class Detector:
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         raise NotImplementedError
+
+    @property
+    def max_rows(self) -> int:
+        """Sequences per batched forward pass: the runtime's batch size (``scan(batch_size=...)``,
+        ``--batch-size``) if set, else the detector's default; the memory budget may lower it further."""
+        from ..memory import batch_size
+        return batch_size(self.default_batch_size)
 
     @property
     def causal_params(self) -> CausalParams:
@@ -136,7 +147,7 @@ class Detector:
         ``metric``. Detectors whose check needs generation (retrieval, safety) override this one method.
         """
         return run_variants(model, run.tokens, variants, metric, self.causal_params.ablation,
-                            run.attention_mask, getattr(self.params, "max_rows", 64), run,
+                            run.attention_mask, self.max_rows, run,
                             description=f"{self.name} causal check")
 
     def interval(self, per_item: torch.Tensor, seed: int, name: str = "score") -> dict[str, torch.Tensor]:
@@ -159,7 +170,7 @@ class Detector:
         """
         from ..methods import direct_effects
         values = direct_effects(model, run, metric, self.causal_params.ablation, heads=heads,
-                                max_rows=max_rows or getattr(self.params, "max_rows", 64), positions=positions)
+                                max_rows=max_rows or self.max_rows, positions=positions)
         values = values if values.dim() == 2 else values[..., 0]
         if clean is None:
             clean = float(metric(run.logits).flatten()[0])

@@ -96,7 +96,6 @@ class InductionDetector(Detector):
         threshold: float = 0.4     # prefix-matching score for the label
         copy_positions: int = 4    # sampled positions per sequence for the copying score
         causal_seqs: int = 4       # sequences used by the all-heads ablation sweep
-        max_rows: int = 64         # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -188,5 +187,5 @@ class InductionDetector(Detector):
         metric = loss_metric(sweep_tokens, repeated)
         run = clean_run(model, sweep_tokens)
         clean_loss = float(metric(run.logits))
-        losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=p.max_rows, run=run)
+        losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=self.max_rows, run=run)
         return losses - clean_loss, run, metric

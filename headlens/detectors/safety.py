@@ -85,7 +85,6 @@ class SafetyDetector(Detector):
         min_gain: float = 0.05          # stop growing when the group KL rises by less than this share
         min_asr_rise: float = 0.2       # label: the group's ASR on refused requests, 95% lower end, at least this
         ablation: str = "uniform"       # undifferentiated attention (the only kind the check decodes with)
-        max_rows: int = 64              # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -171,7 +170,7 @@ class SafetyDetector(Detector):
         tokens, mask = tokens.to(model.device), mask.to(model.device)
         run = clean_run(model, tokens, mask)   # z kept for the direct effects
         kl = sweep_heads(model, tokens, kl_metric(run.logits, per_prompt=True), "uniform", attention_mask=mask,
-                         max_rows=self.params.max_rows, run=run)
+                         max_rows=self.max_rows, run=run)
         return kl.clamp_min(0), run
 
     def _greedy_group(self, model, ships, run) -> list[tuple[int, int]]:
@@ -186,7 +185,7 @@ class SafetyDetector(Detector):
             if not rest:
                 break
             values = run_variants(model, run.tokens, [group + [h] for h in rest], metric, "uniform",
-                                  run.attention_mask, p.max_rows, run, description="greedy safety group")
+                                  run.attention_mask, self.max_rows, run, description="greedy safety group")
             i = int(values.argmax())
             if float(values[i]) < best * (1 + p.min_gain):
                 break

@@ -119,6 +119,21 @@ def clean_run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None =
     return run
 
 
+def block_returns_tuple(model) -> bool:
+    """Whether the wrapped decoder block returns a tuple (what :func:`skip_blocks_before` must mimic)."""
+    seen = {}
+
+    def record(module, inputs, output):
+        seen["tuple"] = isinstance(output, tuple)   # returns None: the output is left alone
+    handle = model.bridge.blocks[0].original_component.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model.bridge(torch.tensor([[model.bos_token_id or 0]], device=model.device))
+    finally:
+        handle.remove()
+    return seen["tuple"]
+
+
 @contextlib.contextmanager
 def skip_blocks_before(model, layer: int, returns_tuple: bool = False):
     """Make blocks ``0..layer-1`` pass their input through untouched (for ``start_at_layer`` runs).
@@ -278,7 +293,8 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
             if run.attention_mask is not None:
                 mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
             fwd = hooks(ablation, {l: m[variant_of_row] for l, m in masks.items()},
-                        lambda layer: Site(model, layer, run, prompt_of_row, mask))
+                        lambda layer: Site(model, layer, run, prompt_of_row, mask,
+                                           torch.tensor([v for v, _ in chunk])))
             with torch.no_grad(), skip_blocks_before(model, first, run.block_returns_tuple), \
                     logits_at(model, index):  # final norm + unembedding only at the metric's positions
                 logits = model.bridge.run_with_hooks(resid, start_at_layer=first, attention_mask=mask,

@@ -48,13 +48,14 @@ class Site:
     ``run``: the clean run of the prompts (:class:`~headlens.methods.ablation.CleanRun`), or None inside
     :func:`ablate`, where the forward pass is the user's. ``prompts``: ``[rows]``, which prompt of ``run``
     each row of ``x`` runs (None: the rows are the prompts, in order). ``attention_mask``: the rows' mask
-    ``[rows, pos]``, when given.
+    ``[rows, pos]``, when given. ``variants``: ``[rows]``, which variant of a batched sweep each row is.
     """
     model: Any
     layer: int
     run: Any = None
     prompts: Int[Tensor, "rows"] | None = None
     attention_mask: Int[Tensor, "rows pos"] | None = None
+    variants: Int[Tensor, "rows"] | None = None
 
     def rows(self, per_prompt: Tensor) -> Tensor:
         """A per-prompt tensor ``[batch, ...]`` of the run, indexed to the rows of ``x``."""
