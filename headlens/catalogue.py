@@ -202,7 +202,7 @@ def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None
         frame = frame.merge(part, on=["layer", "head"], how="left", validate="one_to_one")
         detectors_meta[res.role] = {"status": res.status, "reason": res.reason, "params": res.params,
                                     "labelled": [f"L{l}H{h}" for l, h in res.labelled],
-                                    "causal": res.causal, "info": res.info}
+                                    "causal": res.causal.to_dict() if res.causal else {}, "info": res.info}
     frame["roles"] = [";".join(roles_of.get((l, h), [])) for l, h in zip(frame["layer"], frame["head"])]
     meta = {"headlens_version": __version__, "model": model.info.as_dict(), "seed": seed,
             "torch_version": torch.__version__, "detectors": detectors_meta}
