@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from ..data import data_path
+from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods import Intervention, clean_run, run_variants, sweep_heads
 from ..methods.ablation import CleanRun, block_returns_tuple
@@ -143,9 +143,7 @@ def wilson_lower(frac: torch.Tensor, n: int, z: float = 1.96) -> torch.Tensor:
 
 def prose_tokens(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
     """``[n, 1 + seq_len]``: BOS + consecutive chunks of the corpus (a file in data/ or a path)."""
-    from pathlib import Path
-
-    path = Path(corpus) if Path(corpus).is_file() else data_path(corpus)
+    path = file_or_data(corpus)
     ids = model.tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
     n = min(n_seqs, len(ids) // seq_len)
     if n < 1:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import data_path
+from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods.generation import encode_prompt, greedy_generate, kv_bytes_per_token, prefill, stop_token_ids
 from .base import Detector, DetectorResult, ReviewParams, head_frame
@@ -65,7 +65,7 @@ class NeedleRun:
 
 
 def _resolve(name: str) -> Path:
-    return Path(name) if Path(name).is_file() else data_path(name)
+    return file_or_data(name)
 
 
 def load_needles(name: str) -> list[dict]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import data_path
+from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods import clean_run, kl_metric, run_variants, sweep_heads
 from ..methods.generation import encode_prompt, greedy_generate, left_pad, stop_token_ids
@@ -43,7 +43,7 @@ from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 def read_lines(name: str) -> list[str]:
     """Non-empty, non-comment lines of a data file (a name in ``data/`` or a path)."""
-    path = Path(name) if Path(name).is_file() else data_path(name)
+    path = file_or_data(name)
     lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
     return [l for l in lines if l and not l.startswith("#")]
 
