@@ -237,7 +237,7 @@ def cmd_mp(args) -> None:
             torch.cuda.reset_peak_memory_stats(i)
     print(f"built and bridged in {out['build_s']} s", flush=True)
     params = {"induction": {"seq_len": 10}, "copy_suppression": {"n_tokens": 32, "seq_len": 32}} if args.tiny else {}
-    dets = [get_detector(n, max_rows=args.batch_size, **params.get(n, {})) for n in args.detectors.split(",")]
+    dets = [get_detector(n, **params.get(n, {})) for n in args.detectors.split(",")]
     timings, statuses, peaks = {}, {}, {}
     for det in dets:  # one at a time, so a failure still reports the detectors before it
         if torch.cuda.is_available():
@@ -245,7 +245,7 @@ def cmd_mp(args) -> None:
                 torch.cuda.reset_peak_memory_stats(i)
         t1 = time.perf_counter()
         try:
-            cat = scan(model, [det], seed=0)
+            cat = scan(model, [det], seed=0, batch_size=args.batch_size)
             d = cat.meta["detectors"][det.name]
             statuses[det.name] = d["status"] if d["status"] == "ok" else f"{d['status']}: {d['reason']}"
         except Exception as exc:  # report, do not hide: the JSON says which detector failed and why

@@ -28,6 +28,12 @@ _LAZY = {
     "attribution_patching": ("methods", "attribution_patching"),
     "loss_metric": ("methods", "loss_metric"), "kl_metric": ("methods", "kl_metric"),
     "logit_diff_metric": ("methods", "logit_diff_metric"),
+    "ablate": ("methods", "ablate"), "ablated": ("methods", "ablated"),
+    "Intervention": ("methods", "Intervention"), "PatternIntervention": ("methods", "PatternIntervention"),
+    "ZeroAblation": ("methods", "ZeroAblation"), "MeanAblation": ("methods", "MeanAblation"),
+    "ResampleAblation": ("methods", "ResampleAblation"), "Patch": ("methods", "Patch"),
+    "Scale": ("methods", "Scale"), "UniformAttention": ("methods", "UniformAttention"),
+    "as_intervention": ("methods", "as_intervention"), "interventions": ("methods.interventions", None),
     "plot": ("plots", None), "plots": ("plots", None), "methods": ("methods", None),
     "detectors": ("detectors", None),
 }

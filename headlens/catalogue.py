@@ -202,7 +202,7 @@ def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None
         frame = frame.merge(part, on=["layer", "head"], how="left", validate="one_to_one")
         detectors_meta[res.role] = {"status": res.status, "reason": res.reason, "params": res.params,
                                     "labelled": [f"L{l}H{h}" for l, h in res.labelled],
-                                    "causal": res.causal, "info": res.info}
+                                    "causal": res.causal.to_dict() if res.causal else {}, "info": res.info}
     frame["roles"] = [";".join(roles_of.get((l, h), [])) for l, h in zip(frame["layer"], frame["head"])]
     meta = {"headlens_version": __version__, "model": model.info.as_dict(), "seed": seed,
             "torch_version": torch.__version__, "detectors": detectors_meta}
@@ -210,7 +210,9 @@ def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None
     return Catalogue(frame=frame, meta=meta, results={r.role: r for r in results})
 
 
-def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoint=None) -> Catalogue:
+def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoint=None,
+         batch_size: int | None = None, max_memory: str | int | None = None,
+         progress: bool | None = None) -> Catalogue:
     """Run each detector on ``model`` (seeded) and build the catalogue.
 
     ``detectors``: role names (``"induction"``), configured detector objects
@@ -218,7 +220,30 @@ def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoi
     ``checkpoint`` (a :class:`headlens.checkpoint.Checkpoint`): save each finished detector (and finished
     chunks of the running one) there, and take the detectors it already holds instead of running them.
     In a distributed run (torchrun) every rank calls this and gets the same catalogue.
+
+    Runtime settings (they change speed and memory, never the science; the sidecar keeps them under
+    ``runtime``, apart from each detector's parameters): ``batch_size``, the most sequences per batched
+    forward pass (default: each detector's own); ``max_memory``, the device memory budget, weights
+    included (``"8GB"``; default: what is free; see :mod:`headlens.memory`); ``progress``, bars for
+    each long step (default: on in a notebook, off elsewhere; False: silent).
     """
+    from . import memory
+    from .progress import active, bars, in_notebook
+
+    show = in_notebook() if progress is None else progress
+    with contextlib.ExitStack() as stack:
+        if batch_size is not None:
+            stack.enter_context(memory.batch(batch_size))
+        if max_memory is not None:
+            memory.parse_bytes(max_memory)
+            stack.enter_context(memory.limit(max_memory))
+        if progress is False or (show and not active()):
+            stack.enter_context(bars(("tqdm" if in_notebook() else "rich") if show else None))
+        runtime = {**memory.runtime_settings(), "device": str(model.device), "progress": active()}
+        return _scan(model, detectors, seed, checkpoint, runtime)
+
+
+def _scan(model, detectors, seed: int, checkpoint, runtime: dict) -> Catalogue:
     from . import checkpoint as ckpt
     from . import distributed
     from .detectors import as_detectors
@@ -248,7 +273,8 @@ def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoi
             checkpoint.save(res)
             ckpt.die_after(det.name)
     # Timings differ run to run, so they stay out of the CSV; the sidecar keeps them.
-    extra = {"timings_s": timings, "steps_s": steps, "world_size": distributed.world_size()}
+    extra = {"timings_s": timings, "steps_s": steps, "world_size": distributed.world_size(),
+             "runtime": {**runtime, "world_size": distributed.world_size()}}
     if resumed:
         extra["resumed"] = resumed
     return build_catalogue(model, results, seed, extra)

@@ -12,7 +12,9 @@ running, reuses the saved chunks of each batched sweep (:func:`headlens.distribu
 ``resumable=True``; :func:`headlens.methods.run_variants` uses it). A sweep's ``key`` digests its work
 plan (variants, tokens, ablation, chunking), so a chunk is reused only for the very same work, and the
 catalogue comes out byte-identical to an uninterrupted run. The manifest and each detector's parameters
-must match the resumed run; otherwise it is refused with one ``error:`` line. Rank 0 writes detector
+must match the resumed run; otherwise it is refused with one ``error:`` line. Runtime settings (batch size,
+memory budget) are not detector parameters, so they do not refuse a resume: a different chunk plan only
+means the running sweep's saved chunks do not match its key and are recomputed. Rank 0 writes detector
 files; every rank writes its own chunk files (on several nodes, chunks reach the next run only where the
 output folder is shared; the rest are recomputed). On success the folder is removed.
 

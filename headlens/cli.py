@@ -83,7 +83,7 @@ def scan(
     from .catalogue import scan as run_scan
     from .checkpoint import Checkpoint, checkpoint_dir
     from .detectors import get_detector, parse_detectors
-    from .memory import limit, parse_bytes
+    from .memory import batch, limit, parse_bytes
     from .models import load_model
 
     if gpus < 1:
@@ -99,8 +99,7 @@ def scan(
     for role in overrides:
         if role not in names:
             raise HeadlensError(f"--param for '{role}', which is not among the detectors run ({', '.join(names)})")
-    dets = [get_detector(n, **({"max_rows": batch_size} if _takes(n, "max_rows") else {}),
-                         **overrides.get(n, {})) for n in names]
+    dets = [get_detector(n, **overrides.get(n, {})) for n in names]
     if distributed.is_main():
         check_writable(out_path)
         if report:
@@ -116,7 +115,8 @@ def scan(
     if distributed.active():
         err.print(f"data parallel: {distributed.world_size()} processes share every batched sweep")
     _interrupted["hint"] = f"finished work is checkpointed in {checkpoint_dir(out_path)}; rerun with --resume"
-    with (progress.bars() if distributed.is_main() else contextlib.nullcontext()), limit(max_memory):
+    with (progress.bars() if distributed.is_main() else contextlib.nullcontext()), limit(max_memory), \
+            batch(batch_size):
         ckpt = Checkpoint.open(out_path, m, seed, resume=resume,
                                every_s=None if checkpoint_every < 0 else checkpoint_every)
         cat = run_scan(m, dets, seed=seed, checkpoint=ckpt)
@@ -172,13 +172,6 @@ def _launch(n: int, device: str) -> int:
         elif not a.startswith("--gpus="):
             argv.append(a)
     return distributed.launch(n, argv)
-
-
-def _takes(name: str, field: str) -> bool:
-    import dataclasses
-
-    from .detectors import detector_class
-    return field in {f.name for f in dataclasses.fields(detector_class(name).Params)}
 
 
 def _sidecar(path: str) -> str:

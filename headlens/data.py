@@ -15,3 +15,8 @@ def data_path(name: str) -> Path:
         raise HeadlensError(f"data file {name} not found in {DATA_DIR} (install headlens from its "
                             "repository with `pip install -e .` so data/ is next to the package)")
     return path
+
+
+def file_or_data(name: str) -> Path:
+    """``name`` itself when it is a file, else the file of that name in ``data/``."""
+    return Path(name) if Path(name).is_file() else data_path(name)

@@ -13,7 +13,9 @@ Two separate steps, so that several processes (one per GPU) can agree on one pla
   not even one sequence fits, saying how much one needs.
 
 :func:`limit` sets a default ``max_memory`` for every run inside a ``with`` block (the CLI's
-``--max-memory``), so detectors need no extra argument.
+``--max-memory``), and :func:`batch` the most sequences per batched pass (``--batch-size``), so detectors
+need no extra argument: these are runtime settings, never detector parameters (:func:`runtime_settings`
+says what is in force; the catalogue's sidecar keeps them under ``runtime``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ CPU_DEFAULT = 512 << 20  # default working memory on the CPU: larger passes are 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _LIMIT: contextvars.ContextVar = contextvars.ContextVar("headlens_max_memory", default=None)
+_BATCH: contextvars.ContextVar = contextvars.ContextVar("headlens_batch_size", default=None)
 
 
 def parse_bytes(value: str | int | float) -> int:
@@ -55,6 +58,30 @@ def limit(max_memory: str | int | None):
         yield
     finally:
         _LIMIT.reset(token)
+
+
+@contextlib.contextmanager
+def batch(batch_size: int | None):
+    """Within the block, detectors run at most ``batch_size`` sequences per batched forward pass
+    (None: each detector's default)."""
+    if batch_size is not None and int(batch_size) < 1:
+        raise HeadlensError(f"batch size must be at least 1, not {batch_size}")
+    token = _BATCH.set(batch_size)
+    try:
+        yield
+    finally:
+        _BATCH.reset(token)
+
+
+def batch_size(default: int) -> int:
+    """The batch-size cap in force (:func:`batch`), else ``default``."""
+    value = _BATCH.get()
+    return default if value is None else int(value)
+
+
+def runtime_settings() -> dict:
+    """The runtime settings in force: ``{"batch_size": ..., "max_memory": ...}`` (None: defaults)."""
+    return {"batch_size": _BATCH.get(), "max_memory": _LIMIT.get()}
 
 
 def free_bytes(device: torch.device | str) -> int:

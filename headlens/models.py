@@ -92,6 +92,22 @@ class HeadModel:
     def start_token_id(self) -> int | None:
         return self.info.start_token_id
 
+    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
+        """``[batch, pos]`` token ids of a prompt (or prompts), the start token prepended."""
+        return self.bridge.to_tokens(text, truncate=False).to(self.device)
+
+    def to_str_tokens(self, text: str) -> list[str]:
+        return self.bridge.to_str_tokens(text)
+
+    def generate(self, prompt: str, max_new_tokens: int = 20, **kwargs) -> str:
+        """Greedy text continuation of ``prompt`` (hooks, e.g. :func:`headlens.ablate`, apply)."""
+        kwargs.setdefault("do_sample", False)
+        return self.bridge.generate(prompt, max_new_tokens=max_new_tokens, verbose=False, **kwargs)
+
+    def __call__(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits ``[batch, pos, vocab]``."""
+        return self.bridge(tokens, **kwargs)
+
     def kv_head(self, head: int) -> int:
         """The key/value head a query head reads (grouped-query attention)."""
         return head // (self.info.n_heads // self.info.n_kv_heads)

@@ -221,9 +221,11 @@ def logit_attribution_bars(model, prompt, target, against=None, position: int = 
 
 # --- catalogue-level figures --------------------------------------------------------------------
 
-def causal_check(causal: dict, title: str | None = None) -> go.Figure:
-    """The causal check of a detector: the metric clean, with its top-k heads ablated together, and
-    with each of the random k-head draws ablated (points, with their mean and standard deviation)."""
+def causal_check(causal, title: str | None = None) -> go.Figure:
+    """The causal check of a detector (a :class:`~headlens.detectors.CausalCheck` or its sidecar record):
+    the metric clean, with its top-k heads ablated together, and with each of the random k-head draws
+    ablated (points, with their mean and standard deviation)."""
+    causal = causal.to_dict() if hasattr(causal, "to_dict") else causal
     need = {"clean", "top_k_ablated", "random_k_ablated", "k", "metric"}
     if not causal or not need <= set(causal):
         raise HeadlensError("no causal check recorded (the detector did not run one or was not applicable)")
@@ -250,6 +252,12 @@ def causal_check(causal: dict, title: str | None = None) -> go.Figure:
                       yaxis_title=causal["metric"], showlegend=False, height=420, width=560,
                       margin={"l": 70, "r": 20, "t": 50, "b": 50})
     return fig
+
+
+def evidence(result) -> list[go.Figure]:
+    """A layer x head map of each evidence column of a :class:`~headlens.detectors.DetectorResult`
+    (none when the role does not apply to the model)."""
+    return [head_heatmap(result.frame, c) for c in result.evidence_columns] if result.applies else []
 
 
 def compare_catalogues(a, b, role: str, labels: Sequence[str] = ("a", "b"),
@@ -289,5 +297,5 @@ def compare_catalogues(a, b, role: str, labels: Sequence[str] = ("a", "b"),
     return fig
 
 
-__all__ = ["attention_pattern", "causal_check", "compare_catalogues", "head_heatmap",
+__all__ = ["attention", "attention_pattern", "causal_check", "compare_catalogues", "evidence", "head_heatmap",
            "head_logit_attribution", "logit_attribution_bars"]

@@ -1,9 +1,11 @@
-"""Progress reporting: silent by default; while the CLI shows bars, every long step (a detector, a batched
+"""Progress reporting: silent by default; while bars are shown (the CLI; ``hl.scan(..., progress=True)``,
+the default in a notebook), every long step (a detector, a batched
 sweep's chunks) gets a bar with done/total, elapsed time and an ETA. In a log (stderr not a terminal,
 where no bar is drawn) the same figures are printed as one line at most every ``HEADLENS_PROGRESS_EVERY``
 seconds (default 30) per step. Steps run inside :func:`stage` are prefixed with the detector's name and
 their time is recorded (:func:`step_times`), so the JSON sidecar says where a scan's time went. In a
-distributed run only rank 0 turns bars on, so only rank 0 prints.
+distributed run only rank 0 turns bars on, so only rank 0 prints. Bars are rich's in a terminal and
+tqdm's in a notebook (widgets when ipywidgets is installed, text otherwise).
 """
 from __future__ import annotations
 
@@ -13,15 +15,61 @@ import time
 from typing import Iterable, TypeVar
 
 T = TypeVar("T")
-_active = None       # a rich.progress.Progress while the CLI shows bars
+_active = None       # a rich.progress.Progress (or _Tqdm) while bars are shown
 _stage = ""          # the detector running now (prefix of step names)
 _steps: dict[str, dict[str, dict[str, float]]] = {}   # stage -> step -> {"seconds", "chunks"}
 
 
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    return type(get_ipython()).__name__ == "ZMQInteractiveShell"
+
+
+def active() -> bool:
+    return _active is not None
+
+
+class _Tqdm:
+    """The part of rich's ``Progress`` that :func:`progress` uses, drawn by tqdm (for notebooks)."""
+    is_terminal = True   # bars are drawn, so no periodic log lines
+
+    def __init__(self):
+        try:
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm
+        except ImportError:
+            from tqdm.std import tqdm
+        self.tqdm, self.console = tqdm, self
+
+    def add_task(self, description: str, total: int | None = None):
+        return self.tqdm(total=total, desc=description, leave=False)
+
+    def advance(self, task) -> None:
+        task.update(1)
+
+    def remove_task(self, task) -> None:
+        task.close()
+
+    def print(self, message: str, highlight: bool = False) -> None:
+        self.tqdm.write(message)
+
+
 @contextlib.contextmanager
-def bars():
-    """Show a rich progress bar for every long step run inside this block."""
+def bars(kind: str | None = "rich"):
+    """Show a progress bar for every long step run inside this block: ``"rich"`` (a terminal),
+    ``"tqdm"`` (a notebook), or None (none: silent, even inside another ``bars`` block)."""
     global _active
+    if kind != "rich":
+        old, _active = _active, (_Tqdm() if kind == "tqdm" else None)
+        try:
+            yield _active
+        finally:
+            _active = old
+        return
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)

@@ -46,3 +46,90 @@ def test_scan_takes_names_objects_and_strings(planted_induction):
         as_detectors([42])
     with pytest.raises(hl.HeadlensError, match="unknown detector"):
         as_detectors(["inductoin"])
+
+
+# ---- interventions: the issue's snippet, batched vs one head at a time, user subclasses, strings --------
+
+from test_methods import VOCAB, induction_pair, logits_metric, tiny  # noqa: E402,F401  (a tiny Llama / GPT-2)
+
+
+def test_ablate_snippet_changes_and_restores(planted_induction):
+    model = planted_induction
+    tokens = model.to_tokens("t1 t2 t3 t4 t5 t1 t2 t3")
+    before, text = model(tokens), model.generate("t1 t2 t3 t4 t1 t2", max_new_tokens=3)
+    with hl.ablate(model, [INDUCTION_HEAD], hl.MeanAblation(over=tokens)):
+        inside, ablated_text = model(tokens), model.generate("t1 t2 t3 t4 t1 t2", max_new_tokens=3)
+    assert not torch.allclose(inside, before) and ablated_text != text
+    assert torch.equal(model(tokens), before) and model.generate("t1 t2 t3 t4 t1 t2", max_new_tokens=3) == text
+
+
+class Halve(hl.Intervention):
+    """A user-written intervention: half the head's output."""
+    name = "halve"
+
+    def forward(self, z, site):
+        return z / 2
+
+
+def interventions(model, clean, corrupted):
+    return [hl.ZeroAblation(), hl.MeanAblation(over=corrupted), hl.ResampleAblation(seed=2),
+            hl.Patch(source=hl.clean_run(model, corrupted)), hl.Scale(0.3), hl.UniformAttention(), Halve()]
+
+
+def test_batched_equals_ablate_for_every_intervention(tiny):
+    clean, corrupted = induction_pair(VOCAB, 3, 5)
+    heads = tiny.heads()
+    for iv in interventions(tiny, clean, corrupted):
+        batched = hl.run_variants(tiny, clean, [[h] for h in heads], logits_metric, iv, max_rows=5)
+        plain = []
+        for h in heads:
+            with hl.ablate(tiny, [h], iv):
+                plain.append(logits_metric(tiny(clean)))
+        err = (batched - torch.stack(plain)).abs().max().item()
+        assert err <= 1e-4 * max(1.0, batched.abs().max().item()), (iv, err)
+        assert not torch.allclose(batched, logits_metric(tiny(clean))[None].expand_as(batched))
+
+
+def test_strings_name_the_interventions(tiny):
+    clean, _ = induction_pair(VOCAB, 2, 5)
+    for name, cls in hl.interventions.INTERVENTIONS.items():
+        if name != "patch":
+            assert type(hl.as_intervention(name)) is cls
+    assert torch.equal(hl.sweep_heads(tiny, clean, logits_metric, "zero"),
+                       hl.sweep_heads(tiny, clean, logits_metric, hl.ZeroAblation()))
+    with hl.ablate(tiny, [(0, 1)], "uniform"):
+        uniform = tiny(clean)
+    with hl.ablate(tiny, [(0, 1)], hl.UniformAttention()):
+        assert torch.equal(tiny(clean), uniform)
+    import pytest
+    with pytest.raises(hl.HeadlensError, match="unknown ablation"):
+        hl.as_intervention("zeroo")
+    with pytest.raises(hl.HeadlensError, match="over=tokens"):
+        with hl.ablate(tiny, [(0, 1)], "mean"):
+            tiny(clean)
+
+
+def test_runtime_settings_stay_out_of_params(planted_induction):
+    import pytest
+    det = hl.get_detector("induction", seq_len=10, n_seqs=2, causal_seqs=1, top_k=1, n_random=2)
+    cat = hl.scan(planted_induction, [det], batch_size=3, max_memory="4GB", progress=False)
+    assert cat.meta["runtime"]["batch_size"] == 3 and cat.meta["runtime"]["max_memory"] == "4GB"
+    assert cat.meta["runtime"]["progress"] is False
+    assert "max_rows" not in cat.meta["detectors"]["induction"]["params"]
+    assert not [c for c in cat.frame.columns if "max_rows" in c or "batch" in c]
+    with pytest.raises(hl.HeadlensError, match="--batch-size"):
+        hl.get_detector("induction", max_rows=8)
+    from headlens.memory import batch_size
+    assert batch_size(64) == 64                       # the scan's setting ended with it
+
+
+def test_causal_check_and_result_display(planted_induction):
+    cat = hl.scan(planted_induction, [hl.get_detector("induction", seq_len=10, top_k=1, n_random=4)],
+                  progress=False)
+    res = cat["induction"]
+    check = res.causal
+    assert isinstance(check, hl.CausalCheck) and check["p_value"] == check.p_value  # reads like the record
+    assert "causal check" in check._repr_html_() and "L" in res._repr_html_()
+    fig = check.plot()
+    assert len(fig.data[1].y) == 4                    # one point per random draw
+    assert len(hl.plot.evidence(res)) == len(res.evidence_columns) > 0

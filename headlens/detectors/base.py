@@ -32,9 +32,24 @@ class DetectorResult:
     labelled: list[tuple[int, int]]
     status: str = OK             # ok | not_applicable
     reason: str = ""             # why not applicable, or a note on a weak/absent role
-    causal: dict[str, Any] = field(default_factory=dict)   # top-k vs random-k ablation figures
+    causal: "CausalCheck | None" = None   # top-k vs random-k ablation (a sidecar dict is read into one)
     params: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)     # timings, counts, sampled tokens...
+
+    def __post_init__(self):
+        if isinstance(self.causal, dict):
+            self.causal = CausalCheck.from_dict(self.causal) if self.causal else None
+
+    @property
+    def applies(self) -> bool:
+        """False when the role does not apply to the model (``status`` not_applicable, no scores)."""
+        return self.status == OK
+
+    @property
+    def evidence_columns(self) -> list[str]:
+        """The numeric per-head columns other than the score (``<role>_<evidence>``)."""
+        return [c for c in self.frame.columns if c.startswith(f"{self.role}_") and c != self.score_column
+                and self.frame[c].dtype.kind == "f"]
 
     @property
     def score_column(self) -> str:
@@ -50,13 +65,34 @@ class DetectorResult:
 
     @property
     def causal_check(self) -> "CausalCheck | None":
-        """The causal check as a :class:`CausalCheck` (readable ``print``, ``.p_value``), or None."""
-        return CausalCheck.from_dict(self.causal) if self.causal else None
+        """The causal check (the same as ``causal``): readable ``print``, ``.p_value``, ``.plot()``."""
+        return self.causal
 
     def heads(self, k: int | None = None) -> list[tuple[int, int]]:
         """``(layer, head)`` of the top ``k`` heads by score (all if None), NaN scores last."""
         top = self.top(len(self.frame) if k is None else k)
         return [(int(l), int(h)) for l, h in zip(top["layer"], top["head"])]
+
+    def summary(self) -> str:
+        """Status, labelled heads, time and causal check, one per line."""
+        lines = [f"{self.role}: {self.status}" + (f" ({self.reason})" if self.reason else ""),
+                 "labelled: " + (", ".join(_names(self.labelled)) or "none")]
+        if "seconds" in self.info:
+            lines.append(f"ran in {self.info['seconds']} s")
+        if self.causal:
+            lines.append(f"causal check: {self.causal}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"DetectorResult({self.summary()})"
+
+    def _repr_html_(self) -> str:
+        import html
+        lines = "".join(f"<br>{html.escape(line)}" for line in self.summary().splitlines()[1:])
+        head = f"<b>{html.escape(self.role)}</b>: {html.escape(self.status)}"
+        reason = f" <i>{html.escape(self.reason)}</i>" if self.reason else ""
+        table = self.top(5).to_html(index=False, float_format=lambda x: f"{x:.4g}") if self.applies else ""
+        return f"<div>{head}{reason}{lines}{table}</div>"
 
 
 def head_frame(model, role: str, score: torch.Tensor | np.ndarray,
@@ -83,6 +119,7 @@ class Detector:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    default_batch_size: ClassVar[int] = 64   # runtime, not science: sequences per batched forward pass
 
     @dataclass
     class Params:
@@ -91,6 +128,9 @@ class Detector:
     def __init__(self, **overrides):
         known = {f.name for f in dataclasses.fields(self.Params)}
         unknown = set(overrides) - known
+        if "max_rows" in unknown:
+            raise HeadlensError("max_rows is a runtime setting, not a detector parameter: use --batch-size "
+                                "(CLI) or hl.scan(model, ..., batch_size=N)")
         if unknown:
             raise HeadlensError(f"detector '{self.name}' has no parameter(s) {', '.join(sorted(unknown))}; "
                                 f"it takes {', '.join(sorted(known)) or 'none'}")
@@ -98,6 +138,13 @@ class Detector:
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         raise NotImplementedError
+
+    @property
+    def max_rows(self) -> int:
+        """Sequences per batched forward pass: the runtime's batch size (``scan(batch_size=...)``,
+        ``--batch-size``) if set, else the detector's default; the memory budget may lower it further."""
+        from ..memory import batch_size
+        return batch_size(self.default_batch_size)
 
     @property
     def causal_params(self) -> CausalParams:
@@ -136,7 +183,7 @@ class Detector:
         ``metric``. Detectors whose check needs generation (retrieval, safety) override this one method.
         """
         return run_variants(model, run.tokens, variants, metric, self.causal_params.ablation,
-                            run.attention_mask, getattr(self.params, "max_rows", 64), run,
+                            run.attention_mask, self.max_rows, run,
                             description=f"{self.name} causal check")
 
     def interval(self, per_item: torch.Tensor, seed: int, name: str = "score") -> dict[str, torch.Tensor]:
@@ -159,12 +206,15 @@ class Detector:
         """
         from ..methods import direct_effects
         values = direct_effects(model, run, metric, self.causal_params.ablation, heads=heads,
-                                max_rows=max_rows or getattr(self.params, "max_rows", 64), positions=positions)
+                                max_rows=max_rows or self.max_rows, positions=positions)
         values = values if values.dim() == 2 else values[..., 0]
         if clean is None:
             clean = float(metric(run.logits).flatten()[0])
         direct = (values - clean) * (1 if worse == "higher" else -1)
         return {"direct": direct, "self_repair": self_repair(direct, total)}
+
+    def __repr__(self) -> str:
+        return f"{self.name}: {self.summary}\npaper: {self.paper}\n{self.params}"
 
     def param_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
@@ -268,6 +318,34 @@ class CausalCheck:
 
     __str__ = format
 
+    def __repr__(self) -> str:
+        return f"CausalCheck({self.format()})"
+
+    def _repr_html_(self) -> str:
+        import html
+        rows = [("clean", self.clean), (f"top-{self.k} ablated ({', '.join(self.top_heads)})", self.top_k_ablated),
+                (f"random {self.k} ablated, mean ± sd of {self.n_random}",
+                 f"{self.random_mean:.4g} ± {self.random_std:.2g}"), ("p-value", self.p_value)]
+        cells = "".join(f"<tr><td>{html.escape(a)}</td><td>{b:.4g}</td></tr>" if isinstance(b, float)
+                        else f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows)
+        return (f"<div><b>causal check</b>: {html.escape(self.metric)} ({self.worse} = the heads matter "
+                f"more)<table>{cells}</table></div>")
+
+    def plot(self, title: str | None = None):
+        """A plotly figure: clean, top-k ablated and each random draw (with their mean and sd)."""
+        from ..plots import causal_check
+        return causal_check(self, title)
+
+    # Read like the sidecar record (``check["p_value"]``), as earlier DetectorResult.causal dicts were.
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def get(self, key: str, default=None):
+        return self.to_dict().get(key, default)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_dict()
+
     def to_dict(self) -> dict[str, Any]:
         """The sidecar record: the keys of earlier catalogues plus ``p_value``, ``worse``, ``ablation``..."""
         return {"metric": self.metric, "k": self.k, "top_heads": list(self.top_heads),
@@ -293,7 +371,12 @@ class CausalCheck:
 
 def format_causal(causal: dict[str, Any] | CausalCheck) -> str:
     """The one-line causal check of a sidecar record (or a CausalCheck)."""
-    return str(causal if isinstance(causal, CausalCheck) else CausalCheck.from_dict(causal))
+    return str(as_causal_check(causal))
+
+
+def as_causal_check(causal: dict[str, Any] | CausalCheck | None) -> CausalCheck | None:
+    """A CausalCheck from a sidecar record (None for an empty one)."""
+    return causal if isinstance(causal, CausalCheck) or not causal else CausalCheck.from_dict(causal)
 
 
 def self_repair(direct: torch.Tensor, total: torch.Tensor, min_share: float = 0.1) -> torch.Tensor:

@@ -46,10 +46,10 @@ import torch
 from einops import einsum
 
 from .. import distributed
-from ..data import data_path
+from ..data import file_or_data
 from ..errors import HeadlensError
-from ..methods import clean_run, sweep_heads
-from ..methods.ablation import skip_blocks_before
+from ..methods import Intervention, clean_run, run_variants, sweep_heads
+from ..methods.ablation import CleanRun, block_returns_tuple
 from ..methods.circuits import effective_embedding, head_dla, layer_weights, normalise, per_query_head
 from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
 from .induction import random_token_ids
@@ -170,9 +170,7 @@ def wilson_lower(frac: torch.Tensor, n: int, z: float = 1.96) -> torch.Tensor:
 
 def prose_tokens(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
     """``[n, 1 + seq_len]``: BOS + consecutive chunks of the corpus (a file in data/ or a path)."""
-    from pathlib import Path
-
-    path = Path(corpus) if Path(corpus).is_file() else data_path(corpus)
+    path = file_or_data(corpus)
     ids = model.tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
     n = min(n_seqs, len(ids) // seq_len)
     if n < 1:
@@ -207,6 +205,25 @@ def repeat_logprob_metric(pred: torch.Tensor, seen: torch.Tensor):
     return metric
 
 
+class AddToAttnOut(Intervention):
+    """Adds ``deltas[layer][variant * n_prompts + prompt]`` to the layer's attention output in the rows
+    whose variant touches a head of that layer (the CSPA's mean-ablated and suppression-only outputs)."""
+    name = "add_to_attn_out"
+    hook = "hook_attn_out"
+
+    def __init__(self, deltas: dict[int, torch.Tensor], n_prompts: int):
+        self.deltas, self.n_prompts = deltas, n_prompts
+
+    def select(self, mask, x):
+        return mask.to(x.device).any(-1, keepdim=True)
+
+    def forward(self, x, site):
+        return x + self.deltas[site.layer][site.variants * self.n_prompts + site.prompts].to(x.device, x.dtype)
+
+    def key(self):
+        return (self.name, self.n_prompts, *(self.deltas[l] for l in sorted(self.deltas)))
+
+
 class CopySuppressionDetector(Detector):
     name = "copy_suppression"
     summary = "attends to an earlier token the model is about to predict and lowers its logit"
@@ -227,7 +244,6 @@ class CopySuppressionDetector(Detector):
         top_k: int = 3               # causal check: top-k heads vs k random heads
         effect_heads: int = 10       # top heads that get direct vs total effect (NaN elsewhere)
         causal_seqs: int = 3         # text chunks used by the causal check
-        max_rows: int = 64           # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -295,8 +311,8 @@ class CopySuppressionDetector(Detector):
                               causal=causal, params=self.param_dict(), info=info)
 
     def _cspa(self, model, tokens, clean_logits, cache, heads) -> list[float]:
-        """Per head: 1 - KL(clean || CSPA-like) / KL(clean || mean-ablated), all heads in one batched pass
-        that starts at the first layer involved (the clean residual stream is reused below it)."""
+        """Per head: 1 - KL(clean || CSPA-like) / KL(clean || mean-ablated), all heads batched through
+        :func:`~headlens.methods.run_variants` (each chunk resumed at the first layer it touches)."""
         if not heads:
             return []
         b = model.bridge
@@ -319,34 +335,19 @@ class CopySuppressionDetector(Detector):
             deltas[l][2 * i * n_b:(2 * i + 1) * n_b] = (mean - out).cpu()                  # mean ablation
             deltas[l][(2 * i + 1) * n_b:(2 * i + 2) * n_b] = (mean + kept - out).cpu()     # CSPA-like
 
-        def add(delta):
-            return lambda x, hook: x + delta.to(x.device, x.dtype)
-        hooks = [(f"blocks.{l}.hook_attn_out", add(deltas[l])) for l in layers]
-        first = layers[0]
-        resid = cache[f"blocks.{first}.hook_resid_pre"][:n_b].repeat(2 * len(heads), 1, 1)
-        with skip_blocks_before(model, first, self._returns_tuple(model)):
-            logits = b.run_with_hooks(resid, start_at_layer=first, fwd_hooks=hooks)
+        # Variant 2i mean-ablates head i, 2i+1 gives it the CSPA-like output: one batched run_variants.
+        run = CleanRun(tokens=tokens, attention_mask=None, logits=clean_logits,
+                       resid={l: cache[f"blocks.{l}.hook_resid_pre"][:n_b] for l in range(model.n_layers)},
+                       block_returns_tuple=block_returns_tuple(model))
         clean = torch.log_softmax(clean_logits.float(), -1)
-        kl = []
-        for j in range(2 * len(heads)):
-            abl = torch.log_softmax(logits[j * n_b:(j + 1) * n_b].float(), -1)
-            kl.append(float((clean.exp() * (clean - abl)).sum(-1).mean()))
-        return [1 - kl[2 * i + 1] / kl[2 * i] if kl[2 * i] > 0 else float("nan") for i in range(len(heads))]
 
-    @staticmethod
-    def _returns_tuple(model) -> bool:
-        """Whether the wrapped HF decoder block returns a tuple (needed to skip blocks; see ablation)."""
-        seen = {}
-        blk = model.bridge.blocks[0].original_component
-
-        def record(module, inputs, output):
-            seen["t"] = isinstance(output, tuple)   # returns None: the output is left alone
-        handle = blk.register_forward_hook(record)
-        try:
-            model.bridge(torch.tensor([[model.bos_token_id or 0]], device=model.device))
-        finally:
-            handle.remove()
-        return seen["t"]
+        def kl(logits):
+            abl = torch.log_softmax(logits.float(), -1)
+            return (clean.exp() * (clean - abl)).sum(-1).mean()
+        kls = run_variants(model, tokens, [[hd] for hd in heads for _ in range(2)], kl,
+                           AddToAttnOut(deltas, n_b), run=run, max_rows=self.max_rows,
+                           description="CSPA ablations").tolist()
+        return [1 - kls[2 * i + 1] / kls[2 * i] if kls[2 * i] > 0 else float("nan") for i in range(len(heads))]
 
     def _causal_check(self, model, tokens, top, score, seed) -> tuple[dict, dict, dict]:
         """Top-k vs random-k on repeated predictions; the specificity control (the same ablations scored
@@ -378,7 +379,7 @@ class CopySuppressionDetector(Detector):
                    "specificity": rise_on / (abs(rise_on) + abs(rise_off)) if rise_on or rise_off else float("nan")}
         heads = top_heads(score, p.effect_heads)
         # Full logits of every ablated copy are [rows, pos, vocab]: keep a chunk near 512 MB.
-        rows = max(1, min(p.max_rows, 2 ** 27 // (tokens.shape[1] * model.bridge.cfg.d_vocab)))
+        rows = max(1, min(self.max_rows, 2 ** 27 // (tokens.shape[1] * model.bridge.cfg.d_vocab)))
         total = sweep_heads(model, run.tokens, on, p.ablation, heads=heads, max_rows=rows, run=run)
         total = total - check.clean
         direct = self.direct_and_self_repair(model, run, on, total, "higher", check.clean, heads=heads,

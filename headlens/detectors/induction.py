@@ -107,7 +107,6 @@ class InductionDetector(Detector):
         copy_positions: int = 4    # sampled positions per sequence for the copying score
         causal_seqs: int = 4       # sequences used by the all-heads ablation sweep
         effect_heads: int = 20     # top heads by score and by |total effect| given direct effects (0 = all)
-        max_rows: int = 64         # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -204,5 +203,5 @@ class InductionDetector(Detector):
         metric = loss_metric(sweep_tokens, repeated)
         run = clean_run(model, sweep_tokens)
         clean_loss = float(metric(run.logits))
-        losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=p.max_rows, run=run)
+        losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=self.max_rows, run=run)
         return losses - clean_loss, run, metric

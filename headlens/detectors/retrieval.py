@@ -35,7 +35,7 @@ import torch
 
 from .. import distributed
 from ..checkpoint import digest
-from ..data import data_path
+from ..data import file_or_data
 from ..errors import HeadlensError
 from ..memory import plan_items
 from ..methods.generation import (PREFILL_CHUNK, encode_prompt, greedy_generate, kv_bytes_per_token, prefill,
@@ -69,7 +69,7 @@ class NeedleRun:
 
 
 def _resolve(name: str) -> Path:
-    return Path(name) if Path(name).is_file() else data_path(name)
+    return file_or_data(name)
 
 
 def load_needles(name: str) -> list[dict]:

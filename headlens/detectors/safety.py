@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import data_path
+from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods import clean_run, kl_metric, run_variants, sweep_heads
 from ..methods.generation import encode_prompt, greedy_generate, left_pad, stop_token_ids
@@ -43,7 +43,7 @@ from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 def read_lines(name: str) -> list[str]:
     """Non-empty, non-comment lines of a data file (a name in ``data/`` or a path)."""
-    path = Path(name) if Path(name).is_file() else data_path(name)
+    path = file_or_data(name)
     lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
     return [l for l in lines if l and not l.startswith("#")]
 
@@ -85,7 +85,6 @@ class SafetyDetector(Detector):
         min_gain: float = 0.05          # stop growing when the group KL rises by less than this share
         min_asr_rise: float = 0.2       # label: the group's ASR on refused requests, 95% lower end, at least this
         ablation: str = "uniform"       # undifferentiated attention (the only kind the check decodes with)
-        max_rows: int = 64              # sequences per batched forward pass
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -171,7 +170,7 @@ class SafetyDetector(Detector):
         tokens, mask = tokens.to(model.device), mask.to(model.device)
         run = clean_run(model, tokens, mask)   # z kept for the direct effects
         kl = sweep_heads(model, tokens, kl_metric(run.logits, per_prompt=True), "uniform", attention_mask=mask,
-                         max_rows=self.params.max_rows, run=run)
+                         max_rows=self.max_rows, run=run)
         return kl.clamp_min(0), run
 
     def _greedy_group(self, model, ships, run) -> list[tuple[int, int]]:
@@ -186,7 +185,7 @@ class SafetyDetector(Detector):
             if not rest:
                 break
             values = run_variants(model, run.tokens, [group + [h] for h in rest], metric, "uniform",
-                                  run.attention_mask, p.max_rows, run, description="greedy safety group")
+                                  run.attention_mask, self.max_rows, run, description="greedy safety group")
             i = int(values.argmax())
             if float(values[i]) < best * (1 + p.min_gain):
                 break

@@ -235,6 +235,8 @@ class SuccessorDetector(Detector):
     summary = "OV circuit maps an ordinal token to its successor (Monday -> Tuesday, 3 -> 4, B -> C)"
     paper = "Gould, Ong, Ogden, Conmy 2024, Successor Heads: Recurring, Interpretable Attention Heads In The Wild"
 
+    default_batch_size = 512   # runtime: sequences per batched forward pass (short prompts)
+
     @dataclass
     class Params(ReviewParams):
         tasks_file: str = "ordinal_tasks.json"   # in data/
@@ -243,7 +245,6 @@ class SuccessorDetector(Detector):
         max_prompts: int = 200       # in-context prompts for the attribution (seeded sample if more)
         causal_prompts: int = 64     # of those, prompts used by the causal check
         effect_heads: int = 20       # top heads by score and by |total effect| given direct effects (0 = all)
-        max_rows: int = 512          # sequences per batched forward pass
         embedding: str = "w_e_mlp0"  # OV input: W_E + MLP0(W_E) (w_e_mlp0) or MLP0(W_E) alone (mlp0, the reference's)
         averaging: str = "task"      # score = mean of per-task fractions (task) or over all pairs (pooled)
         n_null: int = 200            # draws of the shuffled-successor null per head
@@ -320,7 +321,7 @@ class SuccessorDetector(Detector):
         # Direct vs total effect per head on the next item's log-prob (accuracy is too coarse for one head).
         logprob = lambda logits: metric(logits)[2]
         clean_lp = float(values[0, 2])
-        total = clean_lp - sweep_heads(model, run.tokens, logprob, p.ablation, max_rows=p.max_rows, run=run)
+        total = clean_lp - sweep_heads(model, run.tokens, logprob, p.ablation, max_rows=self.max_rows, run=run)
         heads = effect_heads(score, total, p.effect_heads)
         effects = {"total": total, **self.direct_and_self_repair(model, run, logprob, total, "lower", clean_lp,
                                                                      heads=heads, positions=slice(-1, None))}

@@ -8,15 +8,11 @@ before it are never recomputed. Everything else here is a thin wrapper:
 - :func:`sweep_heads`: every head ablated alone -> ``[n_layers, n_heads]``;
 - :func:`ablate_group`: one set of heads ablated together;
 - :func:`random_baseline`: several random sets of k heads (the control every causal check uses);
-- :func:`ablated`: a context manager that ablates heads in any run (generation included).
+- :func:`ablate` (alias ``ablated``): a context manager that ablates heads in any run (generation included).
 
-Ablation kinds (``kind=``): ``zero``, ``mean`` (over a reference batch or the run's own prompts, leaving out
-each prompt's first position, the start-token sink, and padding), ``resample`` (the head's output
-on another prompt of the batch), ``patch`` (the head's output from a given source run: activation
-patching), ``scale`` (multiply the head's values by ``scale``; 0 removes it), and ``uniform`` (the
-"undifferentiated attention" of Zhou et al. 2025: attention spread evenly over the causal prefix).
-With grouped-query attention every kind acts on one *query* head: its output ``z`` (= pattern @ v) is
-per query head, so a shared key/value head is left alone for the other heads of its group.
+What replaces an ablated head is an intervention object (:mod:`headlens.methods.interventions`:
+``ZeroAblation``, ``MeanAblation``, ``ResampleAblation``, ``Patch``, ``Scale``, ``UniformAttention``, or
+your own subclass), or its name (``"mean"``...); the batched sweeps and :func:`ablate` use the same ones.
 
 A variant lists heads as ``(layer, head)`` (every position) or ``(layer, head, position)`` (that query
 position only; negative positions count from the end), so per-position patching batches the same way.
@@ -34,9 +30,10 @@ from torch import Tensor
 from .. import distributed
 from ..checkpoint import digest
 from ..errors import HeadlensError
+from .interventions import INTERVENTIONS, Ablation, Intervention, Site, ablate, as_intervention, hooks
 from .metrics import Metric, position_index
 
-KINDS = ("zero", "mean", "resample", "patch", "scale", "uniform")
+KINDS = tuple(INTERVENTIONS)
 Head = tuple[int, int]  # (layer, head), or (layer, head, position) to act at one position only
 
 
@@ -50,26 +47,6 @@ def pattern_name(layer: int) -> str:
 
 def resid_name(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_pre"
-
-
-@dataclass
-class Ablation:
-    """What to put in place of an ablated head's output."""
-    kind: str = "mean"
-    scale: float = 0.0
-    reference: torch.Tensor | None = None       # tokens to average over for 'mean' (default: the run's)
-    source: dict[int, torch.Tensor] | None = None  # per-layer z [batch, pos, head, d_head] for 'patch'
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise HeadlensError(f"unknown ablation '{self.kind}'; choose one of {', '.join(KINDS)}")
-        if self.kind == "patch" and self.source is None:
-            raise HeadlensError("ablation 'patch' needs a source run (Ablation(kind='patch', source=...))")
-
-
-def as_ablation(ablation: str | Ablation) -> Ablation:
-    return ablation if isinstance(ablation, Ablation) else Ablation(kind=ablation)
 
 
 @dataclass
@@ -142,6 +119,21 @@ def clean_run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None =
     return run
 
 
+def block_returns_tuple(model) -> bool:
+    """Whether the wrapped decoder block returns a tuple (what :func:`skip_blocks_before` must mimic)."""
+    seen = {}
+
+    def record(module, inputs, output):
+        seen["tuple"] = isinstance(output, tuple)   # returns None: the output is left alone
+    handle = model.bridge.blocks[0].original_component.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model.bridge(torch.tensor([[model.bos_token_id or 0]], device=model.device))
+    finally:
+        handle.remove()
+    return seen["tuple"]
+
+
 @contextlib.contextmanager
 def skip_blocks_before(model, layer: int, returns_tuple: bool = False):
     """Make blocks ``0..layer-1`` pass their input through untouched (for ``start_at_layer`` runs).
@@ -201,72 +193,6 @@ def position_mean(z: Float[Tensor, "batch pos head d_head"],
     return ((z * w).sum((0, 1)) / w.sum((0, 1)).clamp_min(1e-12))[None, None]
 
 
-def _replacement(ablation: Ablation, run: CleanRun, layer: int,
-                 ref_means: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
-    """The z that an ablated head gets at ``layer``, broadcastable to ``[batch, pos, head, d_head]``."""
-    z = run.z[layer]
-    if ablation.kind == "zero":
-        return torch.zeros_like(z[:1, :1])
-    if ablation.kind == "mean":
-        if ref_means is not None:
-            return ref_means[layer]
-        return position_mean(z, run.attention_mask)
-    if ablation.kind == "resample":
-        g = torch.Generator().manual_seed(ablation.seed + layer)
-        n = z.shape[0]
-        if n < 2:
-            raise HeadlensError("resample ablation needs at least two prompts in the batch")
-        # A derangement: every prompt takes the head's output from a different prompt.
-        perm = (torch.arange(n) + torch.randint(1, n, (1,), generator=g)) % n
-        return z[perm.to(z.device)]
-    if ablation.kind == "patch":
-        return ablation.source[layer].to(z.device, z.dtype)
-    return None  # scale and uniform act on the live run
-
-
-def reference_means(model, ablation: Ablation) -> dict[int, torch.Tensor] | None:
-    """Per-layer mean head outputs over ``ablation.reference`` (for 'mean' with a reference batch)."""
-    if ablation.kind != "mean" or ablation.reference is None:
-        return None
-    ref = clean_run(model, ablation.reference)
-    return {l: position_mean(z) for l, z in ref.z.items()}
-
-
-def _hooks_for(ablation: Ablation, run: CleanRun, masks: dict[int, torch.Tensor],
-               ref_means: dict[int, torch.Tensor] | None, variant_of_row: torch.Tensor,
-               prompt_of_row: torch.Tensor) -> list:
-    """Forward hooks that ablate, in row r, the heads set in ``masks[layer][variant_of_row[r]]``.
-
-    Row r runs prompt ``prompt_of_row[r]``; replacements taken from other runs are moved to the
-    device where the hooked layer lives (layers may sit on different GPUs).
-    """
-    hooks = []
-    for layer, mask in masks.items():
-        row_mask = mask[variant_of_row]  # [rows, pos|1, head]
-        if ablation.kind == "uniform":
-            def hook(pattern, hook, row_mask=row_mask):
-                key_mask = None
-                if run.attention_mask is not None:
-                    key_mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)]
-                    key_mask = key_mask[:, -pattern.shape[-1]:].to(pattern.device)
-                uni = uniform_pattern(pattern.shape[-2], pattern.shape[-1], key_mask, pattern.device,
-                                      pattern.dtype)
-                sel = row_mask.to(pattern.device).transpose(1, 2)[..., None]  # [rows, head, q|1, 1]
-                return torch.where(sel, uni, pattern)
-            hooks.append((pattern_name(layer), hook))
-            continue
-        repl = _replacement(ablation, run, layer, ref_means)
-        if repl is not None and repl.shape[0] > 1:  # per prompt: [batch, pos, head, d_head]
-            repl = repl[prompt_of_row.to(repl.device)]
-
-        def hook(z, hook, row_mask=row_mask, repl=repl):
-            sel = row_mask.to(z.device)[..., None]  # [rows, pos|1, head, 1]
-            new = z * ablation.scale if repl is None else repl.to(z.device, z.dtype).expand_as(z)
-            return torch.where(sel, new, z)
-        hooks.append((z_name(layer), hook))
-    return hooks
-
-
 def _check_head(model, entry: tuple, n_pos: int) -> None:
     if len(entry) not in (2, 3):
         raise HeadlensError(f"a head is (layer, head) or (layer, head, position), not {entry}")
@@ -297,7 +223,7 @@ def _layer_masks(model, variants: Sequence[Iterable[Head]], n_pos: int) -> dict[
 
 
 def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]], metric: Metric,
-                 ablation: str | Ablation = "mean", attention_mask: torch.Tensor | None = None,
+                 ablation: str | Intervention = "mean", attention_mask: torch.Tensor | None = None,
                  max_rows: int | None = 64, run: CleanRun | None = None,
                  description: str = "ablating heads", max_memory: str | int | None = None,
                  stats: dict | None = None) -> torch.Tensor:
@@ -317,11 +243,11 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
     """
     from ..memory import plan_rows, resolve_budget, row_bytes
 
-    ablation = as_ablation(ablation)
+    ablation = as_intervention(ablation)
     variants = [sorted(set(map(tuple, v))) for v in variants]
     if run is None:
         run = clean_run(model, tokens, attention_mask, max_memory=max_memory)
-    ref_means = reference_means(model, ablation)
+    ablation.prepare(model)
     batch, n_pos = run.tokens.shape
     index = None
     if getattr(metric, "positions", None) is not None and hasattr(metric, "on_positions"):
@@ -366,8 +292,10 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
             mask = None
             if run.attention_mask is not None:
                 mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
-            hooks = _hooks_for(ablation, run, masks, ref_means, variant_of_row, prompt_of_row)
-            logits = forward_from(model, resid, first, mask, hooks, index, run.block_returns_tuple)
+            fwd = hooks(ablation, {l: m[variant_of_row] for l, m in masks.items()},
+                        lambda layer: Site(model, layer, run, prompt_of_row, mask,
+                                           torch.tensor([v for v, _ in chunk])))
+            logits = forward_from(model, resid, first, mask, fwd, index, run.block_returns_tuple)
             del resid
             j = 0
             for v in chunk_vars:
@@ -383,8 +311,7 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
 
     # Data parallel and resumable: with several ranks each computes its share of the groups (the same
     # groups as one process) and all results are gathered; finished groups are checkpointed in a scan.
-    key = digest(description, variants, ablation.kind, ablation.scale, ablation.seed, ablation.reference,
-                 run.tokens, chunks)
+    key = digest(description, variants, *ablation.key(), run.tokens, chunks)
     for done in distributed.map(run_group, groups, description, key=key, resumable=True):
         for v, value in done.items():
             results[v] = value.to(run.logits.device)
@@ -420,7 +347,7 @@ def _native_from(model, resid, first, attention_mask, fwd_hooks, index, returns_
     def on_z(fn):
         def pre(module, args):
             x = args[0]
-            z = fn(x.view(*x.shape[:-1], model.n_heads, -1), None)
+            z = fn(x.reshape(*x.shape[:-1], model.n_heads, -1), None)
             return (z.reshape(x.shape), *args[1:])
         return pre
 
@@ -509,7 +436,7 @@ def per_variant(metric: Metric, logits: torch.Tensor, n: int, batch: int) -> tor
     return torch.stack([metric(logits[j * batch:(j + 1) * batch]) for j in range(n)])
 
 
-def sweep_heads(model, tokens: torch.Tensor, metric: Metric, ablation: str | Ablation = "mean",
+def sweep_heads(model, tokens: torch.Tensor, metric: Metric, ablation: str | Intervention = "mean",
                 heads: Sequence[Head] | None = None, attention_mask: torch.Tensor | None = None,
                 max_rows: int | None = 64, run: CleanRun | None = None,
                 max_memory: str | int | None = None) -> torch.Tensor:
@@ -524,7 +451,7 @@ def sweep_heads(model, tokens: torch.Tensor, metric: Metric, ablation: str | Abl
 
 
 def ablate_group(model, tokens: torch.Tensor, heads: Sequence[Head], metric: Metric,
-                 ablation: str | Ablation = "mean", attention_mask: torch.Tensor | None = None,
+                 ablation: str | Intervention = "mean", attention_mask: torch.Tensor | None = None,
                  run: CleanRun | None = None, max_memory: str | int | None = None) -> torch.Tensor:
     """The metric with all ``heads`` ablated together."""
     return run_variants(model, tokens, [list(heads)], metric, ablation, attention_mask, run=run,
@@ -541,7 +468,7 @@ def random_head_sets(model, k: int, n_draws: int, seed: int = 0,
 
 
 def random_baseline(model, tokens: torch.Tensor, k: int, metric: Metric, n_draws: int = 10,
-                    seed: int = 0, ablation: str | Ablation = "mean", exclude: Iterable[Head] = (),
+                    seed: int = 0, ablation: str | Intervention = "mean", exclude: Iterable[Head] = (),
                     attention_mask: torch.Tensor | None = None, max_rows: int | None = 64,
                     run: CleanRun | None = None, max_memory: str | int | None = None
                     ) -> tuple[torch.Tensor, list[list[Head]]]:
@@ -552,52 +479,4 @@ def random_baseline(model, tokens: torch.Tensor, k: int, metric: Metric, n_draws
     return values, draws
 
 
-@contextlib.contextmanager
-def ablated(model, heads: Sequence[Head], ablation: str | Ablation = "zero",
-            mean_over: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
-    """Ablate ``heads`` in every forward pass inside the block (generation included).
-
-    Kinds that need no data of the run itself work here: ``zero``, ``scale``, ``uniform``, and ``mean``
-    given ``mean_over`` (tokens whose mean head output is used, start token excluded). For left-padded
-    batches pass their ``attention_mask``: ``uniform`` then gives padding no weight.
-    """
-    ablation = as_ablation(ablation)
-    if ablation.kind in ("resample", "patch"):
-        raise HeadlensError(f"ablation '{ablation.kind}' needs a paired run; use run_variants")
-    heads = [tuple(h) for h in heads]
-    means = None
-    if ablation.kind == "mean":
-        if mean_over is None:
-            raise HeadlensError("mean ablation inside ablated() needs mean_over=tokens")
-        means = {l: position_mean(z)[0, 0] for l, z in clean_run(model, mean_over).z.items()}
-    by_layer: dict[int, list[int]] = {}
-    for l, h in heads:
-        by_layer.setdefault(l, []).append(h)
-    hooks = []
-    for layer, hs in by_layer.items():
-        idx = torch.tensor(hs)
-        if ablation.kind == "uniform":
-            def hook(p, hook, idx=idx):
-                key_mask = None
-                if attention_mask is not None and attention_mask.shape[0] == p.shape[0] \
-                        and attention_mask.shape[1] >= p.shape[-1]:
-                    key_mask = attention_mask[:, -p.shape[-1]:].to(p.device)
-                uni = uniform_pattern(p.shape[-2], p.shape[-1], key_mask, p.device, p.dtype)
-                p = p.clone()
-                p[:, idx.to(p.device)] = uni[:, 0:1].expand(p.shape[0], len(idx), -1, -1).to(p.dtype)
-                return p
-            hooks.append((pattern_name(layer), hook))
-        else:
-            def hook(z, hook, idx=idx, layer=layer):
-                z = z.clone()
-                i = idx.to(z.device)
-                if ablation.kind == "zero":
-                    z[:, :, i] = 0
-                elif ablation.kind == "scale":
-                    z[:, :, i] = z[:, :, i] * ablation.scale
-                else:
-                    z[:, :, i] = means[layer][i].to(z.dtype)
-                return z
-            hooks.append((z_name(layer), hook))
-    with model.bridge.hooks(fwd_hooks=hooks):
-        yield
+ablated = ablate   # the earlier name

@@ -4,12 +4,12 @@
   prompt set, for every head (and, with ``per_position=True``, at one query position at a time).
   ``direction="denoise"`` runs the corrupted prompts with a clean head patched in (does the head
   *restore* the behaviour?); ``direction="noise"`` runs the clean prompts with a corrupted head patched
-  in (does the behaviour *need* the head?). Batched through :func:`run_variants` (kind ``patch``).
+  in (does the behaviour *need* the head?). Batched through :func:`run_variants` (:class:`Patch`).
 - :func:`path_patch_logits`: the same swap, but only along the head's *direct* path to the logits: the
   head's change in output goes through ``W_O`` straight to the unembedding, divided by the target run's
   final norm scale; every later layer still sees the unpatched head. Computed from cached ``z`` with no
   extra forward pass.
-- :func:`direct_effects`: a head *ablated* (any ablation kind) along its direct path only, every head
+- :func:`direct_effects`: a head *ablated* (any intervention) along its direct path only, every head
   one at a time: the direct effect beside the total effect of :func:`sweep_heads` (self-repair).
 
 Clean and corrupted prompts are paired row by row and must have the same shape.
@@ -21,8 +21,8 @@ from typing import Sequence
 import torch
 
 from ..errors import HeadlensError
-from .ablation import (Ablation, CleanRun, Head, _replacement, as_ablation, clean_run, per_variant,
-                       reference_means, run_variants)
+from .ablation import CleanRun, Head, clean_run, per_variant, run_variants
+from .interventions import Intervention, Patch, Site, UniformAttention, as_intervention
 from .metrics import Metric, position_index
 
 DIRECTIONS = ("denoise", "noise")
@@ -74,7 +74,7 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
     n_pos = target.tokens.shape[1]
     entries = _head_entries(model, heads, per_position, n_pos)
     values = run_variants(model, target.tokens, [[e] for e in entries], metric,
-                          Ablation(kind="patch", source=source.z), attention_mask, max_rows, target,
+                          Patch(source=source), attention_mask, max_rows, target,
                           description="patching heads")
     return _scatter(model, entries, values, per_position, n_pos)
 
@@ -187,7 +187,7 @@ def uniform_z(model, run: CleanRun) -> dict[int, torch.Tensor]:
     return out
 
 
-def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Ablation = "mean",
+def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Intervention = "mean",
                    heads: Sequence[Head] | None = None, max_rows: int = 64,
                    positions: slice = slice(None)) -> torch.Tensor:
     """The metric when a head is ablated along its *direct* path to the logits only, every head one at a
@@ -196,21 +196,20 @@ def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Ablatio
     The head's output change ``(z_ablated - z_clean) @ W_O`` is added to the clean final residual stream
     and read through the clean run's final norm scale and ``W_U``; later layers and the norm scale are
     frozen (they still see the clean head). This is the direct effect of the Hydra-effect literature
-    (McGrath et al. 2023); the ordinary ablation (:func:`sweep_heads`) is the total effect. Any ablation
-    kind works: ``uniform`` and ``scale`` need a forward pass for the value vectors / z, the others
-    none. ``positions`` limits the logits formed (and passed to ``metric``) to a slice, e.g.
+    (McGrath et al. 2023); the ordinary ablation (:func:`sweep_heads`) is the total effect. Any head-output
+    intervention works, and :class:`UniformAttention` (a forward pass for the value vectors). ``positions`` limits the logits formed (and passed to ``metric``) to a slice, e.g.
     ``slice(-1, None)`` for a last-position metric. Checked against a one-head-at-a-time version in
     ``tests/test_self_repair.py``.
     """
-    ablation = as_ablation(ablation)
+    ablation = as_intervention(ablation)
     entries = [tuple(h) for h in (heads if heads is not None else model.heads())]
-    if ablation.kind == "uniform":
+    if isinstance(ablation, UniformAttention):
         ablated_z = uniform_z(model, run)
-    elif ablation.kind == "scale":
-        ablated_z = {l: run.z[l] * ablation.scale for l in run.z}
+    elif ablation.hook != "attn.hook_z":
+        raise HeadlensError(f"direct effects of {ablation!r} are not available (it does not replace z)")
     else:
-        refs = reference_means(model, ablation)
-        ablated_z = {l: _replacement(ablation, run, l, refs) for l in {e[0] for e in entries}}
+        ablation.prepare(model)
+        ablated_z = {l: ablation.forward(run.z[l], Site(model, l, run)) for l in {e[0] for e in entries}}
 
     def dz(entry):
         l, h = entry

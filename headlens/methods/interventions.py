@@ -1,0 +1,285 @@
+"""Interventions: what replaces an attention head's output, one small class each (as pyvene does).
+
+An intervention's :meth:`~Intervention.forward` gets the hooked activation ``x`` of a layer and a
+:class:`Site` (the layer, the model, and the clean run the rows come from, when there is one) and
+returns what the *selected* heads get instead, broadcastable to ``x``; the engine puts it in place for
+the selected heads (and positions) only. The same objects serve the batched sweeps
+(:func:`~headlens.methods.run_variants`, every row its own heads) and the :func:`ablate` context
+manager (any forward pass, generation included).
+
+- :class:`ZeroAblation`: the head's output ``z`` set to 0.
+- :class:`MeanAblation`: ``z`` set to its mean over ``over`` (tokens), or over the run's own prompts,
+  leaving out each prompt's first position (the start-token sink) and padding.
+- :class:`ResampleAblation`: ``z`` taken from another prompt of the batch (a seeded derangement).
+- :class:`Patch`: ``z`` taken from a source run (activation patching).
+- :class:`Scale`: ``z`` multiplied by ``s`` (0 removes the head).
+- :class:`UniformAttention`: the head's *pattern* spread evenly over the causal prefix
+  ("undifferentiated attention", Zhou et al. 2025).
+
+With grouped-query attention every intervention acts on one *query* head: ``z`` (= pattern @ v) is per
+query head, so a shared key/value head is left alone for the other heads of its group. Strings name the
+built-in ones (``"zero"``, ``"mean"``, ``"resample"``, ``"patch"``, ``"scale"``, ``"uniform"``; see
+:func:`as_intervention`). Write your own by subclassing::
+
+    class Noise(hl.Intervention):
+        name = "noise"
+        def __init__(self, sigma=1.0):
+            self.sigma = sigma
+        def forward(self, z, site):
+            return z + self.sigma * torch.randn_like(z)
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ..errors import HeadlensError
+
+
+@dataclass
+class Site:
+    """Where an intervention acts and what it may read.
+
+    ``run``: the clean run of the prompts (:class:`~headlens.methods.ablation.CleanRun`), or None inside
+    :func:`ablate`, where the forward pass is the user's. ``prompts``: ``[rows]``, which prompt of ``run``
+    each row of ``x`` runs (None: the rows are the prompts, in order). ``attention_mask``: the rows' mask
+    ``[rows, pos]``, when given. ``variants``: ``[rows]``, which variant of a batched sweep each row is.
+    """
+    model: Any
+    layer: int
+    run: Any = None
+    prompts: Int[Tensor, "rows"] | None = None
+    attention_mask: Int[Tensor, "rows pos"] | None = None
+    variants: Int[Tensor, "rows"] | None = None
+
+    def rows(self, per_prompt: Tensor) -> Tensor:
+        """A per-prompt tensor ``[batch, ...]`` of the run, indexed to the rows of ``x``."""
+        if self.prompts is None or per_prompt.shape[0] == 1:
+            return per_prompt
+        return per_prompt[self.prompts.to(per_prompt.device)]
+
+
+class Intervention:
+    """What the selected heads' output ``z`` ``[rows, pos, head, d_head]`` (``blocks.L.attn.hook_z``)
+    is replaced by. Subclasses set ``name`` and implement :meth:`forward`."""
+    name: ClassVar[str] = ""
+    hook: ClassVar[str] = "attn.hook_z"
+
+    def forward(self, x: Float[Tensor, "rows pos head d_head"], site: Site) -> Tensor:
+        raise NotImplementedError
+
+    def prepare(self, model) -> None:
+        """Called before the hooked forward passes: compute what needs a run of its own (no hooks yet)."""
+
+    def hook_name(self, layer: int) -> str:
+        return f"blocks.{layer}.{self.hook}"
+
+    def select(self, mask: Bool[Tensor, "rows pos head"], x: Tensor) -> Tensor:
+        """The head mask laid out to broadcast against ``x``."""
+        return mask.to(x.device)[..., None]
+
+    def apply(self, x: Tensor, mask: Bool[Tensor, "rows pos head"], site: Site) -> Tensor:
+        """``x`` with the masked heads (and positions) replaced by :meth:`forward`."""
+        new = self.forward(x, site)
+        return torch.where(self.select(mask, x), new.to(x.device, x.dtype), x)
+
+    def key(self) -> tuple:
+        """What tells two interventions apart (checkpoint keys): the name and the public attributes."""
+        return (self.name or type(self).__qualname__,
+                *(v for k, v in sorted(vars(self).items()) if not k.startswith("_")))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if not k.startswith("_") and not isinstance(v, (Tensor, dict)))
+        return f"{type(self).__name__}({args})"
+
+
+class PatternIntervention(Intervention):
+    """What the selected heads' attention pattern ``[rows, head, query, key]``
+    (``blocks.L.attn.hook_pattern``) is replaced by."""
+    hook: ClassVar[str] = "attn.hook_pattern"
+
+    def select(self, mask, x):
+        return mask.to(x.device).transpose(1, 2)[..., None]       # [rows, head, query|1, 1]
+
+
+class ZeroAblation(Intervention):
+    name = "zero"
+
+    def forward(self, z, site):
+        return torch.zeros_like(z[:1, :1])
+
+
+class Scale(Intervention):
+    name = "scale"
+
+    def __init__(self, s: float = 0.0):
+        self.s = s
+
+    def forward(self, z, site):
+        return z * self.s
+
+
+class MeanAblation(Intervention):
+    """The head's mean output: over ``over`` (tokens ``[batch, pos]``), or over the run's own prompts
+    (``over=None``; inside :func:`ablate`, which sees no run, ``over`` is needed)."""
+    name = "mean"
+
+    def __init__(self, over: Int[Tensor, "batch pos"] | None = None):
+        self.over = over
+        self._means: tuple[int, dict[int, Tensor]] | None = None
+
+    def prepare(self, model):
+        from .ablation import clean_run, position_mean
+
+        if self.over is not None and (self._means is None or self._means[0] != id(model)):
+            ref = clean_run(model, self.over)
+            self._means = (id(model), {l: position_mean(x) for l, x in ref.z.items()})
+
+    def forward(self, z, site):
+        from .ablation import position_mean
+
+        if self.over is not None:
+            return self._means[1][site.layer]
+        if site.run is None:
+            raise HeadlensError("MeanAblation() inside ablate() needs the tokens to average over: "
+                                "MeanAblation(over=tokens)")
+        return position_mean(site.run.z[site.layer], site.run.attention_mask)
+
+
+class ResampleAblation(Intervention):
+    """The head's output on another prompt of the batch (a seeded derangement per layer). Inside
+    :func:`ablate` the other prompt's output is the one of the same forward pass."""
+    name = "resample"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def forward(self, z, site):
+        source = site.run.z[site.layer] if site.run is not None else z
+        n = source.shape[0]
+        if n < 2:
+            raise HeadlensError("resample ablation needs at least two prompts in the batch")
+        g = torch.Generator().manual_seed(self.seed + site.layer)
+        perm = (torch.arange(n) + torch.randint(1, n, (1,), generator=g)) % n   # no prompt keeps its own
+        resampled = source[perm.to(source.device)]
+        return site.rows(resampled) if site.run is not None else resampled
+
+
+class Patch(Intervention):
+    """The head's output from a source run: a :class:`~headlens.methods.ablation.CleanRun`, per-layer
+    ``z`` ``{layer: [batch, pos, head, d_head]}``, or tokens (run once, on first use)."""
+    name = "patch"
+
+    def __init__(self, source=None):
+        if source is None:
+            raise HeadlensError("Patch needs a source run: Patch(source=tokens, a clean_run or its z)")
+        self.source = source
+
+    def prepare(self, model):
+        if isinstance(self.source, Tensor):
+            from .ablation import clean_run
+            self.source = clean_run(model, self.source)
+
+    def forward(self, z, site):
+        source = self.source if isinstance(self.source, dict) else self.source.z
+        src = site.rows(source[site.layer])
+        if src.shape[1:] != z.shape[1:]:
+            raise HeadlensError(f"Patch: the source has {src.shape[1]} positions, the run {z.shape[1]}")
+        return src
+
+    def key(self):
+        z = self.source if isinstance(self.source, (dict, Tensor)) else self.source.z
+        return ("patch", z) if isinstance(z, Tensor) else ("patch", *(z[l] for l in sorted(z)))
+
+
+class UniformAttention(PatternIntervention):
+    """Attention spread evenly over the causal prefix (and over unpadded keys, given a mask)."""
+    name = "uniform"
+
+    def forward(self, pattern, site):
+        from .ablation import uniform_pattern
+
+        mask, n_key = site.attention_mask, pattern.shape[-1]
+        key_mask = None
+        if mask is not None and mask.shape[0] == pattern.shape[0] and mask.shape[1] >= n_key:
+            key_mask = mask[:, -n_key:].to(pattern.device)
+        return uniform_pattern(pattern.shape[-2], n_key, key_mask, pattern.device, pattern.dtype)
+
+
+INTERVENTIONS: dict[str, type[Intervention]] = {
+    c.name: c for c in (ZeroAblation, MeanAblation, ResampleAblation, Patch, Scale, UniformAttention)}
+
+
+def as_intervention(intervention: str | Intervention) -> Intervention:
+    """An intervention object from a name in :data:`INTERVENTIONS` (``"mean"``...) or the object itself."""
+    if isinstance(intervention, Intervention):
+        return intervention
+    if intervention not in INTERVENTIONS:
+        raise HeadlensError(f"unknown ablation '{intervention}'; choose one of {', '.join(INTERVENTIONS)} "
+                            "or pass an Intervention")
+    return INTERVENTIONS[intervention]()
+
+
+def Ablation(kind: str = "mean", scale: float = 0.0, reference: Tensor | None = None,
+             source: dict[int, Tensor] | None = None, seed: int = 0) -> Intervention:
+    """Backwards-compatible spelling of the intervention classes: ``Ablation(kind="mean", ...)``."""
+    make = {"zero": ZeroAblation, "mean": lambda: MeanAblation(over=reference),
+            "resample": lambda: ResampleAblation(seed), "patch": lambda: Patch(source),
+            "scale": lambda: Scale(scale), "uniform": UniformAttention}
+    return make[kind]() if kind in make else as_intervention(kind)
+
+
+def head_masks(model, heads: Sequence[tuple[int, int]]) -> dict[int, Bool[Tensor, "1 1 head"]]:
+    """Per layer, the mask ``[1, 1, n_heads]`` of the ``(layer, head)`` pairs in ``heads``."""
+    from .ablation import _check_head
+
+    masks: dict[int, Tensor] = {}
+    for entry in heads:
+        if len(entry) != 2:
+            raise HeadlensError(f"ablate() takes (layer, head) pairs, not {entry}; "
+                                "use run_variants for one position")
+        _check_head(model, entry, 1)
+        layer, head = entry
+        masks.setdefault(layer, torch.zeros(1, 1, model.n_heads, dtype=torch.bool))[0, 0, head] = True
+    return masks
+
+
+def hooks(intervention: Intervention, masks: dict[int, Tensor], site_of) -> list:
+    """Forward hooks putting ``intervention`` in place for ``masks[layer]`` (``[rows|1, pos|1, head]``);
+    ``site_of(layer)`` gives each layer's :class:`Site`."""
+    def hook_for(mask, site):
+        return lambda x, hook: intervention.apply(x, mask, site)
+    return [(intervention.hook_name(layer), hook_for(mask, site_of(layer))) for layer, mask in masks.items()]
+
+
+@contextlib.contextmanager
+def ablate(model, heads: Sequence[tuple[int, int]], intervention: str | Intervention = "zero",
+           attention_mask: Int[Tensor, "batch pos"] | None = None):
+    """Put ``intervention`` in place for ``heads`` in every forward pass inside the block (generation
+    included)::
+
+        with hl.ablate(model, [(18, 6)], hl.MeanAblation(over=tokens)):
+            model.generate("...")
+
+    Interventions that read the clean run see none here: :class:`MeanAblation` needs ``over=tokens``,
+    :class:`ResampleAblation` takes another prompt of the same forward pass, :class:`Patch` needs a source
+    of the run's shape. For left-padded batches pass their ``attention_mask``: :class:`UniformAttention`
+    then gives padding no weight.
+    """
+    intervention = as_intervention(intervention)
+    intervention.prepare(model)
+    masks = head_masks(model, [tuple(h) for h in heads])
+    fwd = hooks(intervention, masks, lambda layer: Site(model, layer, attention_mask=attention_mask))
+    with model.bridge.hooks(fwd_hooks=fwd):
+        yield
+
+
+__all__ = ["Site", "Intervention", "PatternIntervention", "ZeroAblation", "MeanAblation",
+           "ResampleAblation", "Patch", "Scale", "UniformAttention", "INTERVENTIONS", "as_intervention",
+           "Ablation", "ablate"]
