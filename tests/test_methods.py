@@ -341,3 +341,30 @@ def test_mean_ablation_leaves_out_start_token_and_padding():
     expected = torch.cat([z[0, 3:], z[1, 1:], z[2, 4:]]).mean(0)
     assert torch.allclose(position_mean(z, mask)[0, 0], expected)
     assert torch.allclose(position_mean(z)[0, 0], z[:, 1:].mean((0, 1)))
+
+
+def test_resumed_runs_go_native_where_exact(tiny):
+    """Ablated runs resumed at a layer go through the model's own transformers modules (SDPA, hooks on
+    the output projection's input) for Llama-like models, and through the bridge for GPT-2 (whose bridge
+    keeps its split QKV weights): both give the bridge's values, and padding is respected."""
+    import headlens.methods.ablation as ablation
+    from headlens.methods.ablation import native_from_ok
+
+    is_llama = tiny.info.architecture.startswith("Llama")
+    assert native_from_ok(tiny) == is_llama
+    clean, corrupted = induction_pair(VOCAB, 3, 5)
+    mask = torch.ones_like(clean)
+    mask[0, :3] = 0                                              # a left-padded prompt
+    calls = []
+    original = ablation._native_from
+    ablation._native_from = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    try:
+        for kind in ("mean", "zero", Ablation(kind="patch", source=clean_run(tiny, corrupted, mask).z)):
+            fast = run_variants(tiny, clean, [[h] for h in tiny.heads()], logits_metric, kind, mask)
+            tiny.__dict__["_headlens_native_from"] = False
+            slow = run_variants(tiny, clean, [[h] for h in tiny.heads()], logits_metric, kind, mask)
+            tiny.__dict__["_headlens_native_from"] = is_llama
+            torch.testing.assert_close(fast, slow, atol=TOL, rtol=0)
+    finally:
+        ablation._native_from = original
+    assert bool(calls) == is_llama
