@@ -229,6 +229,31 @@ def test_prefix_reuse_matches_independent_runs(which, planted, request):
 
 
 @pytest.mark.parametrize("which", ["planted", "llama"])
+def test_chunked_prefill_matches_prefill_at_once(which, planted, request):
+    """Prompts prefilled a few tokens at a time (the default for prompts over PREFILL_CHUNK tokens)
+    decode the same tokens with the same top-1 positions as prefilled at once, batched, left-padded
+    and with heads made uniform."""
+    from headlens.methods.generation import PREFILL_CHUNK
+
+    assert PREFILL_CHUNK == 8192
+    if which == "planted":
+        model = planted[0]
+        base = encode_prompt(model, "t3 t9 t4 t8 t5 t7 t6 t20 t21 t22 t1 t2 t20", False)[0]
+        heads = [RETRIEVAL_HEAD]
+    else:
+        model = request.getfixturevalue("tiny_llama")
+        base = [0, 5, 9, 3, 17, 5, 9, 3, 22, 4, 5, 8, 1, 30, 9, 3]
+        heads = [(1, 0), (2, 3)]
+    prompts = [base, base[:4] + base[7:]]
+    for h in ([], heads):
+        whole = greedy_generate(model, prompts, 4, ablate=[h] * 2, record_top1=True, chunk_tokens=0)
+        for size in (3, 5):
+            chunked = greedy_generate(model, prompts, 4, ablate=[h] * 2, record_top1=True, chunk_tokens=size)
+            assert chunked.tokens == whole.tokens
+            assert torch.equal(chunked.top1, whole.top1)
+
+
+@pytest.mark.parametrize("which", ["planted", "llama"])
 def test_batched_runs_match_one_at_a_time(which, planted, request):
     """decode_runs (shared filler prefilled once, runs of a length and depth batched) gives each run the
     same answer and top-1 positions as decoding it alone without a prefix."""
