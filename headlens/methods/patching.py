@@ -144,7 +144,7 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
     item = base.element_size()
     per_entry = batch * len(where) * (2 * model.info.d_model * 4 + W_U.shape[-1] * (2 * item + 4))
     budget = resolve_budget(None, W_U.device, model, need=per_entry)
-    per_chunk = distributed.agree_min(plan_items(per_entry, budget, max_rows // batch if max_rows else None))
+    per_chunk = distributed.agree_min(plan_items(per_entry, budget, max(1, max_rows // batch) if max_rows else None))
     chunks = [entries[start:start + per_chunk] for start in range(0, len(entries), per_chunk)]
 
     def write(entry):   # the head's change of the residual stream, on the unembedding's device
