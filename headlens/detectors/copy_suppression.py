@@ -49,6 +49,7 @@ from .. import distributed
 from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods import Intervention, clean_run, run_variants, sweep_heads
+from ..methods.metrics import positioned
 from ..methods.ablation import CleanRun, block_returns_tuple
 from ..methods.circuits import effective_embedding, head_dla, layer_weights, normalise, per_query_head
 from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
@@ -194,15 +195,20 @@ def repeated_predictions(tokens: torch.Tensor, logits: torch.Tensor):
 
 
 def repeat_logprob_metric(pred: torch.Tensor, seen: torch.Tensor):
-    """Scalar: mean log-prob of the model's own clean top prediction at positions where it repeats."""
+    """Scalar: mean log-prob of the model's own clean top prediction at positions where it repeats.
+
+    It reads the logits only at the positions that some prompt counts (``.positions``), so the batched
+    sweeps unembed only there."""
     rows, pos = seen.nonzero(as_tuple=True)
     target = pred[rows, pos]
+    read = seen.any(0).nonzero()[:, 0]                         # positions any prompt counts
+    col = torch.searchsorted(read, pos)                        # each counted (row, pos) among them
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        sel = logits[rows.to(logits.device), pos.to(logits.device)].float()               # [N, vocab]
+    def metric(logits: torch.Tensor) -> torch.Tensor:          # [batch, len(read), vocab]
+        sel = logits[rows.to(logits.device), col.to(logits.device)].float()              # [N, vocab]
         lp = sel.gather(-1, target.to(sel.device)[:, None])[:, 0]
         return (lp - sel.logsumexp(-1)).mean()
-    return metric
+    return positioned(metric, read)
 
 
 class AddToAttnOut(Intervention):
@@ -378,10 +384,8 @@ class CopySuppressionDetector(Detector):
                    "top_k_change_repeat": rise_on, "top_k_change_control": rise_off,
                    "specificity": rise_on / (abs(rise_on) + abs(rise_off)) if rise_on or rise_off else float("nan")}
         heads = top_heads(score, p.effect_heads)
-        # Full logits of every ablated copy are [rows, pos, vocab]: keep a chunk near 512 MB.
-        rows = max(1, min(self.max_rows, 2 ** 27 // (tokens.shape[1] * model.bridge.cfg.d_vocab)))
-        total = sweep_heads(model, run.tokens, on, p.ablation, heads=heads, max_rows=rows, run=run)
+        # `on` reads the repeat positions only: the planner sizes the chunks by the logits there
+        total = sweep_heads(model, run.tokens, on, p.ablation, heads=heads, max_rows=self.max_rows, run=run)
         total = total - check.clean
-        direct = self.direct_and_self_repair(model, run, on, total, "higher", check.clean, heads=heads,
-                                             max_rows=rows)
+        direct = self.direct_and_self_repair(model, run, on, total, "higher", check.clean, heads=heads)
         return check.to_dict(), control, {"total": total, **direct}
