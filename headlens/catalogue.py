@@ -245,7 +245,7 @@ def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoi
 
 def _scan(model, detectors, seed: int, checkpoint, runtime: dict) -> Catalogue:
     from . import checkpoint as ckpt
-    from . import distributed
+    from . import distributed, memory
     from .detectors import as_detectors
     from .progress import stage, step_times
 
@@ -269,6 +269,7 @@ def _scan(model, detectors, seed: int, checkpoint, runtime: dict) -> Catalogue:
         res.info.setdefault("seconds", timings[det.name])
         note(f"{det.name}: done in {timings[det.name]:.1f} s")
         results.append(res)
+        memory.release()            # the next detector starts from the weights, not from this one's peak
         if checkpoint is not None:
             checkpoint.save(res)
             ckpt.die_after(det.name)
