@@ -35,7 +35,7 @@ from einops import einsum
 from .. import distributed
 from ..methods import clean_run, loss_metric, sweep_heads
 from ..methods.ablation import logits_at
-from ..methods.circuits import effective_embedding, layer_weights, normalise, per_query_head
+from ..methods.circuits import layer_weights, per_query_head, unembed_times_embedding
 from .base import Detector, DetectorResult, ReviewParams, effect_heads, head_frame
 
 
@@ -77,10 +77,7 @@ def ov_eigen_ratio(model) -> torch.Tensor:
     matrix W_O (W_U W_EE) W_V that has the same non-zero eigenvalues. ``W_EE`` is the effective embedding
     (block 0 with its attention ablated, normalised as the heads' norm would), which equals W_E in the
     attention-only models of Olsson et al. and is what later heads actually read when block 0 has an MLP."""
-    b = model.bridge
-    w_ee = normalise(model, effective_embedding(model, torch.arange(b.cfg.d_vocab)))
-    ue = b.W_U.float() @ w_ee.to(b.W_U.device)                              # [d, d]
-    del w_ee
+    ue = unembed_times_embedding(model)                                     # [d, d]
 
     def layer(l: int) -> torch.Tensor:
         """One layer's ratios ``[H]``: its weights alone are upcast (all layers at once are tens of GiB

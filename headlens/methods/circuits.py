@@ -4,6 +4,7 @@
   (embedding + MLP0 output), computed by running the architecture's own block 0 with ``hook_attn_out``
   zeroed and positional embeddings removed, so GPT-2 (sequential), Llama (gated MLP, RMSNorm) and
   parallel-attention blocks are all handled by the model's own code.
+- :func:`unembed_times_embedding`: ``W_U W_EE`` (normalised), a chunk of the vocabulary at a time.
 - :func:`normalise`: what a (folded) LayerNorm/RMSNorm does before ``W_Q/W_K/W_V``: centre (LN only)
   and divide by the RMS; the gains are folded into the weights by the bridge's compatibility mode.
 - :func:`ov_out`: every head's OV output ``x . W_V . W_O`` for a batch of residual vectors, all
@@ -36,6 +37,19 @@ def effective_embedding(model, token_ids: torch.Tensor, chunk: int = 4096) -> to
         for i in range(0, len(ids), chunk):
             out.append(bridge.run_with_hooks(ids[i:i + chunk], stop_at_layer=1, fwd_hooks=hooks)[:, 0])
     return torch.cat(out).float()
+
+
+def unembed_times_embedding(model, chunk: int = 4096) -> torch.Tensor:
+    """``W_U @ normalise(W_EE)``, ``[d_model, d_model]`` in float32 on the unembedding's device: summed over
+    the vocabulary ``chunk`` tokens at a time, so neither the effective embedding (``vocab x d_model``:
+    0.67 GB in float32 for a 262k vocabulary) nor a float copy of ``W_U`` is ever held whole."""
+    w_u = model.bridge.W_U
+    vocab = model.bridge.cfg.d_vocab
+    out = torch.zeros(w_u.shape[0], w_u.shape[0], dtype=torch.float32, device=w_u.device)
+    for i in range(0, vocab, chunk):
+        ids = torch.arange(i, min(i + chunk, vocab))
+        out += w_u[:, i:i + chunk].float() @ normalise(model, effective_embedding(model, ids)).to(w_u.device)
+    return out
 
 
 def normalise(model, x: torch.Tensor) -> torch.Tensor:
