@@ -345,11 +345,15 @@ class CopySuppressionDetector(Detector):
         run = CleanRun(tokens=tokens, attention_mask=None, logits=clean_logits,
                        resid={l: cache[f"blocks.{l}.hook_resid_pre"][:n_b] for l in range(model.n_layers)},
                        block_returns_tuple=block_returns_tuple(model))
-        clean = torch.log_softmax(clean_logits.float(), -1)
+        step = max(1, (1 << 24) // (n_b * clean_logits.shape[-1]))   # positions per float32 chunk (64 MB)
 
-        def kl(logits):
-            abl = torch.log_softmax(logits.float(), -1)
-            return (clean.exp() * (clean - abl)).sum(-1).mean()
+        def kl(logits):   # mean KL(clean || ablated), a few positions at a time (never a float copy of all)
+            total = torch.zeros((), dtype=torch.float64)
+            for i in range(0, n_pos, step):
+                c = torch.log_softmax(clean_logits[:, i:i + step].float(), -1).to(logits.device)
+                a = torch.log_softmax(logits[:, i:i + step].float(), -1)
+                total += float((c.exp() * (c - a)).sum())
+            return total / (n_b * n_pos)
         kls = run_variants(model, tokens, [[hd] for hd in heads for _ in range(2)], kl,
                            AddToAttnOut(deltas, n_b), run=run, max_rows=self.max_rows,
                            description="CSPA ablations").tolist()
