@@ -486,13 +486,6 @@ def _centre_columns(w: torch.Tensor) -> None:
         rows.sub_(mean.to(w.dtype))
 
 
-def _rows(weight: torch.Tensor):
-    """Row chunks of a 2-D tensor (views), each small enough for a float32 working copy."""
-    step = max(1, _CHUNK // max(1, weight.shape[1]))
-    for i in range(0, weight.shape[0], step):
-        yield weight[i:i + step]
-
-
 @torch.no_grad()
 def _fold_norm(norm, readers: list, layer_norm: bool, offset: bool) -> None:
     """Fold a norm's gain (and LayerNorm's bias) into the linear maps reading it; reset the norm.

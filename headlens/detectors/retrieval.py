@@ -316,6 +316,7 @@ class RetrievalDetector(Detector):
         instead of decoding it again."""
         p = self.params
         decode = [i for i, v in enumerate(variants) if v or clean_recall is None]
+        clean = [i for i in range(len(variants)) if i not in decode]      # taken from clean_recall
         # as many variants per batch as fit the budget; every rank plans the same batches
         rows = [distributed.agree_min(plan_items(one, budget(model, p.max_bytes, one)))
                 for one in (row_bytes(model, len(run.tokens), p.max_new_tokens, len(run.tokens)) for run in runs)]
@@ -332,7 +333,7 @@ class RetrievalDetector(Detector):
             return recall
         recall = torch.zeros(len(variants))
         for r, got in enumerate(distributed.map(one, list(zip(runs, rows)), "retrieval causal check")):
-            if clean_recall is not None:
-                recall[[i for i, v in enumerate(variants) if not v]] += clean_recall[r] / len(runs)
+            if clean:
+                recall[clean] += clean_recall[r] / len(runs)
             recall[decode] += got / len(runs)
         return recall

@@ -378,21 +378,16 @@ def native_from_ok(model) -> bool:
         ok = False
         if uses_native(model) and model.n_layers > 1 and hasattr(model.bridge.blocks[1].attn, "o"):
             x = torch.arange(1, 9, device=model.device)[None] % model.bridge.cfg.d_vocab
-            kept, seen = {}, {}
-            handle = model.bridge.blocks[0].original_component.register_forward_hook(
-                lambda mod, inp, out: seen.update(t=isinstance(out, tuple)))
+            kept = {}
 
             def half(z, hook):
                 z = z.clone()
                 z[:, :, 0] = 0.5 * z[:, :, 0]
                 return z
-            try:
-                with torch.no_grad():
-                    ref = model.bridge.run_with_hooks(x, fwd_hooks=[
-                        (resid_name(1), lambda r, hook: kept.update(r=r.detach())), (z_name(1), half)])
-            finally:
-                handle.remove()
-            got = _native_from(model, kept["r"], 1, None, [(z_name(1), half)], None, seen.get("t", False))
+            with torch.no_grad():
+                ref = model.bridge.run_with_hooks(x, fwd_hooks=[
+                    (resid_name(1), lambda r, hook: kept.update(r=r.detach())), (z_name(1), half)])
+            got = _native_from(model, kept["r"], 1, None, [(z_name(1), half)], None, block_returns_tuple(model))
             ref, got = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
             tol = 1e-4 if model.info.dtype == "float32" else 5e-2
             ok = bool((got - ref).abs().max() <= tol * max(1.0, float(ref.abs().max())))
