@@ -3,6 +3,7 @@
 The real-model run through ``headlens scan`` is in test_ov_roles_scan.py."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +73,58 @@ def test_planted_causal_check_raises_repeat_logprob(planted_result):
     # Its ablation raises the repeat log-prob, directly and in total (last layer: nothing to repair it).
     assert cs.copy_suppression_direct > 0.1 and cs.copy_suppression_total > 0.1
     assert cs.copy_suppression_score_lo <= cs.copy_suppression_score <= cs.copy_suppression_score_hi
+
+
+def test_repeat_metric_and_cspa_kl_match_plain_versions(planted_cs):
+    """The repeat log-prob metric (several masks, read at their positions, a sum over prompts) equals a
+    plain log-softmax over full logits, whole or a few prompts at a time; the CSPA's chunked KL equals
+    a plain KL."""
+    from headlens.detectors.copy_suppression import (mean_kl, prose_tokens, repeat_logprob_metric,
+                                                     repeated_predictions)
+    from headlens.methods import clean_run, run_variants
+
+    model, text = planted_cs
+    tokens = prose_tokens(model, text, 24, 4)
+    run = clean_run(model, tokens)
+    pred = run.logits.argmax(-1).cpu()
+    seen, _ = repeated_predictions(tokens, pred)
+    some = torch.zeros_like(seen)
+    some[:2, 5:12] = True                           # a second mask, on some prompts and positions only
+    both = repeat_logprob_metric(pred, seen, some)
+    logp = torch.log_softmax(run.logits.float(), -1).gather(-1, pred[..., None])[..., 0]
+    expected = torch.stack([logp[seen].mean(), logp[some].mean()])
+    torch.testing.assert_close(both(run.logits), expected)
+    torch.testing.assert_close(run.value(both), expected)
+    torch.testing.assert_close(repeat_logprob_metric(pred, seen)(run.logits), expected[0])
+    variants = [[(1, 2)], [(0, 1), (1, 0)], [(1, 3)]]
+    plain = lambda logits: both(logits)                                     # no positions: full logits
+    whole = run_variants(model, tokens, variants, plain, "mean", max_rows=None, run=run)
+    torch.testing.assert_close(run_variants(model, tokens, variants, both, "mean", max_rows=3, run=run), whole,
+                               atol=1e-6, rtol=0)
+    ablated = run_variants(model, tokens, [[(1, 2)]], lambda logits: logits, "mean", max_rows=None, run=run)[0]
+    kl = torch.log_softmax(run.logits.float(), -1).exp() * (torch.log_softmax(run.logits.float(), -1)
+                                                             - torch.log_softmax(ablated.float(), -1))
+    torch.testing.assert_close(mean_kl(run.logits)(ablated).float(), kl.sum(-1).mean(), atol=1e-6, rtol=1e-5)
+
+
+def test_cspa_a_prompt_at_a_time_equals_all_at_once(planted_cs, monkeypatch):
+    """Where the memory budget holds one prompt's logits only, the CSPA goes a prompt at a time (its own
+    clean run each): the same values as all prompts in one batched call."""
+    import headlens.detectors.copy_suppression as cs
+
+    model, text = planted_cs
+    tokens = cs.prose_tokens(model, text, 24, 4)
+    names = {f"blocks.{l}.attn.{x}" for l in range(model.n_layers) for x in ("hook_z", "hook_pattern", "hook_v")}
+    pred, cache = cs.cached_predictions(model, tokens, names)
+    det = get_detector("copy_suppression")
+    heads = [(1, 2), (1, 0), (0, 3)]
+    together = det._cspa(model, tokens, cache, heads)
+    monkeypatch.setattr(cs, "full_logit_rows", lambda model, n_pos: 1)
+    one_by_one = det._cspa(model, tokens, cache, heads)
+    np.testing.assert_allclose(one_by_one, together, rtol=1e-4, atol=1e-6)
+    assert together[0] > 0.6                                  # the planted head, as in the detector's run
+    # the predictions a prompt at a time are those of one pass
+    torch.testing.assert_close(cs.cached_predictions(model, tokens, names)[0], pred)
 
 
 def test_ov_and_qk_batched_match_plain_per_head(smollm):

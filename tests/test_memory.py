@@ -122,9 +122,10 @@ def test_scan_under_small_max_memory_chunks_more(planted_induction):
     finally:
         handle.remove()
     assert n_small > n_free
-    # Ablated runs read the loss positions only (30 of 41): none held more than three rows.
-    ablated = [shape for shape in calls if shape[1] == n_loss]
-    assert ablated and max(shape[0] for shape in ablated) <= 3
+    # The clean run (first, its 4 prompts) and the ablated runs read the loss positions only (30 of 41);
+    # no ablated run held more than three rows.
+    at_loss = [shape for shape in calls if shape[1] == n_loss]
+    assert at_loss[0][0] == batch and len(at_loss) > 1 and max(shape[0] for shape in at_loss[1:]) <= 3
     assert (free.induction_label == small.induction_label).all()
     for col in free.columns:
         if col.startswith("induction_") and free[col].dtype.kind == "f":
@@ -181,6 +182,38 @@ def test_one_variant_split_over_chunks(planted_induction):
     assert stats["rows_per_chunk"] == 2
     whole = run_variants(m, tokens, [[h] for h in m.heads()], metric, "resample", max_rows=None, run=run)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=0)
+    # The loss is a sum over prompts: each chunk adds its share. A plain metric gets the variant's rows
+    # gathered from both chunks.
+    assert metric.share is not None
+    plain = run_variants(m, tokens, [[h] for h in m.heads()], lambda logits: metric(logits), "resample",
+                         max_rows=2, run=run)
+    torch.testing.assert_close(plain, whole, atol=1e-6, rtol=0)
+
+
+def test_clean_run_keeps_logits_only_where_asked(planted_induction):
+    """clean_run(positions=...) unembeds only there; the clean value, sweeps and direct effects on it equal
+    those on a full clean run, and a metric that needs other positions is refused."""
+    from headlens.methods import direct_effects
+
+    m = planted_induction
+    tokens = torch.randint(1, 32, (3, 14), generator=torch.Generator().manual_seed(7))
+    mask = torch.zeros(3, 13, dtype=torch.bool)
+    mask[:, 7:] = True
+    loss = loss_metric(tokens, mask)
+    full = clean_run(m, tokens)
+    calls, handle = _unembed_calls(m)
+    try:
+        part = clean_run(m, tokens, positions=loss.positions)
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([3, 6, m.info.d_model])] and part.logits.shape[1] == 6
+    torch.testing.assert_close(part.value(loss), loss(full.logits), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sweep_heads(m, tokens, loss, "mean", run=part),
+                               sweep_heads(m, tokens, loss, "mean", run=full), atol=1e-6, rtol=0)
+    torch.testing.assert_close(direct_effects(m, part, loss, "mean"), direct_effects(m, full, loss, "mean"),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(HeadlensError, match="holds logits at positions"):
+        part.value(lambda logits: logits.sum())          # a plain metric reads every position
 
 
 def test_direct_effects_chunked_by_bytes_and_only_at_the_metric_positions(planted_induction, monkeypatch):

@@ -209,7 +209,7 @@ class Detector:
                                 max_rows=max_rows or self.max_rows, positions=positions)
         values = values if values.dim() == 2 else values[..., 0]
         if clean is None:
-            clean = float(metric(run.logits).flatten()[0])
+            clean = float(run.value(metric).flatten()[0])
         direct = (values - clean) * (1 if worse == "higher" else -1)
         return {"direct": direct, "self_repair": self_repair(direct, total)}
 

@@ -48,10 +48,10 @@ from einops import einsum
 from .. import distributed
 from ..data import file_or_data
 from ..errors import HeadlensError
+from ..memory import plan_rows, release, resolve_budget, row_bytes
 from ..methods import Intervention, clean_run, run_variants, sweep_heads
-from ..methods.metrics import positioned
-from ..methods.ablation import CleanRun, block_returns_tuple
 from ..methods.circuits import effective_embedding, head_dla, layer_weights, normalise, per_query_head
+from ..methods.metrics import summed, token_logprobs
 from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
 from .induction import random_token_ids
 
@@ -181,34 +181,71 @@ def prose_tokens(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
     return torch.cat([torch.full((n, 1), model.bos_token_id, dtype=torch.long), chunks], 1)
 
 
-def repeated_predictions(tokens: torch.Tensor, logits: torch.Tensor):
-    """The model's top prediction per position, and where it already appears earlier (BOS excluded).
+def full_logit_rows(model, n_pos: int) -> int:
+    """How many prompts of ``n_pos`` tokens one pass may take with their logits at every position, within
+    the working-memory budget (the same on every rank): ``[8, 129, 262144]`` in float32 is 1.1 GB."""
+    budget = resolve_budget(None, model.device, model, need=row_bytes(model, n_pos))
+    return distributed.agree_min(plan_rows(model, n_pos, None, budget, "copy-suppression text chunks"))
 
-    Returns (pred ``[b, pos]``, seen ``[b, pos]`` bool, earlier ``[b, q, k]`` bool: key k holds pred[q]).
+
+def cached_predictions(model, tokens: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict]:
+    """One clean pass over ``tokens``: the model's top prediction at every position ``[b, pos]`` and the
+    activations ``names``, :func:`full_logit_rows` prompts at a time; only the argmax of the logits is kept."""
+    step = full_logit_rows(model, tokens.shape[1])
+    preds, caches = [], []
+    for i in range(0, len(tokens), step):
+        logits, cache = model.bridge.run_with_cache(tokens[i:i + step], names_filter=lambda n: n in names)
+        preds.append(logits.argmax(-1).cpu())
+        caches.append(cache)
+        del logits
+    return torch.cat(preds), {n: caches[0][n] if len(caches) == 1 else torch.cat([c[n] for c in caches])
+                              for n in names}
+
+
+def repeated_predictions(tokens: torch.Tensor, pred: torch.Tensor):
+    """Where the model's top prediction ``pred`` ``[b, pos]`` already appears earlier (BOS excluded).
+
+    Returns (seen ``[b, pos]`` bool, earlier ``[b, q, k]`` bool: key k holds pred[q]).
     """
-    pred = logits.argmax(-1).cpu()
     n = tokens.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     causal[:, 0] = False
     earlier = (tokens.cpu()[:, None, :] == pred[:, :, None]) & causal
-    return pred, earlier.any(-1), earlier
+    return earlier.any(-1), earlier
 
 
-def repeat_logprob_metric(pred: torch.Tensor, seen: torch.Tensor):
-    """Scalar: mean log-prob of the model's own clean top prediction at positions where it repeats.
+def repeat_logprob_metric(pred: torch.Tensor, *where: torch.Tensor):
+    """Mean log-prob of the model's own clean top prediction ``pred`` over the (prompt, position) pairs of
+    each bool mask ``[b, pos]`` in ``where`` (e.g. where it repeats an earlier token): a scalar for one
+    mask, ``[n]`` for n.
 
-    It reads the logits only at the positions that some prompt counts (``.positions``), so the batched
-    sweeps unembed only there."""
-    rows, pos = seen.nonzero(as_tuple=True)
-    target = pred[rows, pos]
-    read = seen.any(0).nonzero()[:, 0]                         # positions any prompt counts
-    col = torch.searchsorted(read, pos)                        # each counted (row, pos) among them
+    It reads the logits only at the positions that some mask counts (``.positions``), so the batched
+    sweeps unembed only there; it is a sum over prompts (the batched sweeps may take a few at a time),
+    and forms log-probs a few positions at a time (never a float copy of the logits)."""
+    read = torch.stack(where).any(0).any(0).nonzero()[:, 0]    # positions any mask counts in any prompt
+    target, masks = pred[:, read], [w[:, read] for w in where]
+    counts = [m.sum() for m in masks]
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:          # [batch, len(read), vocab]
-        sel = logits[rows.to(logits.device), col.to(logits.device)].float()              # [N, vocab]
-        lp = sel.gather(-1, target.to(sel.device)[:, None])[:, 0]
-        return (lp - sel.logsumexp(-1)).mean()
-    return positioned(metric, read)
+    def share(logits: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:   # [n, len(read), vocab]
+        lp = token_logprobs(logits, target[prompts])                          # [n, len(read)]
+        values = torch.stack([lp[m[prompts].to(lp.device)].sum() / c for m, c in zip(masks, counts)])
+        return values if len(masks) > 1 else values[0]
+    return summed(share, read)
+
+
+def mean_kl(clean_logits: torch.Tensor, count: int | None = None):
+    """Metric: KL(clean || ablated) summed over every prompt and position and divided by ``count`` (default
+    their number: the mean), a few positions at a time (never a float copy of the whole logits)."""
+    step = max(1, (1 << 24) // clean_logits[:, 0].numel())   # positions per float32 chunk (64 MB)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(0, logits.shape[1], step):
+            c = torch.log_softmax(clean_logits[:, i:i + step].float(), -1).to(logits.device)
+            a = torch.log_softmax(logits[:, i:i + step].float(), -1)
+            total += float((c.exp() * (c - a)).sum())
+        return total / (count or logits.shape[:2].numel())
+    return metric
 
 
 class AddToAttnOut(Intervention):
@@ -267,10 +304,11 @@ class CopySuppressionDetector(Detector):
         score = suppress - copy
 
         names = {f"blocks.{l}.{x}" for l in range(model.n_layers)
-                 for x in ("attn.hook_z", "attn.hook_pattern", "attn.hook_v", "hook_resid_pre")}
+                 for x in ("attn.hook_z", "attn.hook_pattern", "attn.hook_v")}
         names.add("ln_final.hook_scale")
-        logits, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-        pred, seen, earlier = repeated_predictions(tokens, logits)
+        release()   # the weight circuits' many medium temporaries, freed but kept by the C allocator
+        pred, cache = cached_predictions(model, tokens, names)
+        seen, earlier = repeated_predictions(tokens, pred)
         if not seen.any():
             return self.not_applicable(model, "the model never predicts a token already in the context "
                                        "of the corpus, so copy suppression cannot act")
@@ -289,10 +327,10 @@ class CopySuppressionDetector(Detector):
         top = top_heads(score, max(p.top_k, p.cspa_heads))
         cspa = torch.full_like(score, float("nan"))
         n = min(p.cspa_seqs, len(tokens))
-        for (l, h), v in zip(top[:p.cspa_heads], self._cspa(model, tokens[:n], logits[:n], cache,
-                                                            top[:p.cspa_heads])):
+        for (l, h), v in zip(top[:p.cspa_heads], self._cspa(model, tokens[:n], cache, top[:p.cspa_heads])):
             cspa[l, h] = v
         del cache
+        release()
         n = len(sample)
         ov_lo, qk_lo = wilson_lower(ov_band, n, p.z), wilson_lower(qk_band, n, p.z)
         labelled = [(l, h) for l, h in model.heads() if ov_lo[l, h] > p.majority
@@ -316,9 +354,11 @@ class CopySuppressionDetector(Detector):
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
 
-    def _cspa(self, model, tokens, clean_logits, cache, heads) -> list[float]:
+    def _cspa(self, model, tokens, cache, heads) -> list[float]:
         """Per head: 1 - KL(clean || CSPA-like) / KL(clean || mean-ablated), all heads batched through
-        :func:`~headlens.methods.run_variants` (each chunk resumed at the first layer it touches)."""
+        :func:`~headlens.methods.run_variants` (each chunk resumed at the first layer it touches), over
+        :func:`full_logit_rows` prompts at a time, each group with its own clean run whose logits the KL
+        reads (a prompt's are 135 MB in float32 at a 262k vocabulary)."""
         if not heads:
             return []
         b = model.bridge
@@ -341,22 +381,19 @@ class CopySuppressionDetector(Detector):
             deltas[l][2 * i * n_b:(2 * i + 1) * n_b] = (mean - out).cpu()                  # mean ablation
             deltas[l][(2 * i + 1) * n_b:(2 * i + 2) * n_b] = (mean + kept - out).cpu()     # CSPA-like
 
-        # Variant 2i mean-ablates head i, 2i+1 gives it the CSPA-like output: one batched run_variants.
-        run = CleanRun(tokens=tokens, attention_mask=None, logits=clean_logits,
-                       resid={l: cache[f"blocks.{l}.hook_resid_pre"][:n_b] for l in range(model.n_layers)},
-                       block_returns_tuple=block_returns_tuple(model))
-        step = max(1, (1 << 24) // (n_b * clean_logits.shape[-1]))   # positions per float32 chunk (64 MB)
-
-        def kl(logits):   # mean KL(clean || ablated), a few positions at a time (never a float copy of all)
-            total = torch.zeros((), dtype=torch.float64)
-            for i in range(0, n_pos, step):
-                c = torch.log_softmax(clean_logits[:, i:i + step].float(), -1).to(logits.device)
-                a = torch.log_softmax(logits[:, i:i + step].float(), -1)
-                total += float((c.exp() * (c - a)).sum())
-            return total / (n_b * n_pos)
-        kls = run_variants(model, tokens, [[hd] for hd in heads for _ in range(2)], kl,
-                           AddToAttnOut(deltas, n_b), run=run, max_rows=self.max_rows,
-                           description="CSPA ablations").tolist()
+        # Variant 2i mean-ablates head i, 2i+1 gives it the CSPA-like output: one batched run_variants
+        # per group of prompts (deltas row variant * n_b + prompt); each adds its part of the mean KL.
+        step = full_logit_rows(model, n_pos)
+        kls = 0
+        for j in range(0, n_b, step):
+            run = clean_run(model, tokens[j:j + step], keep_z=False)
+            n = len(run.tokens)
+            part = {l: d.view(-1, n_b, n_pos, d.shape[-1])[:, j:j + n].flatten(0, 1) for l, d in deltas.items()}
+            kls = kls + run_variants(model, run.tokens, [[hd] for hd in heads for _ in range(2)],
+                                     mean_kl(run.logits, n_b * n_pos), AddToAttnOut(part, n), run=run,
+                                     max_rows=self.max_rows, description="CSPA ablations")
+            del run
+        kls = kls.tolist()
         return [1 - kls[2 * i + 1] / kls[2 * i] if kls[2 * i] > 0 else float("nan") for i in range(len(heads))]
 
     def _causal_check(self, model, tokens, top, score, seed) -> tuple[dict, dict, dict]:
@@ -367,18 +404,16 @@ class CopySuppressionDetector(Detector):
         as for suppression)."""
         p = self.params
         run = clean_run(model, tokens)
-        pred, seen, _ = repeated_predictions(tokens, run.logits)
+        pred = run.logits.argmax(-1).cpu()
+        seen, _ = repeated_predictions(tokens, pred)
         unseen = ~seen
         unseen[:, 0] = False                                                 # the start position
-        on, off = repeat_logprob_metric(pred, seen), repeat_logprob_metric(pred, unseen)
-
-        def both(logits):
-            return torch.stack([on(logits), off(logits)])
+        on, both = repeat_logprob_metric(pred, seen), repeat_logprob_metric(pred, seen, unseen)
         check = self.causal_check(
             model, None, seed, "mean log-prob of the model's top prediction where it repeats an earlier "
             f"token ({p.ablation} ablation; copy suppression lowers it, so ablation raises it)",
             "higher", top=top, run=run, metric=both)
-        values, clean = check.raw, both(run.logits).float().cpu()
+        values, clean = check.raw, run.value(both).float().cpu()
         rise_on = float(values[1, 0] - clean[0])
         rise_off = float(values[1, 1] - clean[1])
         control = {"metric": "the same mean log-prob at positions whose top prediction is not in the context",

@@ -131,7 +131,7 @@ class InductionDetector(Detector):
         copying, copying_chance = self._copying(model, cache, tokens, seed)
         ov = ov_eigen_ratio(model).cpu()
         loss_rise, run, metric = self._loss_sweep(model, tokens)
-        clean_loss = float(metric(run.logits))
+        clean_loss = float(run.value(metric))
 
         score = prefix
         labelled = [(l, h) for l, h in model.heads()
@@ -198,7 +198,7 @@ class InductionDetector(Detector):
         repeated = torch.zeros(sweep_tokens.shape[0], sweep_tokens.shape[1] - 1, dtype=torch.bool)
         repeated[:, p.seq_len:] = True                      # targets inside repeats 2..R
         metric = loss_metric(sweep_tokens, repeated)
-        run = clean_run(model, sweep_tokens)
-        clean_loss = float(metric(run.logits))
+        run = clean_run(model, sweep_tokens, positions=metric.positions)   # logits where the loss reads
+        clean_loss = float(run.value(metric))
         losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=self.max_rows, run=run)
         return losses - clean_loss, run, metric

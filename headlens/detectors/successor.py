@@ -42,6 +42,7 @@ from ..errors import HeadlensError
 from ..methods import clean_run, sweep_heads
 from ..methods.ablation import logits_at
 from ..methods.circuits import effective_embedding, head_dla, normalise, ov_out
+from ..methods.metrics import PositionMetric, positioned
 from .base import Detector, DetectorResult, ReviewParams, effect_heads, head_frame
 
 
@@ -216,10 +217,11 @@ def ordinal_prompts(model, groups: list[Group], n_items: int, max_prompts: int, 
     return torch.cat([bos, seq[:, :-1]], 1), seq[:, -1], seq[:, -2], cands
 
 
-def next_item_metric(target: torch.Tensor, candidates: torch.Tensor):
-    """``[3]`` at the last position: accuracy among the prompt's task tokens (the succession score's
-    own criterion), accuracy over the full vocabulary, and mean log-prob of the next item."""
-    def metric(logits: torch.Tensor) -> torch.Tensor:
+def next_item_metric(target: torch.Tensor, candidates: torch.Tensor) -> PositionMetric:
+    """``[3]`` at the last position (the only one it reads): accuracy among the prompt's task tokens (the
+    succession score's own criterion), accuracy over the full vocabulary, and mean log-prob of the next
+    item."""
+    def metric(logits: torch.Tensor) -> torch.Tensor:   # [batch, 1, vocab]
         last = torch.log_softmax(logits[:, -1].float(), -1)                    # [b, vocab]
         t = target.to(last.device)
         in_task = last.masked_fill(~candidates.to(last.device), float("-inf"))
@@ -227,7 +229,7 @@ def next_item_metric(target: torch.Tensor, candidates: torch.Tensor):
         acc = (last.argmax(-1) == t).float().mean()
         lp = last.gather(-1, t[:, None])[:, 0].mean()
         return torch.stack([acc_task, acc, lp])
-    return metric
+    return positioned(metric, [-1])
 
 
 class SuccessorDetector(Detector):
@@ -309,7 +311,7 @@ class SuccessorDetector(Detector):
         sub = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed + 1))
         sub = sub[:p.causal_prompts].sort().values
         metric = next_item_metric(target[sub], candidates[sub])
-        run = clean_run(model, tokens[sub])
+        run = clean_run(model, tokens[sub], positions=metric.positions)   # the last position's logits
         check = self.causal_check(model, score, seed,
                                   f"next-item accuracy among the task's tokens ({p.ablation} ablation)",
                                   "lower", run=run, metric=metric)
@@ -319,12 +321,12 @@ class SuccessorDetector(Detector):
                                 f"random_k_ablated_{name}_mean": float(values[2:, j].mean())})
         causal = check.to_dict()
         # Direct vs total effect per head on the next item's log-prob (accuracy is too coarse for one head).
-        logprob = lambda logits: metric(logits)[2]
+        logprob = positioned(lambda logits: metric.on_positions(logits)[2], metric.positions)
         clean_lp = float(values[0, 2])
         total = clean_lp - sweep_heads(model, run.tokens, logprob, p.ablation, max_rows=self.max_rows, run=run)
         heads = effect_heads(score, total, p.effect_heads)
         effects = {"total": total, **self.direct_and_self_repair(model, run, logprob, total, "lower", clean_lp,
-                                                                     heads=heads, positions=slice(-1, None))}
+                                                                     heads=heads)}
         return dla, causal, {"n_prompts": int(len(tokens)), "n_causal_prompts": int(len(sub))}, effects
 
     def _interval(self, hits: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from .. import distributed
 from ..checkpoint import digest
 from ..errors import HeadlensError
 from .interventions import INTERVENTIONS, Ablation, Intervention, Site, ablate, as_intervention, hooks
-from .metrics import Metric, position_index
+from .metrics import Metric, at_positions, metric_positions, position_index
 
 KINDS = tuple(INTERVENTIONS)
 Head = tuple[int, int]  # (layer, head), or (layer, head, position) to act at one position only
@@ -55,6 +55,8 @@ class CleanRun:
 
     Everything is kept in the model's dtype. ``resid`` and ``z`` live on the model's device, or on
     the CPU when they did not fit the GPU's memory budget (``offloaded``); runs move what they need.
+    ``logits`` are ``[batch, pos, vocab]``, or with ``positions`` (sorted indices) only the logits at
+    those positions, ``[batch, len(positions), vocab]``: read them with :meth:`logits_at` and :meth:`value`.
     """
     tokens: torch.Tensor
     attention_mask: torch.Tensor | None
@@ -64,6 +66,26 @@ class CleanRun:
     block_returns_tuple: bool = False
     scale: torch.Tensor | None = None  # the final norm's scale ``ln_final.hook_scale``: [batch, pos, 1]
     offloaded: bool = False
+    positions: torch.Tensor | None = None  # the positions ``logits`` holds (None: every one)
+
+    def logits_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The clean logits at positions ``index`` (non-negative): a view where they are consecutive."""
+        index = index.cpu()
+        if self.positions is not None:
+            col = torch.searchsorted(self.positions, index).clamp(max=len(self.positions) - 1)
+            if not bool((self.positions[col] == index).all()):
+                raise HeadlensError(f"the clean run holds logits at positions {self.positions.tolist()} only, "
+                                    f"not at {index.tolist()}")
+            index = col
+        return at_positions(self.logits, index)
+
+    def value(self, metric: Metric) -> torch.Tensor:
+        """``metric`` of the clean logits (a metric that declares positions gets them via ``on_positions``)."""
+        n_pos = self.tokens.shape[1]
+        index = metric_positions(metric, n_pos)
+        if index is None:
+            return metric(self.logits_at(torch.arange(n_pos)))
+        return metric.on_positions(self.logits_at(index))
 
     def nbytes(self, device_only: bool = True) -> int:
         """Bytes held (on the model's device only, unless ``device_only=False``)."""
@@ -74,17 +96,20 @@ class CleanRun:
 
 
 def clean_run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              keep_z: bool = True, max_memory: str | int | None = None) -> CleanRun:
+              keep_z: bool = True, max_memory: str | int | None = None, positions=None) -> CleanRun:
     """One clean forward pass, caching every layer's residual input and head outputs.
 
     The cache is counted against the memory budget (see :mod:`headlens.memory`): on a GPU, when it
     would take more than half of the budget, the residuals and head outputs are kept on the CPU.
+    ``positions`` (as a metric's, e.g. ``metric.positions``): keep the logits at those positions only
+    (the unembedding runs only there); default every position.
     """
     from ..memory import clean_run_bytes, resolve_budget
 
     bridge = model.bridge
     tokens = tokens.to(model.device)
     batch, n_pos = tokens.shape
+    index = None if positions is None else position_index(positions, n_pos).unique()
     offload = False
     if model.device.type == "cuda":
         need = clean_run_bytes(model, batch, n_pos, keep_z)
@@ -104,14 +129,14 @@ def clean_run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None =
 
     handle = bridge.blocks[0].original_component.register_forward_hook(record_output_type)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), logits_at(model, index):
             logits = bridge.run_with_hooks(tokens, attention_mask=attention_mask,
                                            fwd_hooks=[(n, keeper(n)) for n in sorted(names)])
     finally:
         handle.remove()
     run = CleanRun(tokens=tokens, attention_mask=attention_mask, logits=logits,
                    block_returns_tuple=seen.get("tuple", False),
-                   scale=kept["ln_final.hook_scale"].to(model.device), offloaded=offload)
+                   scale=kept["ln_final.hook_scale"].to(model.device), offloaded=offload, positions=index)
     for l in range(model.n_layers):
         run.resid[l] = kept[resid_name(l)]
         if keep_z:
@@ -233,7 +258,9 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
     (the prompts in order) and returns a scalar or any per-run shape; the result stacks them. A metric
     that declares ``positions`` (see :mod:`headlens.methods.metrics`) gets, through its
     ``on_positions``, the logits at those positions only, ``[batch, n_positions, vocab]``: the final
-    norm and the unembedding run only there.
+    norm and the unembedding run only there. One that is a sum over prompts (``share``, see
+    :func:`headlens.methods.metrics.summed`) gets each chunk's rows of a variant and its shares are added,
+    so a variant's logits are never held whole.
 
     Rows (one prompt of one variant) are run in chunks sized by :func:`headlens.memory.plan_rows` to
     fit ``max_memory`` (default: the device's free memory, or the ``headlens.memory.limit`` in force),
@@ -249,9 +276,8 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
         run = clean_run(model, tokens, attention_mask, max_memory=max_memory)
     ablation.prepare(model)
     batch, n_pos = run.tokens.shape
-    index = None
-    if getattr(metric, "positions", None) is not None and hasattr(metric, "on_positions"):
-        index = position_index(metric.positions, n_pos)
+    index = metric_positions(metric, n_pos)
+    share = getattr(metric, "share", None) if index is not None else None
     n_logit = n_pos if index is None else len(index)
     budget = resolve_budget(max_memory, model.device, model, need=row_bytes(model, n_pos, n_logit))
     if max_memory is not None or _limit_set():  # an explicit budget also holds the cached clean run
@@ -265,7 +291,7 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
     # Variants with nothing ablated are the clean run itself.
     for i in order:
         if start[i] >= model.n_layers:
-            results[i] = metric(run.logits)
+            results[i] = run.value(metric)
     # One chunk plan on every rank; whole variants per chunk when one fits, so that a rank assembles
     # each variant from the same rows, in the same batches, as a one-process run.
     rows_per_chunk = distributed.agree_min(rows_per_chunk)
@@ -279,7 +305,7 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
 
     def run_group(group: list[list[tuple[int, int]]]) -> dict[int, torch.Tensor]:
         """The metric of every variant whose rows are in ``group`` (consecutive chunks)."""
-        pending: dict[int, list[torch.Tensor]] = {}
+        pending: dict[int, tuple[torch.Tensor, int]] = {}   # variant -> (its logits or value so far, rows)
         done: dict[int, torch.Tensor] = {}
         for chunk in group:
             chunk_vars = sorted({v for v, _ in chunk}, key=order.index)
@@ -300,12 +326,22 @@ def run_variants(model, tokens: torch.Tensor, variants: Sequence[Iterable[Head]]
             j = 0
             for v in chunk_vars:
                 n = sum(1 for vv, _ in chunk if vv == v)
-                pending.setdefault(v, []).append(logits[j:j + n])
-                j += n
-                if sum(len(x) for x in pending[v]) == batch:
-                    parts = pending.pop(v)
-                    full = parts[0] if len(parts) == 1 else torch.cat(parts)
-                    done[v] = metric.on_positions(full) if index is not None else metric(full)
+                rows, j = slice(j, j + n), j + n
+                if share is not None:   # a sum over prompts: add this chunk's share, keep no logits
+                    value, filled = pending.pop(v, (0, 0))
+                    value = value + share(logits[rows], prompt_of_row[rows])
+                elif n < batch:         # a variant split over chunks: its rows go into one buffer (no cat)
+                    value, filled = pending.pop(v, None) or (logits.new_empty((batch, *logits.shape[1:])), 0)
+                    value[filled:filled + n] = logits[rows]
+                else:
+                    value, filled = logits[rows], 0
+                filled += n
+                if filled < batch:
+                    pending[v] = (value, filled)
+                elif share is not None:
+                    done[v] = value
+                else:
+                    done[v] = metric.on_positions(value) if index is not None else metric(value)
             del logits
         return done
 

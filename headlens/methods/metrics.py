@@ -42,6 +42,23 @@ def position_index(positions, n_pos: int) -> Tensor:
     return index % n_pos
 
 
+def metric_positions(metric, n_pos: int) -> Tensor | None:
+    """The positions ``metric`` declares it reads, as indices into ``n_pos`` positions; None when it
+    declares none (it gets the full logits)."""
+    if getattr(metric, "positions", None) is not None and hasattr(metric, "on_positions"):
+        return position_index(metric.positions, n_pos)
+    return None
+
+
+def at_positions(logits: Tensor, index: Tensor) -> Tensor:
+    """``logits[:, index]``: a view, not a copy of ``[batch, n, d_vocab]``, where ``index`` (non-negative)
+    is a run of consecutive positions."""
+    index = index.cpu()
+    if len(index) and bool((index.diff() == 1).all()):
+        return logits[:, int(index[0]):int(index[-1]) + 1]
+    return logits[:, index.to(logits.device)]
+
+
 class PositionMetric:
     """A metric that reads the logits only at ``positions`` (see the module docstring).
 
@@ -49,14 +66,20 @@ class PositionMetric:
     in the order given. Calling the metric on full logits ``[batch, pos, d_vocab]`` selects the
     positions first; :func:`~headlens.methods.run_variants` instead computes the logits only there and
     calls :meth:`on_positions` with them. Both give the same value.
+
+    ``share`` (see :func:`summed`), if given, makes the value a sum over the prompts:
+    ``share(logits, prompts)`` is the part of the prompts ``prompts`` (a 1-D index into the batch), from
+    their logits at the positions. ``run_variants`` then adds up the shares of each chunk of rows and
+    never holds a variant's logits whole.
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], positions):
+    def __init__(self, fn: Callable[[Tensor], Tensor], positions, share: Callable | None = None):
         self.fn = fn
         self.positions = positions
+        self.share = share
 
     def __call__(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Tensor:
-        return self.fn(logits[:, position_index(self.positions, logits.shape[1]).to(logits.device)])
+        return self.fn(at_positions(logits, position_index(self.positions, logits.shape[1])))
 
     def on_positions(self, logits: Float[Tensor, "batch n_positions d_vocab"]) -> Tensor:
         return self.fn(logits)
@@ -65,6 +88,13 @@ class PositionMetric:
 def positioned(fn: Callable[[Tensor], Tensor], positions) -> PositionMetric:
     """A metric reading only ``positions``, from ``fn`` of the logits there (``[batch, n, d_vocab]``)."""
     return PositionMetric(fn, positions)
+
+
+def summed(share: Callable[[Tensor, Tensor], Tensor], positions) -> PositionMetric:
+    """A metric reading only ``positions`` whose value is the sum over the prompts of
+    ``share(logits[n, n_positions, d_vocab], prompts[n])``, the part of those prompts (e.g. their summed
+    loss over the whole batch's count): the batched sweeps may then take a few prompts at a time."""
+    return PositionMetric(lambda logits: share(logits, torch.arange(len(logits))), positions, share)
 
 
 def _chunks(n_rows: int, row_elems: int):
@@ -88,18 +118,19 @@ def token_logprobs(logits: Float[Tensor, "batch pos d_vocab"], targets: Tensor) 
 def loss_metric(tokens: torch.Tensor, positions: torch.Tensor | None = None) -> PositionMetric:
     """Mean next-token cross-entropy over ``positions`` (a bool mask over ``tokens[:, 1:]``, default all).
 
-    It reads the logits only at the positions that predict a masked target (``.positions``).
+    It reads the logits only at the positions that predict a masked target (``.positions``), and is a
+    sum over prompts (:func:`summed`).
     """
     targets = tokens[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.bool) if positions is None else positions.bool()
     read = mask.any(0).nonzero()[:, 0]                        # positions whose prediction counts
     targets, weight = targets[:, read], mask[:, read].float()
+    total = weight.sum()
 
-    def metric(logits: Float[Tensor, "batch n d_vocab"]) -> Float[Tensor, ""]:
-        nll = -token_logprobs(logits, targets)
-        w = weight.to(nll.device)
-        return (nll * w).sum() / w.sum()
-    return positioned(metric, read)
+    def share(logits: Float[Tensor, "n len_read d_vocab"], prompts: Tensor) -> Float[Tensor, ""]:
+        nll = -token_logprobs(logits, targets[prompts])
+        return (nll * weight[prompts].to(nll.device)).sum() / total.to(nll.device)
+    return summed(share, read)
 
 
 def kl_metric(clean_logits: torch.Tensor, position: int = -1, per_prompt: bool = False) -> PositionMetric:

@@ -23,7 +23,7 @@ import torch
 from ..errors import HeadlensError
 from .ablation import CleanRun, Head, clean_run, per_variant, run_variants
 from .interventions import Intervention, Patch, Site, UniformAttention, as_intervention
-from .metrics import Metric, position_index
+from .metrics import Metric, metric_positions
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -132,15 +132,12 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
     batch, n_pos = target.tokens.shape
     W_U, W_O = model.bridge.W_U, model.bridge.W_O   # the bridge re-stacks weights on each access: read once
     centre = _final_norm_centres(model)
-    if getattr(metric, "positions", None) is not None and hasattr(metric, "on_positions"):
-        where, apply = position_index(metric.positions, n_pos), metric.on_positions
-    else:
-        where, apply = torch.arange(n_pos)[positions], metric
-    where = where.to(target.logits.device)
-    base = target.logits[:, where]
+    where = metric_positions(metric, n_pos)
+    where, apply = (torch.arange(n_pos)[positions], metric) if where is None else (where, metric.on_positions)
+    base = target.logits_at(where)
     scale = target.scale[:, where.to(target.scale.device)].to(W_U.device)
-    # per entry: the head's write [batch, n, d_model], its logit shift and the shifted logits (model
-    # dtype), and the metric's float32 working copy
+    # per entry: the head's write [batch, n, d_model], its shifted logits (model dtype; a second copy
+    # where the unembedding's device or dtype differs), and the metric's float32 working copy
     item = base.element_size()
     per_entry = batch * len(where) * (2 * model.info.d_model * 4 + W_U.shape[-1] * (2 * item + 4))
     budget = resolve_budget(None, W_U.device, model, need=per_entry)
@@ -157,10 +154,9 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
         delta = torch.stack([write(e) for e in chunk])
         if centre:
             delta = delta - delta.mean(-1, keepdim=True)
-        shift = (delta / scale[None]).to(W_U.dtype) @ W_U
+        logits = ((delta / scale[None]).to(W_U.dtype) @ W_U).to(base.device, base.dtype)
         del delta
-        logits = base[None] + shift.to(base.device, base.dtype)
-        del shift
+        logits += base[None]   # the shifted logits, in place
         return per_variant(apply, logits.flatten(0, 1), len(chunk), batch)
 
     work = digest(description, entries, target.tokens, per_chunk, where, *key)
