@@ -149,7 +149,7 @@ def grid(model, p, needles: list[dict], template: str, chat: bool) -> tuple[list
 def budget(model, max_bytes: int = 0, need: int = 0) -> int:
     """Bytes a batch of needle runs may take (KV caches and activations): ``max_bytes``, else the
     scan's working-memory budget (:func:`headlens.memory.resolve_budget`: ``--max-memory``, or what the
-    device has free; on the CPU 512 MiB unless one run (``need``) takes more)."""
+    device has free; on the CPU 256 MiB unless one run (``need``) takes more)."""
     from ..memory import resolve_budget
     return int(max_bytes) if max_bytes else resolve_budget(None, model.device, model, need=need)
 
