@@ -167,7 +167,8 @@ def cmd_dp(args) -> None:
     for ranks in [int(r) for r in args.ranks.split(",")]:
         csv = work / f"cat_{ranks}gpu.csv"
         cmd = [sys.executable, "-m", "headlens", "scan", str(folder), "-d", args.detectors, "--device", device,
-               "--dtype", dtype, "--batch-size", str(args.batch_size), "-o", str(csv), "--checkpoint-every", "-1"]
+               "--dtype", dtype, "-o", str(csv), "--checkpoint-every", "-1"]
+        cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []   # 0: each detector's default
         for p in (TINY_PARAMS if args.tiny else []) + args.param:
             cmd += ["-p", p]
         if ranks > 1:
@@ -275,7 +276,7 @@ def main() -> None:
     dp.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
     dp.add_argument("--ranks", default="1,2", help="comma-separated rank counts to run (1 first)")
     dp.add_argument("--detectors", default="induction,successor,copy_suppression,retrieval,safety")
-    dp.add_argument("--batch-size", type=int, default=64)
+    dp.add_argument("--batch-size", type=int, default=0, help="cap on sequences per pass (0: the detectors' defaults)")
     dp.add_argument("--param", "-p", action="append", default=[], help="detector parameter ROLE.NAME=VALUE")
     mp = sub.add_parser("mp", help="model parallel: a 40-60 B model over the GPUs, three detectors")
     mp.add_argument("--shape", default="llama-50b", choices=sorted(SHAPES))

@@ -64,7 +64,8 @@ def scan(
     start_token: Optional[str] = typer.Option(
         None, "--start-token", help="token (or id) that starts plain-text prompts; "
         "default: the document start the model was trained with"),
-    batch_size: int = typer.Option(64, "--batch-size", help="most sequences in one batched forward pass"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="most sequences in one batched forward "
+                                             "pass (default: each detector's own: 64, 512 for short prompts)"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="most memory on the device, weights "
                                              "included, e.g. 8GB (default: what is free)"),
     param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable)"),

@@ -5,7 +5,7 @@ Two separate steps, so that several processes (one per GPU) can agree on one pla
 - :func:`resolve_budget` turns ``max_memory`` (``"8GB"``, ``"512MiB"``, a number of bytes, or ``None``)
   into the bytes a run may use for its working memory. ``None``: what the device has free right now
   (``torch.cuda.mem_get_info`` on a GPU, ``MemAvailable`` of ``/proc/meminfo`` on the CPU) minus a
-  margin; on the CPU at most 512 MiB (a CPU is compute-bound long before that, and a scan then stays
+  margin; on the CPU at most 256 MiB (a CPU is compute-bound long before that, and a scan then stays
   close to its weights in memory). An explicit ``max_memory`` is the most the model may take on the device, *weights included*,
   so the weights' bytes are subtracted from it.
 - :func:`plan_rows` is a pure function of (model shape, prompt length, logit positions, budget): the
@@ -29,7 +29,7 @@ from .errors import HeadlensError
 
 MARGIN = 0.10            # of the free memory, kept back for the allocator and everything else
 MIN_MARGIN = 256 << 20   # bytes kept back at least
-CPU_DEFAULT = 512 << 20  # default working memory on the CPU: larger passes are no faster there
+CPU_DEFAULT = 256 << 20  # default working memory on the CPU: larger passes are no faster there
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _LIMIT: contextvars.ContextVar = contextvars.ContextVar("headlens_max_memory", default=None)

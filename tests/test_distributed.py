@@ -153,7 +153,8 @@ def test_two_ranks_padded_safety_prompts_same_bytes(tmp_path):
 
 def test_two_ranks_share_needle_runs_same_bytes(tmp_path):
     """Retrieval on the planted retriever: the needle runs (one item per decoded batch), the causal
-    check's generations (one per retrieved run) and the direct effects are shared; same bytes."""
+    check's generations (one item per batch of variants; a tiny byte budget makes it one variant each)
+    and the direct effects are shared; same bytes."""
     folder = retrieval_model(tmp_path / "retriever")
     (tmp_path / "needles.json").write_text(json.dumps([{"needle": "t20 t21 t22 t23 t24", "question": "t20"}]))
     (tmp_path / "hay.txt").write_text(" ".join(f"t{1 + (i * 7) % 15}" for i in range(60)))
@@ -161,7 +162,7 @@ def test_two_ranks_share_needle_runs_same_bytes(tmp_path):
             "-p", f"retrieval.haystack={tmp_path / 'hay.txt'}", "-p", "retrieval.context_lengths=[30,50]",
             "-p", "retrieval.depths=[0.0,0.5,1.0]", "-p", "retrieval.plain_template={context} {question}",
             "-p", "retrieval.max_new_tokens=4", "-p", "retrieval.top_k=2", "-p", "retrieval.n_random=5",
-            "-p", "retrieval.effect_runs=1"]
+            "-p", "retrieval.effect_runs=1", "-p", "retrieval.max_bytes=1"]
     r1 = headlens("scan", folder, *args, "-o", tmp_path / "one.csv")
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = headlens("scan", folder, *args, "-o", tmp_path / "two.csv", ranks=2)
@@ -214,8 +215,9 @@ def test_two_ranks_same_bytes_on_smollm(tmp_path):
     r2 = headlens("scan", *args, "-o", tmp_path / "two.csv", ranks=2)
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
-    steps = json.loads((tmp_path / "two.json").read_text())["steps_s"]["induction"]
-    assert steps["single-head ablations"]["chunks"] == 5      # 270 heads / 32 per chunk = 9 chunks; rank 0: 5
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["steps_s"]["induction"]["single-head ablations"]
+                for n in ("one", "two"))
+    assert one["chunks"] >= 9 and two["chunks"] == (one["chunks"] + 1) // 2   # 270 heads, <= 32 per chunk; rank 0's share
 
 
 def test_weight_circuits_in_pieces_match_one_piece(tiny):

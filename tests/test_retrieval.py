@@ -217,13 +217,23 @@ def test_prefix_reuse_matches_independent_runs(which, planted, request):
         prompts = [base, base[:12] + base[15:], base[:9] + base[3:9] + base[9:]]
         heads = [(17, 3), (18, 7)]
     n = 4
+    alone = {}
     for h in ([], heads):
         prefix = prefill(model, base[:-2], ablate=h)
         shared = greedy_generate(model, prompts, n, ablate=[h] * 3, record_top1=True, prefix=prefix)
         for i, ids in enumerate(prompts):
-            alone = greedy_generate(model, [ids], n, ablate=[h], record_top1=True)
-            assert shared.tokens[i] == alone.tokens[0]
-            assert torch.equal(shared.top1[:, :, i], alone.top1[:, :, 0])
+            alone[i, bool(h)] = greedy_generate(model, [ids], n, ablate=[h], record_top1=True)
+            assert shared.tokens[i] == alone[i, bool(h)].tokens[0]
+            assert torch.equal(shared.top1[:, :, i], alone[i, bool(h)].top1[:, :, 0])
+    # one prefix prefilled for several variants (a row each), rows picking theirs by their heads
+    prefix = prefill(model, base[:-2], variants=[heads, []])
+    assert prefix.keys[0].shape[0] == 2
+    rows = [(i, h) for h in (True, False) for i in range(3)]
+    shared = greedy_generate(model, [prompts[i] for i, _ in rows], n, ablate=[heads if h else [] for _, h in rows],
+                             record_top1=True, prefix=prefix)
+    for row, key in enumerate(rows):
+        assert shared.tokens[row] == alone[key].tokens[0]
+        assert torch.equal(shared.top1[:, :, row], alone[key].top1[:, :, 0])
     with pytest.raises(HeadlensError, match="same heads"):
         greedy_generate(model, prompts, n, prefix=prefill(model, base[:5], ablate=heads))
 

@@ -81,12 +81,18 @@ def ov_eigen_ratio(model) -> torch.Tensor:
 
     def layer(l: int) -> torch.Tensor:
         """One layer's ratios ``[H]``: its weights alone are upcast (all layers at once are tens of GiB
-        at 70B), and the eigenvalues (a CPU-bound loop over small matrices) are shared among ranks."""
+        at 70B), and the eigenvalues (on the CPU, whatever the model's device) are shared among ranks."""
         w_v = per_query_head(model, layer_weights(model, "W_V", [l], ue.device).float())   # [1, H, d, dh]
         w_o = layer_weights(model, "W_O", [l], ue.device).float()
         m = einsum(w_o, ue, w_v, "l h e d1, d1 d2, l h d2 f -> l h e f")
-        lam = torch.linalg.eigvals(m)
-        return (lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-12))[0].cpu()
+        # LAPACK on one thread: CUDA's eigvals of small matrices takes seconds per layer, and so do threads
+        threads = torch.get_num_threads()   # of a many-core host (10 s for an 8B model on 32 cores)
+        torch.set_num_threads(1)
+        try:
+            lam = torch.linalg.eigvals(m.cpu())
+        finally:
+            torch.set_num_threads(threads)
+        return (lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-12))[0]
     return torch.stack(distributed.map(layer, range(model.n_layers), "OV eigenvalues"))
 
 

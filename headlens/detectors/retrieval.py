@@ -39,7 +39,7 @@ from ..data import file_or_data
 from ..errors import HeadlensError
 from ..memory import plan_items
 from ..methods.generation import (PREFILL_CHUNK, encode_prompt, greedy_generate, kv_bytes_per_token, prefill,
-                                  stop_token_ids)
+                                  shared_length, stop_token_ids)
 from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 MARKER = "\x00CONTEXT\x00"
@@ -149,7 +149,7 @@ def grid(model, p, needles: list[dict], template: str, chat: bool) -> tuple[list
 def budget(model, max_bytes: int = 0, need: int = 0) -> int:
     """Bytes a batch of needle runs may take (KV caches and activations): ``max_bytes``, else the
     scan's working-memory budget (:func:`headlens.memory.resolve_budget`: ``--max-memory``, or what the
-    device has free; on the CPU 512 MiB unless one run (``need``) takes more)."""
+    device has free; on the CPU 256 MiB unless one run (``need``) takes more)."""
     from ..memory import resolve_budget
     return int(max_bytes) if max_bytes else resolve_budget(None, model.device, model, need=need)
 
@@ -310,27 +310,41 @@ class RetrievalDetector(Detector):
         return {"total": total, "direct": direct, "self_repair": self_repair(direct, total)}
 
     def causal_values(self, model, variants, runs=(), stops=(), clean_recall=None, **_) -> torch.Tensor:
-        """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``. All variants
-        of one run are decoded together, in batches that fit the memory budget. A variant that
-        ablates nothing takes the run's recall from its detection decoding (``clean_recall``), when given,
-        instead of decoding it again."""
+        """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``.
+
+        Variants go in batches that fit the memory budget. For each batch, the filler start the runs
+        share (chat header + haystack up to the deepest needle) is prefilled once per variant, with that
+        variant's heads ablated; each run then prefills only what follows its shared part, and the
+        batch's variants of one run decode together. A variant that ablates nothing takes the run's
+        recall from its detection decoding (``clean_recall``), when given, instead of decoding it again."""
         p = self.params
         decode = [i for i, v in enumerate(variants) if v or clean_recall is None]
         clean = [i for i in range(len(variants)) if i not in decode]      # taken from clean_recall
-        # as many variants per batch as fit the budget; every rank plans the same batches
-        rows = [distributed.agree_min(plan_items(one, budget(model, p.max_bytes, one)))
-                for one in (row_bytes(model, len(run.tokens), p.max_new_tokens, len(run.tokens)) for run in runs)]
+        deepest = max(runs, key=lambda r: r.span[0])
+        kv = kv_bytes_per_token(model)
+        n_prefix = min(deepest.span[0], budget(model, p.max_bytes) // 2 // kv)
+        shared = [shared_length(run.tokens, deepest.tokens[:n_prefix]) if n_prefix > 1 else 0 for run in runs]
+        one = kv * n_prefix + max(row_bytes(model, len(r.tokens), p.max_new_tokens, len(r.tokens) - n)
+                                  for r, n in zip(runs, shared))
+        n = distributed.agree_min(plan_items(one, budget(model, p.max_bytes, one)))  # same plan on every rank
+        batches = [decode[i:i + n] for i in range(0, len(decode), n)]
 
-        def one(item) -> torch.Tensor:   # one retrieved run's decodings: the ranks share the runs
-            run, n = item
-            recall = torch.zeros(len(decode))
-            for start in range(0, len(decode), n):
-                part = decode[start:start + n]
-                gen = greedy_generate(model, [run.tokens] * len(part), p.max_new_tokens,
-                                      ablate=[variants[i] for i in part], stop_ids=stops)
+        def one_batch(batch: list[int]) -> torch.Tensor:   # [runs, variants of the batch]; ranks share batches
+            ablate = [variants[i] for i in batch]
+            prefix = prefill(model, deepest.tokens[:n_prefix], variants=ablate) if n_prefix > 1 else None
+            recall = torch.zeros(len(runs), len(batch))
+            for r, run in enumerate(runs):
+                gen = greedy_generate(model, [run.tokens] * len(batch), p.max_new_tokens, ablate=ablate,
+                                      stop_ids=stops, prefix=prefix)
                 answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
-                recall[start:start + len(part)] = torch.tensor([rouge1_recall(run.needle, a) for a in answers])
+                recall[r] = torch.tensor([rouge1_recall(run.needle, a) for a in answers])
             return recall
+        recall = torch.zeros(len(variants))
+        if clean:
+            recall[clean] = sum(clean_recall[:len(runs)]) / len(runs)
+        for batch, got in zip(batches, distributed.map(one_batch, batches, "retrieval causal check")):
+            recall[batch] = got.mean(0)
+        return recall
         recall = torch.zeros(len(variants))
         for r, got in enumerate(distributed.map(one, list(zip(runs, rows)), "retrieval causal check")):
             if clean:

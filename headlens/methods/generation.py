@@ -192,15 +192,30 @@ class Generation:
 
 @dataclass
 class Prefix:
-    """A prefilled token sequence: its KV cache (batch 1) for runs that start with it (:func:`prefill`)."""
+    """A prefilled token sequence: its KV cache for runs that start with it (:func:`prefill`), one row per
+    set of heads ablated (uniform attention) while it was prefilled."""
     tokens: list[int]
-    keys: list[Tensor]                # per layer [1, kv_heads, len(tokens), d_head]
+    keys: list[Tensor]                # per layer [rows, kv_heads, len(tokens), d_head]
     values: list[Tensor]
-    heads: frozenset = frozenset()    # heads ablated (uniform attention) while it was prefilled
+    variants: tuple[frozenset, ...] = (frozenset(),)   # the heads ablated in each row
+
+    @property
+    def heads(self) -> frozenset:
+        """The heads ablated in its first (usually only) row."""
+        return self.variants[0]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def rows_for(self, ablate: Sequence[Iterable[Head]]) -> list[int]:
+        """The row whose ablated heads each of ``ablate`` matches (an error if one matches none)."""
+        where = {v: i for i, v in enumerate(self.variants)}
+        try:
+            return [where[frozenset(tuple(h) for h in heads)] for heads in ablate]
+        except KeyError:
+            raise HeadlensError("a prefix is reused only by rows that ablate the same heads as one of "
+                                "its rows did while it was prefilled") from None
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,25 +276,34 @@ def _forward(hf, state: _State, tokens: Tensor, cache) -> Tensor:
     return out.logits[:, -1]
 
 
-def prefill(model, tokens: Sequence[int], ablate: Iterable[Head] = ()) -> Prefix:
-    """Prefill ``tokens`` once (batch 1) and keep its KV cache for runs that start with them."""
+def prefill(model, tokens: Sequence[int], ablate: Iterable[Head] = (),
+            variants: Sequence[Iterable[Head]] | None = None) -> Prefix:
+    """Prefill ``tokens`` once and keep the KV cache for runs that start with them: one row with
+    ``ablate``'s heads made uniform, or with ``variants`` one row per set of heads (batched).
+
+    >>> shared = prefill(model, haystack, variants=[[], [(17, 3)]])      # doctest: +SKIP
+    >>> greedy_generate(model, [haystack + q1, haystack + q2], 32, ablate=[[(17, 3)], []],
+    ...                 prefix=shared)                                 # doctest: +SKIP
+    """
     tokens = list(tokens)
     if not tokens:
         raise HeadlensError("prefill needs a non-empty token list")
     model.check_length(len(tokens), "prefix")
-    heads = frozenset(tuple(h) for h in ablate)
+    rows = [ablate] if variants is None else list(variants)
+    heads = tuple(frozenset(tuple(h) for h in v) for v in rows)
     if not uses_native(model):          # decoded through the bridge, which does not reuse a prefix
         return Prefix(tokens, [], [], heads)
     with native_forward(model) as hf:
-        x = torch.tensor([tokens], device=model.device)
-        state = _State(key_mask=torch.ones_like(x, dtype=torch.bool), ablate=row_masks(model, [heads], 1))
+        x = torch.tensor([tokens], device=model.device).expand(len(rows), -1)
+        state = _State(key_mask=torch.ones_like(x, dtype=torch.bool), ablate=row_masks(model, heads, len(rows)))
+        state.ablate = {l: m.to(model.device) for l, m in state.ablate.items()}
         cache = _cache(hf)
         _forward(hf, state, x, cache)
     keys, values = _cache_tensors(cache)
     return Prefix(tokens, keys, values, heads)
 
 
-def _shared(prompt: Sequence[int], prefix: Sequence[int]) -> int:
+def shared_length(prompt: Sequence[int], prefix: Sequence[int]) -> int:
     """Length of the common start of ``prompt`` and ``prefix``, leaving at least one prompt token."""
     n = min(len(prompt) - 1, len(prefix))
     a = torch.as_tensor(list(prompt[:n])) != torch.as_tensor(list(prefix[:n]))
@@ -334,8 +358,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     ``ablate[i]`` lists the heads whose attention is made uniform in row ``i`` (prefill and every
     decoding step). With ``record_top1`` the top-1 key position of every head's last query row is kept
     at each step (the step that produced generated token ``t``), for copy-paste scores. With ``prefix``
-    (from :func:`prefill`, prefilled with the same ablated heads as every row), each row starts from
-    the prefix's KV cache for the tokens it shares with it. With no ``stop_ids`` every row decodes
+    (from :func:`prefill`), each row starts from the KV cache of the prefix's row that ablated the same
+    heads, for the tokens it shares with it. With no ``stop_ids`` every row decodes
     ``max_new_tokens`` tokens. ``chunk_tokens`` prefills the prompts that many tokens at a time (0: at
     once; default :data:`PREFILL_CHUNK`), which bounds the activations' memory: a 32k-token prompt of an
     8B model peaks at 1.41x its weights in 8192-token chunks, 1.56x at once (``docs/scale.md``).
@@ -349,24 +373,26 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     batch = len(prompts)
     model.check_length(max(lengths) + max_new_tokens, "prompt plus generated tokens")
     masks = row_masks(model, ablate, batch) if ablate is not None else {}
-    if prefix is not None and any(frozenset(tuple(h) for h in heads) != prefix.heads for heads in
-                                  (ablate if ablate is not None else [[]] * batch)):
-        raise HeadlensError("a prefix is reused only by rows that ablate the same heads as its prefill")
+    prefix_rows = prefix.rows_for(ablate if ablate is not None else [[]] * batch) if prefix is not None else []
     stops = set(int(s) for s in stop_ids)
     masks = {l: m.to(model.device) for l, m in masks.items()}
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     if not uses_native(model):
         tokens, out = _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad)
         return Generation(tokens=tokens, top1=out, prompt_lengths=lengths)
-    shared = [_shared(p, prefix.tokens) for p in prompts] if prefix is not None else [0] * batch
+    shared = [shared_length(p, prefix.tokens) for p in prompts] if prefix is not None else [0] * batch
     n_cached = max(shared)
     tokens, new_mask = left_pad([p[s:] for p, s in zip(prompts, shared)], pad)
     cached_mask = torch.arange(n_cached)[None, :] < torch.tensor(shared)[:, None]
     key_mask = torch.cat([cached_mask, new_mask.bool()], 1).to(model.device)
     with native_forward(model) as hf:
         if n_cached:
-            cache = _cache(hf, [k[:, :, :n_cached].expand(batch, -1, -1, -1) for k in prefix.keys],
-                           [v[:, :, :n_cached].expand(batch, -1, -1, -1) for v in prefix.values])
+            if len(prefix.variants) == 1:    # one row for all: a view
+                pick = lambda t: t[:, :, :n_cached].expand(batch, -1, -1, -1)
+            else:                            # each row's own ablated prefix
+                rows = torch.tensor(prefix_rows, device=prefix.keys[0].device)
+                pick = lambda t: t[:, :, :n_cached].index_select(0, rows)
+            cache = _cache(hf, [pick(k) for k in prefix.keys], [pick(v) for v in prefix.values])
         else:
             cache = _cache(hf)
         state = _State(key_mask=key_mask, ablate=masks, record=record_top1)
