@@ -234,6 +234,14 @@ def test_prefix_reuse_matches_independent_runs(which, planted, request):
     for row, key in enumerate(rows):
         assert shared.tokens[row] == alone[key].tokens[0]
         assert torch.equal(shared.top1[:, :, row], alone[key].top1[:, :, 0])
+    # rows in the prefix's own order take its tensors without a copy; decoding leaves them unchanged
+    before = [k.clone() for k in prefix.keys]
+    shared = greedy_generate(model, [prompts[1], prompts[2]], n, ablate=[heads, []], record_top1=True,
+                             prefix=prefix)
+    for row, key in enumerate([(1, True), (2, False)]):
+        assert shared.tokens[row] == alone[key].tokens[0]
+        assert torch.equal(shared.top1[:, :, row], alone[key].top1[:, :, 0])
+    assert all(torch.equal(a, b) for a, b in zip(before, prefix.keys))
     with pytest.raises(HeadlensError, match="same heads"):
         greedy_generate(model, prompts, n, prefix=prefill(model, base[:5], ablate=heads))
 

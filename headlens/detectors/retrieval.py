@@ -286,6 +286,7 @@ class RetrievalDetector(Detector):
         teacher-forced log-prob of the model's own answer, mean over ``runs``; NaN for the other heads.
         Total drop: every layer reacts; direct drop: only the head's path to the logits carries it."""
         from ..methods import clean_run, sweep_heads
+        from ..methods.metrics import positioned, token_logprobs
         from .base import top_heads
         nan = torch.full((model.n_layers, model.n_heads), float("nan"))
         if not runs:
@@ -295,16 +296,15 @@ class RetrievalDetector(Detector):
         for run, answer in zip(runs, answers):
             n = len(answer)
             tokens = torch.tensor([run.tokens + answer], device=model.device)
-            target = tokens[:, -n:]
-
-            def logprob(logits, n=n, target=target):   # mean log-prob of the answer given what precedes it
-                lp = torch.log_softmax(logits[:, -(n + 1):-1].float(), -1)
-                return lp.gather(-1, target.to(lp.device)[..., None]).mean()
-            clean = clean_run(model, tokens)
-            base = float(logprob(clean.logits))
+            # mean log-prob of the answer given what precedes it: logits only at the n positions before
+            # each answer token (the unembedding runs only there)
+            logprob = positioned(lambda logits, target=tokens[:, -n:]: token_logprobs(logits, target).mean(),
+                                 torch.arange(-(n + 1), -1))
+            clean = clean_run(model, tokens, positions=logprob.positions)
+            base = float(clean.value(logprob))
             total += (base - sweep_heads(model, tokens, logprob, "uniform", heads=heads, max_rows=1, run=clean)) / len(runs)
-            d = self.direct_and_self_repair(model, clean, logprob, nan, "lower", base, heads=heads, max_rows=4,
-                                            positions=slice(-(n + 1), None))["direct"]
+            d = self.direct_and_self_repair(model, clean, logprob, nan, "lower", base, heads=heads,
+                                            max_rows=4)["direct"]
             direct += d / len(runs)
         from .base import self_repair
         return {"total": total, "direct": direct, "self_repair": self_repair(direct, total)}
@@ -344,10 +344,4 @@ class RetrievalDetector(Detector):
             recall[clean] = sum(clean_recall[:len(runs)]) / len(runs)
         for batch, got in zip(batches, distributed.map(one_batch, batches, "retrieval causal check")):
             recall[batch] = got.mean(0)
-        return recall
-        recall = torch.zeros(len(variants))
-        for r, got in enumerate(distributed.map(one, list(zip(runs, rows)), "retrieval causal check")):
-            if clean:
-                recall[clean] += clean_recall[r] / len(runs)
-            recall[decode] += got / len(runs)
         return recall

@@ -252,10 +252,16 @@ def kv_bytes_per_token(model) -> int:
 
 def _cache(hf, keys: list[Tensor] | None = None, values: list[Tensor] | None = None):
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=hf.config)
     for layer, (k, v) in enumerate(zip(keys or [], values or [])):
-        cache.update(k, v, layer)
+        cache.update(k[:, :, :0], v[:, :, :0], layer)       # initialise the layer (dtype, device)
+        held = cache.layers[layer]
+        if type(held) is DynamicLayer:   # hold k, v themselves: no copy (decoding concatenates to new tensors)
+            held.keys, held.values = k, v
+        else:
+            cache.update(k, v, layer)
     return cache
 
 
@@ -389,6 +395,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         if n_cached:
             if len(prefix.variants) == 1:    # one row for all: a view
                 pick = lambda t: t[:, :, :n_cached].expand(batch, -1, -1, -1)
+            elif prefix_rows == list(range(len(prefix.variants))):   # row i is prefix row i: a view
+                pick = lambda t: t[:, :, :n_cached]
             else:                            # each row's own ablated prefix
                 rows = torch.tensor(prefix_rows, device=prefix.keys[0].device)
                 pick = lambda t: t[:, :, :n_cached].index_select(0, rows)
