@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import headlens  # noqa: E402
 from headlens.methods import (Ablation, attribution_patching, clean_run, loss_metric,  # noqa: E402
                               patch_heads, pearson, sweep_heads)
+from headlens.methods.ablation import position_mean  # noqa: E402
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -108,7 +109,8 @@ def timed(fn, device: str):
 def naive_sweep(model, tokens, heads, metric, kind: str):
     """One ``run_with_hooks`` per head: the plain TransformerLens way."""
     run = clean_run(model, tokens)
-    means = {l: z.mean((0, 1)) for l, z in run.z.items()}
+    # the library's mean ablation: over prompts and positions, each prompt's start token left out
+    means = {l: position_mean(z)[0, 0] for l, z in run.z.items()}
     values = []
     for l, h in heads:
         def hook(z, hook, l=l, h=h):

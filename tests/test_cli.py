@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,7 +12,9 @@ from headlens.catalogue import read_catalogue
 
 
 def headlens(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    root = str(Path(__file__).resolve().parents[1])   # this checkout, also when cwd is elsewhere
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "headlens.cli", *args], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=900)
 

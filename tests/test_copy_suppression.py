@@ -127,6 +127,21 @@ def test_cspa_a_prompt_at_a_time_equals_all_at_once(planted_cs, monkeypatch):
     torch.testing.assert_close(cs.cached_predictions(model, tokens, names)[0], pred)
 
 
+def test_weight_circuit_ranks_in_small_pieces_equal_one_piece(planted_cs, monkeypatch):
+    """OV and QK own-token ranks computed in pieces of a few queries (the memory cap on the logits and
+    scores of one piece, and on the int64 counts of their comparisons) equal those of one piece."""
+    import headlens.detectors.copy_suppression as cs
+
+    model, _ = planted_cs
+    vocab = model.bridge.cfg.d_vocab
+    tokens = torch.arange(1, min(vocab, 41))
+    whole = ov_own_ranks(model, tokens), qk_own_ranks(model, tokens, chunk=16)
+    monkeypatch.setattr(cs, "PIECE", model.n_heads * max(16, vocab) * 3)    # 3 queries per piece
+    pieces = ov_own_ranks(model, tokens), qk_own_ranks(model, tokens, chunk=16)
+    for a, b in zip([*whole[0], whole[1]], [*pieces[0], pieces[1]]):
+        assert torch.equal(a, b)
+
+
 def test_ov_and_qk_batched_match_plain_per_head(smollm):
     b = smollm.bridge
     tokens = torch.tensor([1000, 2345, 5000, 7777, 12000, 20001, 30303, 41000])

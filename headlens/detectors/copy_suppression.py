@@ -56,6 +56,9 @@ from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
 from .induction import random_token_ids
 
 
+PIECE = 1 << 23   # float32 elements of one piece of the weight circuits' logits or scores (32 MB)
+
+
 def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[L, H, n]`` ranks of each token's own logit in ``W_U^T W_OV norm(W_EE)`` over the whole vocabulary:
     (from the bottom, from the top), 0 = the extreme; ties count against the token.
@@ -63,13 +66,14 @@ def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple
     With more tokens than ``d_head``, ``W_O W_U`` (``[H, d_head, vocab]``) is formed once per layer, so
     each token costs a d_head-sized product per head instead of a d_model-sized one. One layer's
     weights at a time are read and upcast (never every layer's: tens of GiB at 70B); ``chunk`` tokens at
-    a time (default: about 128 MB of float32 logits), so the extra memory is a few per-layer matrices.
+    a time (default: about 32 MB of float32 logits, whose comparisons' counts take twice that in int64),
+    so the extra memory is a few per-layer matrices.
     Layers are shared among the ranks of a distributed run (:mod:`headlens.distributed`).
     """
     b = model.bridge
     x = normalise(model, effective_embedding(model, tokens))
     w_u = b.W_U.float()
-    chunk = chunk or max(1, min(128, 2 ** 25 // (model.n_heads * b.cfg.d_vocab)))
+    chunk = chunk or max(1, min(128, PIECE // (model.n_heads * b.cfg.d_vocab)))
     own = tokens.to(w_u.device)
     factor = len(tokens) > b.cfg.d_head
 
@@ -138,12 +142,16 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
         own = einsum(q, k_own, "h n e, h n e -> h n")
         w_k = per_query_head(model, layer_weights(model, "W_K", [l]))[0].float()
         above = torch.zeros(model.n_heads, len(tokens), dtype=torch.long)
+        step = max(1, PIECE // (model.n_heads * chunk))                   # queries per [H, step, chunk] piece
         for i in starts:
             stop = min(i + chunk, vocab)
-            rows = ((ids >= i) & (ids < stop)).nonzero()[:, 0]          # tokens whose own key is in this chunk
-            scores = einsum(q, einsum(keys(i), w_k, "m d, h d e -> h m e"), "h n e, h m e -> h n m")
-            scores[:, rows, ids[rows] - i] = float("-inf")                   # the own key is not a rival
-            above += (scores >= own[..., None]).sum(-1).cpu()
+            k = einsum(keys(i), w_k, "m d, h d e -> h m e")
+            for j in range(0, len(tokens), step):
+                sub = ids[j:j + step]
+                rows = ((sub >= i) & (sub < stop)).nonzero()[:, 0]        # tokens whose own key is in this chunk
+                scores = einsum(q[:, j:j + step], k, "h n e, h m e -> h n m")
+                scores[:, rows, sub[rows] - i] = float("-inf")               # the own key is not a rival
+                above[:, j:j + step] += (scores >= own[:, j:j + step, None]).sum(-1).cpu()
         return above
     return torch.stack(distributed.map(layer, range(model.n_layers), "QK ranks"))
 
@@ -327,10 +335,14 @@ class CopySuppressionDetector(Detector):
         top = top_heads(score, max(p.top_k, p.cspa_heads))
         cspa = torch.full_like(score, float("nan"))
         n = min(p.cspa_seqs, len(tokens))
-        for (l, h), v in zip(top[:p.cspa_heads], self._cspa(model, tokens[:n], cache, top[:p.cspa_heads])):
-            cspa[l, h] = v
+        # CSPA reads only its heads' layers of the first n prompts: keep those, free the rest first
+        kept = {k: cache[k][:n].clone() for l, _ in top[:p.cspa_heads]
+                for k in (f"blocks.{l}.attn.hook_z", f"blocks.{l}.attn.hook_v", f"blocks.{l}.attn.hook_pattern")}
         del cache
         release()
+        for (l, h), v in zip(top[:p.cspa_heads], self._cspa(model, tokens[:n], kept, top[:p.cspa_heads])):
+            cspa[l, h] = v
+        del kept
         n = len(sample)
         ov_lo, qk_lo = wilson_lower(ov_band, n, p.z), wilson_lower(qk_band, n, p.z)
         labelled = [(l, h) for l, h in model.heads() if ov_lo[l, h] > p.majority
