@@ -190,16 +190,21 @@ def test_one_variant_split_over_chunks(planted_induction):
     torch.testing.assert_close(plain, whole, atol=1e-6, rtol=0)
 
 
+def _tail_loss(seed: int):
+    """Three random 14-token prompts (ids 1-31), the loss mask of their last 6 predictions, that loss."""
+    tokens = torch.randint(1, 32, (3, 14), generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(3, 13, dtype=torch.bool)
+    mask[:, 7:] = True
+    return tokens, mask, loss_metric(tokens, mask)
+
+
 def test_clean_run_keeps_logits_only_where_asked(planted_induction):
     """clean_run(positions=...) unembeds only there; the clean value, sweeps and direct effects on it equal
     those on a full clean run, and a metric that needs other positions is refused."""
     from headlens.methods import direct_effects
 
     m = planted_induction
-    tokens = torch.randint(1, 32, (3, 14), generator=torch.Generator().manual_seed(7))
-    mask = torch.zeros(3, 13, dtype=torch.bool)
-    mask[:, 7:] = True
-    loss = loss_metric(tokens, mask)
+    tokens, _, loss = _tail_loss(7)
     full = clean_run(m, tokens)
     calls, handle = _unembed_calls(m)
     try:
@@ -223,10 +228,7 @@ def test_direct_effects_chunked_by_bytes_and_only_at_the_metric_positions(plante
     from headlens.methods import direct_effects
 
     m = planted_induction
-    tokens = torch.randint(1, 32, (3, 14), generator=torch.Generator().manual_seed(5))
-    mask = torch.zeros(3, 13, dtype=torch.bool)
-    mask[:, 7:] = True
-    loss = loss_metric(tokens, mask)
+    tokens, mask, loss = _tail_loss(5)
     run = clean_run(m, tokens)
 
     def plain_loss(logits):
