@@ -11,7 +11,8 @@ from headlens.detectors import get_detector
 from headlens.detectors.retrieval import (NeedleRun, copy_scores, decode_runs, grid, load_needles, needle_prompts,
                                          rouge1_recall)
 from headlens.methods import ablated
-from headlens.methods.generation import encode_prompt, greedy_generate, prefill, stop_token_ids, uses_native
+from headlens.methods.generation import (continuation_logits, encode_prompt, greedy_generate, prefill, prefill_context,
+                                         stop_token_ids, uses_native)
 from test_cli import headlens
 from planted import RETRIEVAL_HEAD, retrieval_model
 
@@ -105,10 +106,15 @@ def test_planted_retrieval_head_found_and_causal(planted):
     c = res.causal
     assert c["clean"] == pytest.approx(0.8) and c["top_k_ablated"] < 0.3
     assert c["random_k_ablated_mean"] > c["top_k_ablated"] + 0.4
-    # Only draws that hit the circuit's previous-token head (L0H1) break retrieval as much: p counts them.
+    # Heads uniform while answering (Wu et al.): no random draw breaks retrieval, not even one with the
+    # circuit's previous-token head (L0H1), whose work is in the needle's keys, prefilled clean.
     with_prev = sum("L0H1" in d for d in c["random_draws"])
-    assert c["worse"] == "lower" and c["n_as_extreme"] == with_prev
-    assert c["p_value"] == pytest.approx((1 + with_prev) / 6)
+    assert with_prev and c["worse"] == "lower" and c["n_as_extreme"] == 0
+    assert c["p_value"] == pytest.approx(1 / 6)
+    # Uniform over the prompt too: the draws with L0H1 break it as much, and p counts them.
+    c2 = planted_detector(folder, ablate_prompt=True).run(model, seed=0).causal
+    assert c2["top_k_ablated"] == c["top_k_ablated"] and c2["random_draws"] == c["random_draws"]
+    assert c2["n_as_extreme"] == with_prev and c2["p_value"] == pytest.approx((1 + with_prev) / 6)
     row = top.iloc[0]
     assert row.retrieval_score_lo <= row.retrieval_score <= row.retrieval_score_hi
     # Direct vs total effect on the answer's log-prob: the planted head matters through its own path
@@ -154,12 +160,24 @@ def test_paper_preset_fits_the_context(smollm):
     assert grid(smollm, get_detector("retrieval", preset="paper", context_lengths=[700]).params,
                 needles, p.template, True)[0] == [700]
 
-def plain_decode(model, ids, n, heads=()):
-    """Reference: re-run the whole sequence for every token, reading the full attention pattern."""
+def plain_decode(model, ids, n, heads=(), start=None):
+    """Reference: re-run the whole sequence for every token, reading the full attention pattern. With
+    ``start``, the heads' pattern rows from position ``start`` on are uniform over their causal prefix
+    (earlier rows untouched); else the heads are uniform everywhere."""
     x = torch.tensor([ids])
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
     top1 = []
-    with ablated(model, heads, "uniform"):
+
+    def from_start(pattern, hook):
+        q = pattern.shape[-2]
+        uniform = torch.tril(torch.ones(q, q)) / torch.arange(1, q + 1)[:, None]
+        for l, h in heads:
+            if hook.name == names[l]:
+                pattern[:, h, start:] = uniform[start:].to(pattern.dtype)
+        return pattern
+
+    hooks = [] if start is None else [(names[l], from_start) for l in sorted({l for l, _ in heads})]
+    with ablated(model, heads if start is None else (), "uniform"), model.bridge.hooks(fwd_hooks=hooks):
         for _ in range(n):
             logits, cache = model.bridge.run_with_cache(x, names_filter=lambda name: name in names)
             top1.append(torch.stack([cache[name][0, :, -1].argmax(-1) for name in names]))
@@ -167,22 +185,24 @@ def plain_decode(model, ids, n, heads=()):
     return x[0, len(ids):].tolist(), torch.stack(top1)
 
 
-@pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])
-def test_kv_cached_decoding_matches_full_reruns(which, planted, request):
+def decoding_case(which, planted, request):
+    """A model, two prompts of different lengths and two heads to ablate."""
     if which == "planted":
         model = planted[0]
-        prompts = [encode_prompt(model, "t3 t20 t21 t22 t4 t5 t20", False)[0],
-                   encode_prompt(model, "t9 t8 t20 t21 t7 t20", False)[0]]
-        heads = [RETRIEVAL_HEAD]
-    elif which == "llama":
-        model = request.getfixturevalue("tiny_llama")
-        prompts = [[0, 5, 9, 3, 17, 5, 9, 3, 22, 4, 5], [0, 7, 7, 2, 30, 11]]
-        heads = [(1, 0), (2, 3)]
-    else:
-        model = request.getfixturevalue("smollm")
-        prompts = [encode_prompt(model, "The secret code is 4412. What is the secret code?")[0],
-                   encode_prompt(model, "Name a colour.")[0]]
-        heads = [(17, 3), (18, 7)]
+        return model, [encode_prompt(model, "t3 t20 t21 t22 t4 t5 t20", False)[0],
+                       encode_prompt(model, "t9 t8 t20 t21 t7 t20", False)[0]], [RETRIEVAL_HEAD, (0, 1)]
+    if which == "llama":
+        return request.getfixturevalue("tiny_llama"), [[0, 5, 9, 3, 17, 5, 9, 3, 22, 4, 5], [0, 7, 7, 2, 30, 11]], \
+            [(1, 0), (2, 3)]
+    model = request.getfixturevalue("smollm")
+    return model, [encode_prompt(model, "The secret code is 4412. What is the secret code?")[0],
+                   encode_prompt(model, "Name a colour.")[0]], [(17, 3), (18, 7)]
+
+
+@pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])
+def test_kv_cached_decoding_matches_full_reruns(which, planted, request):
+    model, prompts, heads = decoding_case(which, planted, request)
+    heads = heads[:1] if which == "planted" else heads
     n = 5
     gen = greedy_generate(model, prompts, n, record_top1=True)
     abl = greedy_generate(model, prompts, n, ablate=[heads, heads[:1]], record_top1=True)
@@ -194,6 +214,82 @@ def test_kv_cached_decoding_matches_full_reruns(which, planted, request):
         assert abl.tokens[i] == tokens
         assert torch.equal(abl.top1[:, :, i], top1)
     assert abl.tokens[0] != gen.tokens[0] or which != "planted"     # the planted head matters
+
+
+@pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])
+def test_ablation_while_answering_matches_full_reruns(which, planted, request):
+    """``ablate_prompt=False`` (Wu et al. mask heads only in the decoding passes): each distinct prompt is
+    prefilled clean once and every variant's row reads that cache in place (a Context); the tokens and
+    top-1 positions equal re-running the whole sequence per token with the heads' pattern rows uniform
+    from the prompt's last token on. So does a context passed in (prefilled from a prefix, or ending
+    earlier, the rows then prefilling the rest clean)."""
+    model, prompts, heads = decoding_case(which, planted, request)
+    variants = [heads, heads[:1], []]
+    rows = [(i, v) for i in range(len(prompts)) for v in range(len(variants))]
+    n = 5
+    args = dict(ablate=[variants[v] for _, v in rows], record_top1=True, ablate_prompt=False)
+    gen = greedy_generate(model, [prompts[i] for i, _ in rows], n, **args)
+    for r, (i, v) in enumerate(rows):
+        tokens, top1 = plain_decode(model, prompts[i], n, variants[v], start=len(prompts[i]) - 1)
+        assert gen.tokens[r] == tokens
+        assert torch.equal(gen.top1[:, :, r], top1)
+    if which == "planted":   # while answering, only the retrieval head matters: the previous-token head's
+        assert variants[1] == [RETRIEVAL_HEAD]       # work is in the prompt's keys, computed clean
+        assert gen.tokens[0] == gen.tokens[1] != gen.tokens[2]
+        return
+    assert uses_native(model)
+    for context in (prefill_context(model, [p[:-1] for p in prompts], prefix=prefill(model, prompts[0][:3])),
+                    prefill_context(model, [p[:-3] for p in prompts])):
+        again = greedy_generate(model, [prompts[i] for i, _ in rows], n, context=context, **args)
+        assert again.tokens == gen.tokens
+        assert torch.equal(again.top1, gen.top1)
+    with pytest.raises(HeadlensError, match="prefilled clean"):
+        greedy_generate(model, prompts, n, ablate=[heads, []], context=context)
+
+
+@pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])
+def test_continuation_logits_match_the_bridge(which, planted, request):
+    """Teacher-forced logits of rows continuing a clean context, heads uniform from the context's end on,
+    equal the bridge's eager run of the whole sequence with those pattern rows uniform (the planted
+    GPT-2 runs through the bridge with the same rows made uniform, batched)."""
+    model, prompts, heads = decoding_case(which, planted, request)
+    ids, answer = prompts[0], prompts[1][1:5]
+    variants = [heads, heads[1:], []]
+    context = prefill_context(model, [ids[:-1]]) if uses_native(model) else None
+    got = continuation_logits(model, [ids + answer] * 3, len(answer) + 1, variants, context)
+    if context is not None:
+        assert torch.equal(got, continuation_logits(model, [ids + answer] * 3, len(answer) + 1, variants))
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
+    start = len(ids) - 1
+    for row, hs in enumerate(variants):
+        def hook(pattern, hook):
+            q = pattern.shape[-2]
+            uniform = torch.tril(torch.ones(q, q)) / torch.arange(1, q + 1)[:, None]
+            for l, h in hs:
+                if hook.name == names[l]:
+                    pattern[:, h, start:] = uniform[start:].to(pattern.dtype)
+            return pattern
+        with torch.no_grad():
+            ref = model.bridge.run_with_hooks(torch.tensor([ids + answer]),
+                                              fwd_hooks=[(names[l], hook) for l in {l for l, _ in hs}])
+        ref = torch.log_softmax(ref[0, start:].float(), -1)
+        assert torch.allclose(torch.log_softmax(got[row].float(), -1), ref, atol=1e-4)
+
+
+def test_cache_buffer_writes_in_place_and_grows():
+    """The KV-cache layer writes new tokens into a buffer (grown when full): the same tensors as
+    concatenating them, and a held start (a prefix) is not changed."""
+    from headlens.methods.generation import _layer_class
+
+    layer = _layer_class()(capacity=3)
+    start = torch.randn(2, 3, 2, 4)
+    layer.hold(start, -start)
+    kept = start.clone()
+    parts = [torch.randn(2, 3, n, 4) for n in (1, 2, 1, 3)]
+    for p in parts:
+        keys, values = layer.update(p, -p)
+    assert torch.equal(keys, torch.cat([start] + parts, 2)) and torch.equal(values, -keys)
+    assert layer.get_seq_length() == 9 and torch.equal(start, kept)
 
 
 @pytest.mark.parametrize("which", ["planted", "llama", pytest.param("smollm", marks=pytest.mark.real)])

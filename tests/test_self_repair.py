@@ -87,6 +87,8 @@ def test_uniform_z_matches_the_ablated_forward_pass(smollm):
     tokens = torch.randint(1000, 5000, (2, 9), generator=torch.Generator().manual_seed(1))
     run = clean_run(smollm, tokens)
     uz = uniform_z(smollm, run)
+    kept = uniform_z(smollm, clean_run(smollm, tokens, keep_v=True))    # from the run's own values
+    assert all(torch.equal(kept[l], uz[l]) for l in uz)
     for layer, head in [(3, 4), (17, 8)]:
         seen = {}
         with ablated(smollm, [(layer, head)], "uniform"):

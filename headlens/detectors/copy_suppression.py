@@ -77,6 +77,8 @@ def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple
     own = tokens.to(w_u.device)
     factor = len(tokens) > b.cfg.d_head
 
+    buf = torch.empty(model.n_heads * min(chunk, len(tokens)) * b.cfg.d_vocab, device=w_u.device)
+
     def layer(l: int) -> tuple[torch.Tensor, torch.Tensor]:
         lower = torch.empty(model.n_heads, len(tokens), dtype=torch.long)
         higher = torch.empty_like(lower)
@@ -85,13 +87,25 @@ def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple
         v = einsum(x, per_query_head(model, layer_weights(model, "W_V", [l]))[0].float(), "n d, h d e -> h n e")
         for i in range(0, len(tokens), chunk):
             vi = v[:, i:i + chunk]
-            logits = vi @ ou if factor else (vi @ w_ol) @ w_u                           # [H, c, vocab]
+            logits = buf[:vi.shape[0] * vi.shape[1] * w_u.shape[1]].view(vi.shape[0], vi.shape[1], -1)
+            torch.matmul(vi, ou, out=logits) if factor else torch.matmul(vi @ w_ol, w_u, out=logits)
             mine = logits.gather(-1, own[i:i + chunk].expand(model.n_heads, -1)[..., None])
-            lower[:, i:i + chunk] = (logits <= mine).sum(-1).cpu() - 1   # others at or below its own
-            higher[:, i:i + chunk] = (logits >= mine).sum(-1).cpu() - 1
+            above, below = _count_vs(logits, mine)
+            lower[:, i:i + chunk] = (logits.shape[-1] - above - 1).cpu()   # others at or below its own
+            higher[:, i:i + chunk] = (logits.shape[-1] - below - 1).cpu()
         return lower, higher
     per_layer = distributed.map(layer, range(model.n_layers), "OV ranks")
     return torch.stack([lo for lo, _ in per_layer]), torch.stack([hi for _, hi in per_layer])
+
+
+def _count_vs(x: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``x`` ``[..., m]``, how many entries are above and below ``ref`` ``[..., 1]`` (int64),
+    computed in place (``x`` is overwritten): the signs of ``x - ref`` summed, and their absolute values
+    (float sums of -1/0/1, exact below 2^24 entries). No comparison tensor, no int64 copy of one."""
+    signs = x.sub_(ref).sign_()                  # exact: a - b rounds to 0 only when a == b
+    net = signs.sum(-1)                          # above - below
+    both = signs.abs_().sum(-1)                  # above + below
+    return ((both + net) / 2).long(), ((both - net) / 2).long()
 
 
 def ov_ranks(model, tokens: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,15 +157,19 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
         w_k = per_query_head(model, layer_weights(model, "W_K", [l]))[0].float()
         above = torch.zeros(model.n_heads, len(tokens), dtype=torch.long)
         step = max(1, PIECE // (model.n_heads * chunk))                   # queries per [H, step, chunk] piece
+        buf = torch.empty(model.n_heads * min(step, len(tokens)) * chunk, device=q.device)
         for i in starts:
             stop = min(i + chunk, vocab)
-            k = einsum(keys(i), w_k, "m d, h d e -> h m e")
+            k = einsum(keys(i), w_k, "m d, h d e -> h m e").transpose(1, 2)   # [H, d_head, m]
             for j in range(0, len(tokens), step):
                 sub = ids[j:j + step]
                 rows = ((sub >= i) & (sub < stop)).nonzero()[:, 0]        # tokens whose own key is in this chunk
-                scores = einsum(q[:, j:j + step], k, "h n e, h m e -> h n m")
+                qj = q[:, j:j + step]
+                scores = buf[:qj.shape[0] * qj.shape[1] * k.shape[2]].view(qj.shape[0], qj.shape[1], -1)
+                torch.matmul(qj, k, out=scores)
                 scores[:, rows, sub[rows] - i] = float("-inf")               # the own key is not a rival
-                above[:, j:j + step] += (scores >= own[:, j:j + step, None]).sum(-1).cpu()
+                higher, lower = _count_vs(scores, own[:, j:j + step, None])
+                above[:, j:j + step] += (scores.shape[-1] - lower).cpu()     # rivals at or above its own
         return above
     return torch.stack(distributed.map(layer, range(model.n_layers), "QK ranks"))
 

@@ -185,7 +185,7 @@ class InductionDetector(Detector):
             w_o = layer_weights(model, "W_O", [l])[0].float()   # one layer upcast (all: 21 GiB at 70B)
             resid = einsum(v, w_o, "b p h e, h e d -> b p h d") / scale[..., None]
             logits = resid @ w_u                                              # [b, P, H, vocab]
-            raise_ = torch.relu(logits - logits.mean(-1, keepdim=True))
+            raise_ = logits.sub_(logits.mean(-1, keepdim=True)).relu_()       # in place: no copies
             total = raise_.sum(-1).clamp_min(1e-12)
             shares = []
             for ids in (target, other):

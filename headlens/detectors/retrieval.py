@@ -38,8 +38,8 @@ from ..checkpoint import digest
 from ..data import file_or_data
 from ..errors import HeadlensError
 from ..memory import plan_items
-from ..methods.generation import (PREFILL_CHUNK, encode_prompt, greedy_generate, kv_bytes_per_token, prefill,
-                                  shared_length, stop_token_ids)
+from ..methods.generation import (PREFILL_CHUNK, continuation_logits, encode_prompt, greedy_generate,
+                                  kv_bytes_per_token, prefill, shared_length, stop_token_ids)
 from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 MARKER = "\x00CONTEXT\x00"
@@ -229,6 +229,8 @@ class RetrievalDetector(Detector):
         recall_threshold: float = 0.5   # ROUGE-1 recall for a run to count (paper: 0.5)
         threshold: float = 0.1          # label rule (paper: 0.1)
         ablation: str = "uniform"       # the causal check makes attention uniform (the only kind here)
+        ablate_prompt: bool = False     # causal check: heads uniform while prefilling the prompt too, not only
+                                        # while answering (Wu et al.'s masking); about 12x the cost
         top_k: int = 10                 # causal check: top-k heads vs k random heads
         causal_runs: int = 6            # retrieved runs used for the causal check
         effect_runs: int = 2            # retrieved runs for the top-k heads' direct vs total effect (0 = none)
@@ -282,66 +284,105 @@ class RetrievalDetector(Detector):
                               causal=causal, params=self.param_dict(), info=info)
 
     def _effects(self, model, score, runs, answers) -> dict[str, torch.Tensor]:
-        """Direct vs total effect of the top-k heads (attention made uniform one head at a time) on the
-        teacher-forced log-prob of the model's own answer, mean over ``runs``; NaN for the other heads.
-        Total drop: every layer reacts; direct drop: only the head's path to the logits carries it."""
-        from ..methods import clean_run, sweep_heads
+        """Direct vs total effect of the top-k heads (attention made uniform one head at a time while the
+        answer is produced, as the causal check does) on the teacher-forced log-prob of the model's own
+        answer, mean over ``runs``; NaN for the other heads. Total drop: every later layer reacts; direct
+        drop: only the head's path to the logits carries it."""
+        from ..methods import clean_run
         from ..methods.metrics import positioned, token_logprobs
-        from .base import top_heads
+        from .base import self_repair, top_heads
         nan = torch.full((model.n_layers, model.n_heads), float("nan"))
         if not runs:
             return {"total": nan, "direct": nan, "self_repair": nan}
         heads = top_heads(score, self.params.top_k)
         total, direct = torch.zeros_like(nan), torch.zeros_like(nan)
+        layer, head = torch.tensor(heads).T
         for run, answer in zip(runs, answers):
             n = len(answer)
+            target = torch.tensor([answer])
+            # the prompt's last token and the answer but its last token predict the answer; heads uniform
+            # there only, one head per row after a clean row; the prompt before is prefilled once
+            logits = continuation_logits(model, [run.tokens + answer[:-1]] * (1 + len(heads)), n,
+                                         [[]] + [[h] for h in heads])
+            logprob = token_logprobs(logits, target.to(logits.device).expand(len(logits), -1)).mean(-1).cpu()
+            total[layer, head] += (logprob[0] - logprob[1:]) / len(runs)
             tokens = torch.tensor([run.tokens + answer], device=model.device)
-            # mean log-prob of the answer given what precedes it: logits only at the n positions before
-            # each answer token (the unembedding runs only there)
-            logprob = positioned(lambda logits, target=tokens[:, -n:]: token_logprobs(logits, target).mean(),
-                                 torch.arange(-(n + 1), -1))
-            clean = clean_run(model, tokens, positions=logprob.positions)
-            base = float(clean.value(logprob))
-            total += (base - sweep_heads(model, tokens, logprob, "uniform", heads=heads, max_rows=1, run=clean)) / len(runs)
-            d = self.direct_and_self_repair(model, clean, logprob, nan, "lower", base, heads=heads,
-                                            max_rows=4)["direct"]
+            metric = positioned(lambda logits, target=tokens[:, -n:]: token_logprobs(logits, target).mean(),
+                                torch.arange(-(n + 1), -1))
+            clean = clean_run(model, tokens, positions=metric.positions, keep_v=True)
+            d = self.direct_and_self_repair(model, clean, metric, nan, "lower", float(clean.value(metric)),
+                                            heads=heads, max_rows=4)["direct"]
             direct += d / len(runs)
-        from .base import self_repair
         return {"total": total, "direct": direct, "self_repair": self_repair(direct, total)}
 
     def causal_values(self, model, variants, runs=(), stops=(), clean_recall=None, **_) -> torch.Tensor:
         """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``.
 
-        Variants go in batches that fit the memory budget. For each batch, the filler start the runs
-        share (chat header + haystack up to the deepest needle) is prefilled once per variant, with that
-        variant's heads ablated; each run then prefills only what follows its shared part, and the
-        batch's variants of one run decode together. A variant that ablates nothing takes the run's
-        recall from its detection decoding (``clean_recall``), when given, instead of decoding it again."""
+        By default (Wu et al.'s masking) the heads are uniform while the answer is produced: from each
+        prompt's last token on. Each run's prompt is then prefilled clean once (the filler start the runs
+        share once for all) and every variant's row reads that cache in place; runs go in groups whose
+        caches fit half the memory budget, all variants of a group decoded together as far as the rest
+        allows. With ``ablate_prompt`` the heads are uniform over the prompt too: the shared filler start
+        is prefilled once per variant with its heads ablated, then each run's rest. A variant that
+        ablates nothing takes the run's recall from its detection decoding (``clean_recall``), when
+        given, instead of decoding it again."""
         p = self.params
         decode = [i for i, v in enumerate(variants) if v or clean_recall is None]
         clean = [i for i in range(len(variants)) if i not in decode]      # taken from clean_recall
         deepest = max(runs, key=lambda r: r.span[0])
         kv = kv_bytes_per_token(model)
-        n_prefix = min(deepest.span[0], budget(model, p.max_bytes) // 2 // kv)
+        total = budget(model, p.max_bytes)
+        n_prefix = min(deepest.span[0], total // 2 // kv)
         shared = [shared_length(run.tokens, deepest.tokens[:n_prefix]) if n_prefix > 1 else 0 for run in runs]
-        one = kv * n_prefix + max(row_bytes(model, len(r.tokens), p.max_new_tokens, len(r.tokens) - n)
-                                  for r, n in zip(runs, shared))
-        n = distributed.agree_min(plan_items(one, budget(model, p.max_bytes, one)))  # same plan on every rank
-        batches = [decode[i:i + n] for i in range(0, len(decode), n)]
-
-        def one_batch(batch: list[int]) -> torch.Tensor:   # [runs, variants of the batch]; ranks share batches
-            ablate = [variants[i] for i in batch]
-            prefix = prefill(model, deepest.tokens[:n_prefix], variants=ablate) if n_prefix > 1 else None
-            recall = torch.zeros(len(runs), len(batch))
-            for r, run in enumerate(runs):
-                gen = greedy_generate(model, [run.tokens] * len(batch), p.max_new_tokens, ablate=ablate,
-                                      stop_ids=stops, prefix=prefix)
-                answers = model.tokenizer.batch_decode(gen.tokens, skip_special_tokens=True)
-                recall[r] = torch.tensor([rouge1_recall(run.needle, a) for a in answers])
-            return recall
         recall = torch.zeros(len(variants))
         if clean:
             recall[clean] = sum(clean_recall[:len(runs)]) / len(runs)
-        for batch, got in zip(batches, distributed.map(one_batch, batches, "retrieval causal check")):
-            recall[batch] = got.mean(0)
+        if not decode:
+            return recall
+        if p.ablate_prompt:
+            one = kv * n_prefix + max(row_bytes(model, len(r.tokens), p.max_new_tokens, len(r.tokens) - n)
+                                      for r, n in zip(runs, shared))
+            n = distributed.agree_min(plan_items(one, budget(model, p.max_bytes, one)))  # same plan everywhere
+            items = [(list(range(len(runs))), decode[i:i + n]) for i in range(0, len(decode), n)]
+        else:
+            # groups of runs whose clean caches fit half the budget (runs of similar length after the
+            # shared start together: little padding); each group's variants in chunks
+            groups: list[list[int]] = [[]]
+            for r in sorted(range(len(runs)), key=lambda r: (len(runs[r].tokens) - shared[r], r)):
+                if groups[-1] and kv * sum(len(runs[j].tokens) for j in groups[-1] + [r]) > total // 2:
+                    groups.append([])
+                groups[-1].append(r)
+            row = row_bytes(model, p.max_new_tokens + 1, p.max_new_tokens, 1)
+            n = distributed.agree_min(plan_items(row, total // 2))
+            items = [(g, decode[i:i + max(1, n // len(g))]) for g in groups
+                     for i in range(0, len(decode), max(1, n // len(g)))]
+
+        clean_prefix = prefill(model, deepest.tokens[:n_prefix]) if n_prefix > 1 and not p.ablate_prompt else None
+
+        def one_item(item) -> torch.Tensor:        # [runs of the item, its variants]; ranks share items
+            group, batch = item
+            ablate = [variants[i] for i in batch]
+            if p.ablate_prompt:
+                prefix = prefill(model, deepest.tokens[:n_prefix], variants=ablate) if n_prefix > 1 else None
+                got = torch.zeros(len(group), len(batch))
+                for r, j in enumerate(group):
+                    gen = greedy_generate(model, [runs[j].tokens] * len(batch), p.max_new_tokens, ablate=ablate,
+                                          stop_ids=stops, prefix=prefix)
+                    got[r] = self._recall(model, [runs[j]] * len(batch), gen.tokens)
+                return got
+            rows = [(j, v) for j in group for v in range(len(batch))]
+            gen = greedy_generate(model, [runs[j].tokens for j, _ in rows], p.max_new_tokens,
+                                  ablate=[ablate[v] for _, v in rows], stop_ids=stops, prefix=clean_prefix,
+                                  ablate_prompt=False)
+            return self._recall(model, [runs[j] for j, _ in rows], gen.tokens).reshape(len(group), len(batch))
+
+        sums = torch.zeros(len(variants))
+        for (group, batch), got in zip(items, distributed.map(one_item, items, "retrieval causal check")):
+            sums[batch] += got.sum(0)
+        recall[decode] = sums[decode] / len(runs)
         return recall
+
+    @staticmethod
+    def _recall(model, runs, generated) -> torch.Tensor:
+        answers = model.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return torch.tensor([rouge1_recall(run.needle, a) for run, a in zip(runs, answers)])

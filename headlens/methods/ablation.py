@@ -67,6 +67,7 @@ class CleanRun:
     scale: torch.Tensor | None = None  # the final norm's scale ``ln_final.hook_scale``: [batch, pos, 1]
     offloaded: bool = False
     positions: torch.Tensor | None = None  # the positions ``logits`` holds (None: every one)
+    v: dict[int, torch.Tensor] = field(default_factory=dict)  # value vectors ``hook_v`` (``keep_v=True``)
 
     def logits_at(self, index: torch.Tensor) -> torch.Tensor:
         """The clean logits at positions ``index`` (non-negative): a view where they are consecutive."""
@@ -89,20 +90,23 @@ class CleanRun:
 
     def nbytes(self, device_only: bool = True) -> int:
         """Bytes held (on the model's device only, unless ``device_only=False``)."""
-        tensors = [self.logits, *self.resid.values(), *self.z.values()]
+        tensors = [self.logits, *self.resid.values(), *self.z.values(), *self.v.values()]
         if device_only and self.offloaded:
             tensors = [self.logits]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def clean_run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              keep_z: bool = True, max_memory: str | int | None = None, positions=None) -> CleanRun:
+              keep_z: bool = True, max_memory: str | int | None = None, positions=None,
+              keep_v: bool = False) -> CleanRun:
     """One clean forward pass, caching every layer's residual input and head outputs.
 
     The cache is counted against the memory budget (see :mod:`headlens.memory`): on a GPU, when it
     would take more than half of the budget, the residuals and head outputs are kept on the CPU.
     ``positions`` (as a metric's, e.g. ``metric.positions``): keep the logits at those positions only
-    (the unembedding runs only there); default every position.
+    (the unembedding runs only there); default every position. ``keep_v``: keep the value vectors too
+    (what :func:`headlens.methods.patching.uniform_z` needs, so direct effects of uniform attention
+    take no second forward pass).
     """
     from ..memory import clean_run_bytes, resolve_budget
 
@@ -117,6 +121,8 @@ def clean_run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None =
     names = {resid_name(l) for l in range(model.n_layers)} | {"ln_final.hook_scale"}
     if keep_z:
         names |= {z_name(l) for l in range(model.n_layers)}
+    if keep_v:
+        names |= {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)}
     seen, kept = {}, {}
 
     def record_output_type(module, inputs, output):
@@ -141,6 +147,8 @@ def clean_run(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None =
         run.resid[l] = kept[resid_name(l)]
         if keep_z:
             run.z[l] = kept[z_name(l)]
+        if keep_v:
+            run.v[l] = kept[f"blocks.{l}.attn.hook_v"]
     return run
 
 

@@ -53,11 +53,7 @@ class _State:
     ablate: dict[int, Bool[Tensor, "batch head"]] = field(default_factory=dict)
     record: bool = False
     top1: dict[int, Int[Tensor, "batch head"]] = field(default_factory=dict)   # key column, per layer
-
-
-def _repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """``[batch, kv_heads, pos, d]`` -> ``[batch, kv_heads * groups, pos, d]`` (query-head order)."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+    cache: object = None                                  # the forward pass's DynamicCache
 
 
 def _mask_scores(scores: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -69,14 +65,34 @@ def _mask_scores(scores: Tensor, attention_mask: Tensor | None) -> Tensor:
     return scores + m
 
 
+def _grouped(query: Tensor, n_kv: int) -> Tensor:
+    """``[batch, heads, q, d]`` -> ``[batch, kv_heads, groups * q, d]``: the query heads that read one key
+    head side by side (query head ``h`` reads key head ``h // groups``), so keys and values are never
+    repeated."""
+    b, h, q, d = query.shape
+    return query.reshape(b, n_kv, (h // n_kv) * q, d)
+
+
+def _ungrouped(x: Tensor, n_heads: int) -> Tensor:
+    """``[batch, kv_heads, groups * q, n]`` -> ``[batch, heads, q, n]`` (inverse of :func:`_grouped`)."""
+    b, kv, gq, n = x.shape
+    return x.reshape(b, n_heads, gq * kv // n_heads, n)
+
+
 def _last_row(query, key, attention_mask, scaling, softcap) -> Tensor:
     """Attention weights of the last query row: ``[batch, n_heads, 1, key]`` in the query's dtype."""
-    k = _repeat_kv(key, query.shape[1] // key.shape[1])
-    scores = torch.matmul(query[:, :, -1:], k.transpose(-1, -2)) * scaling
+    scores = _ungrouped(torch.matmul(_grouped(query[:, :, -1:], key.shape[1]), key.transpose(-1, -2)),
+                        query.shape[1]) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = _mask_scores(scores, None if attention_mask is None else attention_mask[..., -1:, :])
     return torch.softmax(scores.float(), dim=-1).to(query.dtype)
+
+
+def _weighted_values(weights: Tensor, value: Tensor) -> Tensor:
+    """``weights [batch, heads, q, k]`` applied to ``value [batch, kv_heads, k, d]``: ``[batch, q, heads, d]``."""
+    out = torch.matmul(_grouped(weights, value.shape[1]), value)                  # [b, kv, g * q, d]
+    return _ungrouped(out, weights.shape[1]).transpose(1, 2).contiguous()
 
 
 def _attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor, "batch kv k d"],
@@ -84,51 +100,90 @@ def _attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor
                dropout: float = 0.0, **kwargs) -> tuple[Float[Tensor, "batch q head d"], None]:
     """transformers attention function: SDPA for a prompt, one explicit row per decoding step; the top-1
     key of the last row recorded and uniform-attention ablation applied where the active state asks.
+    Rows that continue a shared clean context (:class:`Context`) read its keys and values in place.
     Returns the heads' outputs ``[batch, q, head, d_head]`` (no weights)."""
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     softcap = kwargs.get("softcap")
-    groups = query.shape[1] // key.shape[1]
     q_len = query.shape[2]
     weights = None
-    if kwargs.get("s_aux") is not None or (softcap is not None and q_len > 1):
+    st = _ACTIVE.get()
+    layer = int(module.layer_idx)
+    shared = st.cache.layers[layer] if st is not None and st.cache is not None else None
+    shared = shared if getattr(shared, "context", None) is not None else None
+    if shared is not None:
+        out, weights = _context_attention(query, key, value, shared, attention_mask, scaling, softcap)
+    elif kwargs.get("s_aux") is not None or (softcap is not None and q_len > 1):
         # attention sinks, or softcapping in a prompt: the architecture's own eager attention
         eager = sys.modules[type(module).__module__].eager_attention_forward
         out, weights = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         weights = weights[:, :, -1:]
     elif q_len == 1:
         weights = _last_row(query, key, attention_mask, scaling, softcap)
-        out = torch.matmul(weights, _repeat_kv(value, groups)).transpose(1, 2).contiguous()
+        out = _weighted_values(weights, value)
     else:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                         scaling=scaling, **kwargs)
-    st = _ACTIVE.get()
     if st is None:
         return out, None
-    layer = int(module.layer_idx)
     if st.record:
         if weights is None:
             weights = _last_row(query, key, attention_mask, scaling, softcap)
         top = weights[:, :, -1].argmax(-1)
         if layer in st.ablate:      # uniform attention: its first key, as argmax of a uniform row gives
-            first = st.key_mask[:, -key.shape[2]:].long().argmax(-1)
+            first = st.key_mask.long().argmax(-1)
             top = torch.where(st.ablate[layer], first[:, None], top)
         st.top1[layer] = top
     if layer in st.ablate:
-        out = _uniform(out, value, st.key_mask, st.ablate[layer], q_len, groups)
+        out = _uniform(out, value, st.key_mask, st.ablate[layer], q_len, shared)
     return out, None
 
 
+def _context_attention(query, key, value, layer: "_Layer", attention_mask, scaling, softcap):
+    """Attention of rows over their shared context's keys (read in place, each context row by all the
+    rows that continue it) followed by their own ``key``: explicit weights ``[batch, heads, q, n]``
+    (columns: context, then own) and outputs ``[batch, q, heads, d]``."""
+    ctx_k, ctx_v, index = layer.context
+    n_kv, n_heads = key.shape[1], query.shape[1]
+    grouped = _grouped(query, n_kv)                                                # [b, kv, g * q, d]
+    b, _, gq, d = grouped.shape
+    n_ctx = ctx_k.shape[2]
+    part = grouped.new_empty(b, n_kv, gq, n_ctx)
+    for c, rows in layer.rows_of():                      # every row of one context row in one product
+        q = grouped[rows].permute(1, 0, 2, 3).reshape(n_kv, -1, d)                # [kv, rows * g * q, d]
+        part[rows] = torch.bmm(q, ctx_k[c].transpose(1, 2)).reshape(n_kv, len(rows), gq, n_ctx).transpose(0, 1)
+    scores = _ungrouped(torch.cat([part, torch.matmul(grouped, key.transpose(-1, -2))], -1), n_heads) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    weights = torch.softmax(_mask_scores(scores, attention_mask).float(), dim=-1).to(query.dtype)
+    w = _grouped(weights, n_kv)
+    out = torch.matmul(w[..., n_ctx:], value)                                     # [b, kv, g * q, d]
+    for c, rows in layer.rows_of():
+        wc = w[rows, ..., :n_ctx].permute(1, 0, 2, 3).reshape(n_kv, -1, n_ctx)
+        out[rows] += torch.bmm(wc, ctx_v[c]).reshape(n_kv, len(rows), gq, d).transpose(0, 1)
+    return _ungrouped(out, n_heads).transpose(1, 2).contiguous(), weights
+
+
 def _uniform(out: Float[Tensor, "batch q head d"], value: Float[Tensor, "batch kv k d"],
-                     key_mask: Bool[Tensor, "batch k"], ablate: Bool[Tensor, "batch head"], q_len: int,
-                     groups: int) -> Float[Tensor, "batch q head d"]:
+             key_mask: Bool[Tensor, "batch k"], ablate: Bool[Tensor, "batch head"], q_len: int,
+             shared: "_Layer | None" = None) -> Float[Tensor, "batch q head d"]:
     """Put the mean of the values over each query's causal prefix (real tokens only; a running mean over
-    a prompt) in place of the output of the ablated heads: uniform attention without a pattern."""
-    m = key_mask[:, None, -value.shape[2]:, None].to(torch.float32)
-    total = torch.cumsum(value.float() * m, dim=2)[:, :, -q_len:]
-    count = torch.cumsum(m, dim=2)[:, :, -q_len:].clamp_min(1)
-    mean = _repeat_kv((total / count).to(out.dtype), groups).transpose(1, 2)       # [batch, q, head, d]
+    a prompt, a plain mean at a decoding step) in place of the output of the ablated heads: uniform
+    attention without a pattern. ``value`` holds the last ``value.shape[2]`` key columns; a shared
+    context's values before them enter through their sums (``shared``)."""
+    m = key_mask[:, None, -value.shape[2]:, None].to(torch.float32)               # [b, 1, k, 1]
+    if q_len == 1:
+        total = torch.matmul(m.transpose(-1, -2), value.float())                  # [b, kv, 1, d]
+        count = m.sum(2, keepdim=True)
+    else:
+        total = torch.cumsum(value.float() * m, dim=2)[:, :, -q_len:]
+        count = torch.cumsum(m, dim=2)[:, :, -q_len:]
+    if shared is not None:
+        ctx_total, ctx_count = shared.context_sums()
+        total, count = total + ctx_total, count + ctx_count
+    mean = (total / count.clamp_min(1)).to(out.dtype)                            # [b, kv, q, d]
+    mean = mean.repeat_interleave(out.shape[2] // value.shape[1], dim=1).transpose(1, 2)   # [b, q, head, d]
     return torch.where(ablate[:, None, :, None].to(out.device), mean, out)
 
 
@@ -218,6 +273,101 @@ class Prefix:
                                 "its rows did while it was prefilled") from None
 
 
+@dataclass
+class Context:
+    """Clean KV caches of prompts, left-padded to one length (:func:`prefill_context`), that any number of
+    rows continue: every row reads its prompt's keys and values in place (no copy), so the ablation
+    variants of a needle run share one prefilled prompt (as Wu et al. mask heads only while decoding)."""
+    prompts: list[list[int]]
+    keys: list[Tensor]                # per layer [n_prompts, kv_heads, n, d_head]
+    values: list[Tensor]
+    mask: Tensor                      # [n_prompts, n]: real tokens (left padding is False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def rows_for(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """For each prompt, the longest context prompt it continues (an error if none: a context row
+        must leave at least one token of the prompt to run)."""
+        rows = []
+        for p in prompts:
+            best = max((i for i, c in enumerate(self.prompts) if len(c) < len(p) and list(p[:len(c)]) == c),
+                       key=lambda i: len(self.prompts[i]), default=None)
+            if best is None:
+                raise HeadlensError("a context is continued only by prompts that start with one of its "
+                                    "prompts and go on after it")
+            rows.append(best)
+        return rows
+
+
+_LAYER: type | None = None
+
+
+def _layer_class() -> type:
+    """:class:`transformers.cache_utils.DynamicLayer` writing into a buffer instead of concatenating."""
+    global _LAYER
+    if _LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class _Layer(DynamicLayer):
+            """One layer's KV cache in a buffer of ``capacity`` tokens (grown by doubling if exceeded):
+            new keys and values are written in place, so a decoding step copies only its own token (a
+            ``DynamicLayer`` concatenates, copying the whole cache at every step). With ``context``
+            (``(keys, values, rows)``: a :class:`Context`'s tensors and each row's context row), the rows
+            continue those shared clean prompts, read in place; the buffer holds the rows' own tokens."""
+
+            def __init__(self, capacity: int = 0, context=None, context_mask: Tensor | None = None):
+                super().__init__()
+                self.capacity, self.context, self.context_mask = capacity, context, context_mask
+                self.n, self._k, self._v, self._sums, self._rows = 0, None, None, None, None
+
+            def hold(self, keys: Tensor, values: Tensor) -> None:
+                """Start from these tensors (no copy until the first update)."""
+                self.lazy_initialization(keys, values)
+                self.keys, self.values, self.n = keys, values, keys.shape[-2]
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                new = key_states.shape[-2]
+                if self._k is None or self.n + new > self._k.shape[-2]:
+                    cap = max(self.capacity, self.n + new, 2 * self.n if self._k is not None else 0)
+                    k = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
+                    v = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
+                    if self.n:
+                        k[:, :, :self.n], v[:, :, :self.n] = self.keys, self.values
+                    self._k, self._v = k, v
+                self._k[:, :, self.n:self.n + new] = key_states
+                self._v[:, :, self.n:self.n + new] = value_states
+                self.n += new
+                self.keys, self.values = self._k[:, :, :self.n], self._v[:, :, :self.n]
+                return self.keys, self.values
+
+            def get_seq_length(self) -> int:
+                return self.n + (self.context[0].shape[2] if self.context is not None else 0)
+
+            def rows_of(self) -> list[tuple[int, Tensor]]:
+                """``(context row, rows that continue it)`` for every context row in use."""
+                if self._rows is None:
+                    index = self.context[2]
+                    self._rows = [(int(c), (index == c).nonzero()[:, 0]) for c in index.unique()]
+                return self._rows
+
+            def context_sums(self) -> tuple[Tensor, Tensor]:
+                """Per row, the sum of its context's values over real tokens ``[rows, kv, 1, d]`` and
+                their count ``[rows, 1, 1, 1]`` (for uniform attention)."""
+                if self._sums is None:
+                    _, values, index = self.context
+                    m = self.context_mask[:, None, None, :].to(torch.float32)       # [ctx rows, 1, 1, n]
+                    total = torch.matmul(m, values.float())                        # [ctx rows, kv, 1, d]
+                    self._sums = (total[index], m.sum(-1, keepdim=True)[index])
+                return self._sums
+
+        _LAYER = _Layer
+    return _LAYER
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``tokens`` and ``attention_mask`` (both ``[batch, max_len]``)."""
     n = max(len(p) for p in prompts)
@@ -250,36 +400,56 @@ def kv_bytes_per_token(model) -> int:
     return 2 * i.n_layers * i.n_kv_heads * i.d_head * itemsize
 
 
-def _cache(hf, keys: list[Tensor] | None = None, values: list[Tensor] | None = None):
+def _cache(hf, keys: list[Tensor] | None = None, values: list[Tensor] | None = None, capacity: int = 0,
+           context: "Context | None" = None, rows: Tensor | None = None):
+    """A DynamicCache whose full-attention layers are buffers of ``capacity`` tokens (:func:`_layer_class`)
+    starting from ``keys``/``values`` (held, not copied), or continuing ``context``'s rows ``rows``."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=hf.config)
-    for layer, (k, v) in enumerate(zip(keys or [], values or [])):
-        cache.update(k[:, :, :0], v[:, :, :0], layer)       # initialise the layer (dtype, device)
-        held = cache.layers[layer]
-        if type(held) is DynamicLayer:   # hold k, v themselves: no copy (decoding concatenates to new tensors)
-            held.keys, held.values = k, v
+    if not cache.layers:
+        cache.layers = [DynamicLayer() for _ in range(hf.config.get_text_config(decoder=True).num_hidden_layers)]
+    layer = _layer_class()
+    for i, held in enumerate(cache.layers):
+        if type(held) is DynamicLayer:
+            shared = None if context is None else (context.keys[i], context.values[i], rows)
+            cache.layers[i] = layer(capacity, shared, None if context is None else context.mask)
+        elif context is not None:
+            raise HeadlensError("a context is shared only by models whose layers all attend to the whole "
+                                "sequence")
+    for i, (k, v) in enumerate(zip(keys or [], values or [])):
+        if isinstance(cache.layers[i], layer):
+            cache.layers[i].hold(k, v)
         else:
-            cache.update(k, v, layer)
+            cache.update(k, v, i)
     return cache
+
+
+def shares_context(hf) -> bool:
+    """Whether rows can continue a shared :class:`Context` (every layer a full-attention cache)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    return all(type(l) is DynamicLayer for l in DynamicCache(config=hf.config).layers)
 
 
 def _cache_tensors(cache) -> tuple[list[Tensor], list[Tensor]]:
     return [l.keys for l in cache.layers], [l.values for l in cache.layers]
 
 
-def _forward(hf, state: _State, tokens: Tensor, cache) -> Tensor:
-    """One forward pass of new ``tokens`` ``[batch, n]`` after ``cache``; next-token logits ``[batch, vocab]``."""
+def _forward(hf, state: _State, tokens: Tensor, cache, keep: int = 1) -> Tensor:
+    """One forward pass of new ``tokens`` ``[batch, n]`` after ``cache``; logits of the last ``keep``
+    positions ``[batch, keep, vocab]``."""
     mask = state.key_mask
     positions = (mask.long().cumsum(1) - 1).clamp_min(0)[:, -tokens.shape[1]:]
+    state.cache = cache
     token = _ACTIVE.set(state)
     try:
         out = hf(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=1)
+                 use_cache=True, logits_to_keep=keep)
     finally:
         _ACTIVE.reset(token)
-    return out.logits[:, -1]
+    return out.logits
 
 
 def prefill(model, tokens: Sequence[int], ablate: Iterable[Head] = (),
@@ -303,7 +473,7 @@ def prefill(model, tokens: Sequence[int], ablate: Iterable[Head] = (),
         x = torch.tensor([tokens], device=model.device).expand(len(rows), -1)
         state = _State(key_mask=torch.ones_like(x, dtype=torch.bool), ablate=row_masks(model, heads, len(rows)))
         state.ablate = {l: m.to(model.device) for l, m in state.ablate.items()}
-        cache = _cache(hf)
+        cache = _cache(hf, capacity=len(tokens))
         _forward(hf, state, x, cache)
     keys, values = _cache_tensors(cache)
     return Prefix(tokens, keys, values, heads)
@@ -327,7 +497,7 @@ def uses_native(model) -> bool:
             ref = torch.log_softmax(model.bridge(x)[:, -1].float(), -1)
             with native_forward(model) as hf:
                 state = _State(key_mask=torch.ones_like(x, dtype=torch.bool))
-                got = torch.log_softmax(_forward(hf, state, x, _cache(hf)).float(), -1)
+                got = torch.log_softmax(_forward(hf, state, x, _cache(hf))[:, -1].float(), -1)
         tol = 1e-4 if ref.dtype == torch.float32 and model.info.dtype == "float32" else 5e-2
         model.__dict__["_headlens_native"] = bool((got - ref).abs().max() <= tol * max(1.0, ref.abs().max()))
     return model.__dict__["_headlens_native"]
@@ -358,20 +528,28 @@ def _decode(logits: Tensor, advance, positions, max_new_tokens: int, stops: set[
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     ablate: Sequence[Iterable[Head]] | None = None, record_top1: bool = False,
                     stop_ids: Iterable[int] = (), prefix: Prefix | None = None,
-                    chunk_tokens: int | None = None) -> Generation:
+                    chunk_tokens: int | None = None, ablate_prompt: bool = True,
+                    context: Context | None = None) -> Generation:
     """Greedy-decode every prompt (a token list, BOS included) for up to ``max_new_tokens``.
 
-    ``ablate[i]`` lists the heads whose attention is made uniform in row ``i`` (prefill and every
-    decoding step). With ``record_top1`` the top-1 key position of every head's last query row is kept
-    at each step (the step that produced generated token ``t``), for copy-paste scores. With ``prefix``
-    (from :func:`prefill`), each row starts from the KV cache of the prefix's row that ablated the same
-    heads, for the tokens it shares with it. With no ``stop_ids`` every row decodes
-    ``max_new_tokens`` tokens. ``chunk_tokens`` prefills the prompts that many tokens at a time (0: at
-    once; default :data:`PREFILL_CHUNK`), which bounds the activations' memory: a 32k-token prompt of an
-    8B model peaks at 1.41x its weights in 8192-token chunks, 1.56x at once (``docs/scale.md``).
+    ``ablate[i]`` lists the heads whose attention is made uniform in row ``i``: at every prompt token and
+    decoding step, or with ``ablate_prompt=False`` only from the prompt's last token on (the passes that
+    produce the answer; Wu et al.'s masking): the prompts are then prefilled clean, once per distinct
+    prompt, and every row reads its prompt's cache in place (a :class:`Context`; pass ``context`` from
+    :func:`prefill_context` to reuse one across calls). With ``record_top1`` the top-1 key position of
+    every head's last query row is kept at each step (the step that produced generated token ``t``), for
+    copy-paste scores. With ``prefix`` (from :func:`prefill`), each row starts from the KV cache of the
+    prefix's row that ablated the same heads, for the tokens it shares with it. With no ``stop_ids``
+    every row decodes ``max_new_tokens`` tokens. ``chunk_tokens`` prefills the prompts that many tokens at
+    a time (0: at once; default :data:`PREFILL_CHUNK`), which bounds the activations' memory: a
+    32k-token prompt of an 8B model peaks at 1.41x its weights in 8192-token chunks, 1.56x at once
+    (``docs/scale.md``).
 
     Returns a :class:`Generation`: generated ids per row, and ``top1`` ``[steps, n_layers, batch,
     n_heads]`` (positions in each prompt, -1 after a row stopped) when recorded.
+
+    >>> g = greedy_generate(model, [ids, ids], 32, ablate=[[], [(17, 3)]], ablate_prompt=False)  # doctest: +SKIP
+    >>> g.tokens[0], g.tokens[1]          # clean answer, answer with L17H3 uniform while answering  # doctest: +SKIP
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise HeadlensError("greedy_generate needs non-empty prompts")
@@ -379,49 +557,154 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     batch = len(prompts)
     model.check_length(max(lengths) + max_new_tokens, "prompt plus generated tokens")
     masks = row_masks(model, ablate, batch) if ablate is not None else {}
-    prefix_rows = prefix.rows_for(ablate if ablate is not None else [[]] * batch) if prefix is not None else []
     stops = set(int(s) for s in stop_ids)
     masks = {l: m.to(model.device) for l, m in masks.items()}
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     if not uses_native(model):
-        tokens, out = _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad)
+        if context is not None:
+            raise HeadlensError(f"{model.info.name} decodes through the bridge, which does not continue a "
+                                "shared context")
+        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        tokens, out = _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad, ablate_prompt)
         return Generation(tokens=tokens, top1=out, prompt_lengths=lengths)
-    shared = [shared_length(p, prefix.tokens) for p in prompts] if prefix is not None else [0] * batch
-    n_cached = max(shared)
-    tokens, new_mask = left_pad([p[s:] for p, s in zip(prompts, shared)], pad)
-    cached_mask = torch.arange(n_cached)[None, :] < torch.tensor(shared)[:, None]
-    key_mask = torch.cat([cached_mask, new_mask.bool()], 1).to(model.device)
     with native_forward(model) as hf:
-        if n_cached:
-            if len(prefix.variants) == 1:    # one row for all: a view
-                pick = lambda t: t[:, :, :n_cached].expand(batch, -1, -1, -1)
-            elif prefix_rows == list(range(len(prefix.variants))):   # row i is prefix row i: a view
-                pick = lambda t: t[:, :, :n_cached]
-            else:                            # each row's own ablated prefix
-                rows = torch.tensor(prefix_rows, device=prefix.keys[0].device)
-                pick = lambda t: t[:, :, :n_cached].index_select(0, rows)
-            cache = _cache(hf, [pick(k) for k in prefix.keys], [pick(v) for v in prefix.values])
-        else:
-            cache = _cache(hf)
-        state = _State(key_mask=key_mask, ablate=masks, record=record_top1)
-        tokens = tokens.to(model.device)
-        size = (PREFILL_CHUNK if chunk_tokens is None else chunk_tokens) or tokens.shape[1]
-        for start in range(0, tokens.shape[1], size):      # prompt in chunks: activations for `size` tokens
-            end = min(start + size, tokens.shape[1])
-            state.key_mask = key_mask[:, :n_cached + end]
-            logits = _forward(hf, state, tokens[:, start:end], cache)
+        if context is not None and ablate_prompt and masks:
+            raise HeadlensError("a context is prefilled clean: rows that continue it ablate heads only "
+                                "from their prompt's last token on (ablate_prompt=False)")
+        if context is None and not ablate_prompt and min(lengths) > 1 and shares_context(hf):
+            distinct = [list(p) for p in dict.fromkeys(tuple(p[:-1]) for p in prompts)]
+            context = _prefill_context(model, hf, distinct, prefix, chunk_tokens)
+        state, cache, logits = _start(model, hf, prompts, masks, record_top1, prefix, context, ablate,
+                                      max_new_tokens, chunk_tokens, ablate_prompt)
 
         def advance(nxt):
             state.key_mask = torch.cat([state.key_mask, torch.ones_like(state.key_mask[:, :1])], 1)
             state.top1 = {}
-            return _forward(hf, state, nxt[:, None], cache)
+            return _forward(hf, state, nxt[:, None], cache)[:, -1]
 
         def positions():
             position = state.key_mask.long().cumsum(1) - 1                      # key column -> token position
             return torch.stack([position.gather(1, state.top1[l].to(position.device)) for l in range(model.n_layers)])
 
-        out, top1 = _decode(logits, advance, positions, max_new_tokens, stops, batch, record_top1)
+        out, top1 = _decode(logits[:, -1], advance, positions, max_new_tokens, stops, batch, record_top1)
     return Generation(tokens=out, top1=top1, prompt_lengths=lengths)
+
+
+def _start(model, hf, prompts, masks, record, prefix, context, ablate, max_new_tokens, chunk_tokens,
+           ablate_prompt, keep: int = 1):
+    """Prefill the rows' prompts (the part after their prefix's or context's tokens): ``(state, cache,
+    logits of the last keep positions)``, ready to decode."""
+    batch = len(prompts)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    if context is not None:
+        rows = context.rows_for(prompts)
+        shared = [len(context.prompts[r]) for r in rows]
+        rows = torch.tensor(rows, device=context.mask.device)
+        cached_mask = context.mask.index_select(0, rows)
+    else:
+        shared = [shared_length(p, prefix.tokens) for p in prompts] if prefix is not None else [0] * batch
+        n_cached = max(shared)
+        cached_mask = torch.arange(n_cached)[None, :] < torch.tensor(shared)[:, None]
+    tokens, new_mask = left_pad([p[s:] for p, s in zip(prompts, shared)], pad)
+    key_mask = torch.cat([cached_mask.cpu(), new_mask.bool()], 1).to(model.device)
+    capacity = tokens.shape[1] + max_new_tokens
+    if context is not None:
+        cache = _cache(hf, capacity=capacity, context=context, rows=rows)
+    elif max(shared):
+        prefix_rows = prefix.rows_for(ablate if ablate is not None and ablate_prompt else [[]] * batch)
+        if len(prefix.variants) == 1:    # one row for all: a view
+            pick = lambda t: t[:, :, :n_cached].expand(batch, -1, -1, -1)
+        elif prefix_rows == list(range(len(prefix.variants))):   # row i is prefix row i: a view
+            pick = lambda t: t[:, :, :n_cached]
+        else:                            # each row's own ablated prefix
+            index = torch.tensor(prefix_rows, device=prefix.keys[0].device)
+            pick = lambda t: t[:, :, :n_cached].index_select(0, index)
+        cache = _cache(hf, [pick(k) for k in prefix.keys], [pick(v) for v in prefix.values],
+                       capacity=n_cached + capacity)
+    else:
+        cache = _cache(hf, capacity=capacity)
+    state = _State(key_mask=key_mask, ablate=masks, record=record)
+    tokens = tokens.to(model.device)
+    n_cached = key_mask.shape[1] - tokens.shape[1]
+    n_new = tokens.shape[1]
+    size = (PREFILL_CHUNK if chunk_tokens is None else chunk_tokens) or n_new
+    ends = list(range(size, n_new, size)) + [n_new]   # prompt in chunks: activations for `size` tokens
+    if not ablate_prompt and n_new > 1:               # all but the last token clean, the last one alone
+        ends = sorted({e for e in ends if e < n_new - 1} | {n_new - 1, n_new})
+    start = 0
+    for end in ends:
+        state.ablate = masks if ablate_prompt or start == n_new - 1 else {}
+        state.key_mask = key_mask[:, :n_cached + end]
+        logits = _forward(hf, state, tokens[:, start:end], cache, keep)
+        start = end
+    state.ablate = masks
+    return state, cache, logits
+
+
+def _prefill_context(model, hf, prompts, prefix, chunk_tokens) -> Context:
+    state, cache, _ = _start(model, hf, prompts, {}, False, prefix, None, None, 0, chunk_tokens, True)
+    keys, values = _cache_tensors(cache)
+    return Context([list(p) for p in prompts], keys, values, state.key_mask)
+
+
+def prefill_context(model, prompts: Sequence[Sequence[int]], prefix: Prefix | None = None,
+                    chunk_tokens: int | None = None) -> Context:
+    """Prefill ``prompts`` clean (left-padded into one batch, starting from a clean ``prefix``'s cache
+    where they share its tokens) and keep their KV caches as a :class:`Context` that any number of rows
+    continue in place (:func:`greedy_generate` / :func:`continuation_logits` with ``context=``).
+
+    >>> ctx = prefill_context(model, [run.tokens[:-1] for run in runs])     # doctest: +SKIP
+    >>> greedy_generate(model, [runs[0].tokens] * 2, 32, ablate=[[], [(17, 3)]], ablate_prompt=False,
+    ...                 context=ctx)                                    # doctest: +SKIP
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise HeadlensError("prefill_context needs non-empty prompts")
+    if not uses_native(model):
+        raise HeadlensError(f"{model.info.name} decodes through the bridge, which does not continue a "
+                            "shared context")
+    with native_forward(model) as hf:
+        if not shares_context(hf):
+            raise HeadlensError(f"{model.info.name} has sliding-window layers: a context is shared only by "
+                                "models whose layers all attend to the whole sequence")
+        return _prefill_context(model, hf, [list(p) for p in prompts], prefix, chunk_tokens)
+
+
+def continuation_logits(model, prompts: Sequence[Sequence[int]], n: int, ablate: Sequence[Iterable[Head]],
+                        context: Context | None = None) -> Float[Tensor, "batch n vocab"]:
+    """Teacher-forced logits at the last ``n`` positions of each prompt, with each row's ``ablate`` heads
+    uniform at exactly those positions (earlier positions clean): e.g. a prompt's last token and an
+    answer but its last token, the heads made uniform while answering. The clean part is prefilled once
+    per distinct prompt and read in place by every row (``context``: one from :func:`prefill_context`
+    of those parts, to reuse across calls); models that cannot share it run through the bridge.
+
+    >>> continuation_logits(model, [ids + answer[:-1]] * 2, len(answer), [[], [(17, 3)]])  # doctest: +SKIP
+    """
+    if n < 1 or any(len(p) <= n for p in prompts):
+        raise HeadlensError("continuation_logits needs prompts longer than n")
+    masks = {l: m.to(model.device) for l, m in row_masks(model, ablate, len(prompts)).items()}
+    if uses_native(model):
+        with native_forward(model) as hf:
+            if shares_context(hf):
+                if context is None:
+                    distinct = [list(p) for p in dict.fromkeys(tuple(p[:-n]) for p in prompts)]
+                    context = _prefill_context(model, hf, distinct, None, None)
+                if any(len(context.prompts[r]) != len(p) - n for r, p in zip(context.rows_for(prompts), prompts)):
+                    raise HeadlensError("the context must hold each prompt but its last n tokens")
+                _, _, logits = _start(model, hf, prompts, masks, False, None, context, ablate, 0, 0, True, keep=n)
+                return logits
+    if context is not None:
+        raise HeadlensError(f"{model.info.name} cannot share a context")
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    tokens, mask = left_pad(prompts, pad)
+    tokens, mask = tokens.to(model.device), mask.to(model.device)
+
+    def hook(pattern, hook):
+        layer = int(hook.name.split(".")[1])
+        uni = uniform_pattern(pattern.shape[-2], pattern.shape[-1], mask, pattern.device, pattern.dtype)
+        last = torch.arange(pattern.shape[-2], device=pattern.device) >= pattern.shape[-2] - n
+        return torch.where(masks[layer][:, :, None, None] & last[None, None, :, None], uni, pattern)
+
+    with torch.no_grad(), model.bridge.hooks(fwd_hooks=[(pattern_name(l), hook) for l in sorted(masks)]):
+        return model.bridge(tokens, attention_mask=mask)[:, -n:]
 
 
 @contextlib.contextmanager
@@ -448,9 +731,10 @@ def kv_cache_fix(model):
             m.__dict__.pop("_update_kv_cache", None)
 
 
-def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad):
+def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad, ablate_prompt=True):
     """Decoding through the bridge with eager attention (full patterns): for models whose transformers
-    modules do not hold the bridge's weights (:func:`uses_native`). A prefix is not reused here."""
+    modules do not hold the bridge's weights (:func:`uses_native`). A prefix is not reused here; without
+    ``ablate_prompt`` the prompt's rows but the last keep their own pattern."""
     tokens, mask = left_pad(prompts, pad)
     tokens, mask = tokens.to(model.device), mask.to(model.device)
     n_pad = tokens.shape[1] - torch.tensor([len(p) for p in prompts])
@@ -462,7 +746,11 @@ def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, 
         if layer in masks:
             key_mask = state["mask"][:, -pattern.shape[-1]:]
             uni = uniform_pattern(pattern.shape[-2], pattern.shape[-1], key_mask, pattern.device, pattern.dtype)
-            pattern = torch.where(masks[layer][:, :, None, None], uni, pattern)
+            sel = masks[layer][:, :, None, None]
+            if not ablate_prompt:               # queries before the prompt's last token stay as they are
+                last = torch.arange(pattern.shape[-2], device=pattern.device) == pattern.shape[-2] - 1
+                sel = sel & last[None, None, :, None]
+            pattern = torch.where(sel, uni, pattern)
         if record_top1:
             rows[layer] = pattern[:, :, -1].argmax(-1)                      # [batch, n_heads]
         return pattern

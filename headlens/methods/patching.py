@@ -167,15 +167,19 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
 
 def uniform_z(model, run: CleanRun) -> dict[int, torch.Tensor]:
     """Per layer, every head's output ``z`` if its attention were uniform over the causal prefix (and
-    over the run's unpadded keys): the running mean of its value vectors, ``[batch, pos, n_heads, d_head]``."""
-    names = {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)}
-    with torch.no_grad():
-        _, cache = model.bridge.run_with_cache(run.tokens, attention_mask=run.attention_mask,
-                                               names_filter=lambda n: n in names)
+    over the run's unpadded keys): the running mean of its value vectors, ``[batch, pos, n_heads, d_head]``
+    (from the run's kept values, ``clean_run(..., keep_v=True)``, else one more forward pass)."""
+    if run.v:
+        cache = {f"blocks.{l}.attn.hook_v": run.v[l] for l in range(model.n_layers)}
+    else:
+        names = {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)}
+        with torch.no_grad():
+            _, cache = model.bridge.run_with_cache(run.tokens, attention_mask=run.attention_mask,
+                                                   names_filter=lambda n: n in names)
     kv = torch.tensor([model.kv_head(h) for h in range(model.n_heads)])
     out = {}
     for l in range(model.n_layers):
-        v = cache[f"blocks.{l}.attn.hook_v"].float()                          # [b, pos, kv, dh]
+        v = cache[f"blocks.{l}.attn.hook_v"].float().to(model.device)        # [b, pos, kv, dh]
         w = (torch.ones(v.shape[:2], device=v.device) if run.attention_mask is None
              else run.attention_mask.to(v.device).float())[..., None, None]
         z = (v * w).cumsum(1) / w.cumsum(1).clamp_min(1)
