@@ -4,7 +4,10 @@
 tokenizer) is saved to ``--workdir`` once, then ``headlens scan`` runs the five-role scan on 1 GPU and on
 N GPUs (``--gpus N``, i.e. torchrun), compares the catalogue bytes and reports the speed-up (scan time
 without model loading, and wall time). ``--ranks 1`` and ``--ranks 2`` may run as separate calls on the
-same machine (the JSON collects both; the comparison is made once both are there)::
+same machine (the JSON collects both; the comparison is made once both are there). The first scan after a
+machine starts is slower, so by default the first rank count runs once untimed (``--warmup 0`` skips it):
+without it the 1-GPU baseline of a fresh machine ran 20-55% slower than on a warm one and flattered the
+speed-up (``benchmarks/results/gpu_dp_llama8b.json``)::
 
     python benchmarks/bench_multigpu.py dp --workdir out/bench_dp --json benchmarks/results/gpu_dp_llama8b.json
     python benchmarks/bench_multigpu.py dp --ranks 1 ...   # then: dp --ranks 2 ...  (same --workdir/--json)
@@ -164,7 +167,11 @@ def cmd_dp(args) -> None:
         print(f"built and saved {folder} ({out['n_params'] / 1e9:.2f} B parameters) in {out['build_and_save_s']} s",
               flush=True)
     runs = {}
-    for ranks in [int(r) for r in args.ranks.split(",")]:
+    order = [int(r) for r in args.ranks.split(",")]
+    # The first scan after a machine starts is slower (GPU clocks, page cache, library autotuning): with
+    # --warmup the first rank count runs once untimed, so the 1-GPU baseline is not flattered.
+    for i, ranks in enumerate(order[:1] * args.warmup + order):
+        timed = i >= args.warmup
         csv = work / f"cat_{ranks}gpu.csv"
         cmd = [sys.executable, "-m", "headlens", "scan", str(folder), "-d", args.detectors, "--device", device,
                "--dtype", dtype, "-o", str(csv), "--checkpoint-every", "-1"]
@@ -182,6 +189,9 @@ def cmd_dp(args) -> None:
         if r.returncode != 0:
             sys.stderr.write(r.stderr[-5000:])
             sys.exit(f"error: the {ranks}-rank scan failed (exit {r.returncode})")
+        if not timed:
+            print(f"{ranks} rank(s): warm-up scan, {wall:.1f} s (not timed)", flush=True)
+            continue
         meta = json.loads(csv.with_suffix(".json").read_text())
         t = meta["timings_s"]
         scan_s = sum(v for k, v in t.items() if k != "model_load")
@@ -275,6 +285,8 @@ def main() -> None:
     dp = sub.add_parser("dp", help="data parallel: 1 GPU vs N GPUs, five-role scan, same bytes")
     dp.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
     dp.add_argument("--ranks", default="1,2", help="comma-separated rank counts to run (1 first)")
+    dp.add_argument("--warmup", type=int, default=1, choices=(0, 1),
+                    help="run the first rank count once untimed first (default 1: a fresh machine's first scan is slow)")
     dp.add_argument("--detectors", default="induction,successor,copy_suppression,retrieval,safety")
     dp.add_argument("--batch-size", type=int, default=0, help="cap on sequences per pass (0: the detectors' defaults)")
     dp.add_argument("--param", "-p", action="append", default=[], help="detector parameter ROLE.NAME=VALUE")

@@ -50,9 +50,11 @@ def bootstrap_ci(per_item: Float[Tensor, "n ..."], n_boot: int = 1000, seed: int
 
 
 def empirical_p_value(observed: float, null: Tensor | list[float], higher_is_extreme: bool = True) -> float:
-    """``(1 + #null values at least as extreme as observed) / (1 + n_null)``; NaN with no null draws."""
+    """``(1 + #null values at least as extreme as observed) / (1 + n_null)``; NaN with no null draws or a
+    NaN observation (a metric that could not be measured is no evidence); a NaN null draw counts as
+    extreme (it can only make p larger)."""
     null = torch.as_tensor(null, dtype=torch.float64)
-    if null.numel() == 0:
+    if null.numel() == 0 or observed != observed:
         return float("nan")
-    extreme = null >= observed if higher_is_extreme else null <= observed
+    extreme = (null >= observed if higher_is_extreme else null <= observed) | null.isnan()
     return float((1 + int(extreme.sum())) / (1 + null.numel()))

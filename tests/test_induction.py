@@ -166,3 +166,17 @@ def test_copying_column_against_its_chance_level(planted_result, planted_llama):
         if info is not None:
             assert 0 <= info["copying_chance"] < 0.5 * f.loc[(1, 2)].induction_copying
             assert info["copying_uniform"] == pytest.approx(1 / 32)
+
+
+def test_eigenvalues_in_threads_equal_one_matrix_at_a_time(monkeypatch):
+    """The OV eigenvalues spread over threads (one LAPACK thread each) equal each matrix's alone, and the
+    process keeps its thread count."""
+    from headlens.detectors.induction import eigvals_cpu
+
+    m = torch.randn(7, 12, 12, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(3)), raising=False)   # 3 workers
+    got = eigvals_cpu(m)
+    assert torch.get_num_threads() == threads
+    for i in range(len(m)):
+        assert torch.equal(got[i], torch.linalg.eigvals(m[i:i + 1])[0])

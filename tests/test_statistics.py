@@ -54,6 +54,9 @@ def test_bootstrap_skips_nan_items():
 
 def test_empirical_p_value():
     assert empirical_p_value(5.0, [1, 2, 3, 4]) == pytest.approx(1 / 5)
+    # a metric that could not be measured (NaN, e.g. no position to read) is no evidence: never p = 1/21
+    assert math.isnan(empirical_p_value(float("nan"), [1, 2, 3, 4]))
+    assert empirical_p_value(5.0, [1, float("nan"), 3, 4]) == pytest.approx(2 / 5)   # a NaN draw counts
     assert empirical_p_value(0.0, [1, 2, 3, 4]) == pytest.approx(5 / 5)
     assert empirical_p_value(2.0, [1, 2, 3, 4]) == pytest.approx(4 / 5)          # ties count
     assert empirical_p_value(0.5, [1, 2, 3, 4], higher_is_extreme=False) == pytest.approx(1 / 5)

@@ -302,7 +302,8 @@ class CausalCheck:
     @property
     def n_as_extreme(self) -> int:
         r = np.asarray(self.random_k_ablated, float)
-        return int((r >= self.top_k_ablated).sum() if self.worse == "higher" else (r <= self.top_k_ablated).sum())
+        extreme = (r >= self.top_k_ablated) if self.worse == "higher" else (r <= self.top_k_ablated)
+        return int((extreme | np.isnan(r)).sum())            # as in the p-value: NaN draws count
 
     @property
     def p_value(self) -> float:

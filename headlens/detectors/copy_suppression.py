@@ -188,6 +188,13 @@ def qk_diagonal(model, tokens: torch.Tensor) -> torch.Tensor:
     return (diag > others.amax(-1)).float().mean(-1).cpu()
 
 
+def _attention_to(pattern: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``[H]``: mean over the ``queries`` ``[b, q]`` of each head's attention on ``keys`` ``[b, q, k]``,
+    computed where the pattern ``[b, H, q, k]`` is (a layer's GPU, in float32)."""
+    got = einsum(pattern.float(), keys.to(pattern.device, torch.float32), "b h q k, b q k -> b q h")
+    return got[queries.to(pattern.device)].mean(0).cpu()
+
+
 def wilson_lower(frac: torch.Tensor, n: int, z: float = 1.96) -> torch.Tensor:
     """Lower end of the Wilson score interval of a binomial proportion ``frac`` out of ``n``."""
     centre = frac + z * z / (2 * n)
@@ -338,8 +345,7 @@ class CopySuppressionDetector(Detector):
         if not seen.any():
             return self.not_applicable(model, "the model never predicts a token already in the context "
                                        "of the corpus, so copy suppression cannot act")
-        attn_seen = torch.stack([einsum(cache[f"blocks.{l}.attn.hook_pattern"].float().cpu(),
-                                        earlier.float(), "b h q k, b q k -> b q h")[seen].mean(0)
+        attn_seen = torch.stack([_attention_to(cache[f"blocks.{l}.attn.hook_pattern"], earlier, seen)
                                  for l in range(model.n_layers)])
         rows, pos = torch.meshgrid(torch.arange(tokens.shape[0]), torch.arange(tokens.shape[1]), indexing="ij")
         rows, pos = rows.flatten(), pos.flatten()

@@ -85,15 +85,35 @@ def ov_eigen_ratio(model) -> torch.Tensor:
         w_v = per_query_head(model, layer_weights(model, "W_V", [l], ue.device).float())   # [1, H, d, dh]
         w_o = layer_weights(model, "W_O", [l], ue.device).float()
         m = einsum(w_o, ue, w_v, "l h e d1, d1 d2, l h d2 f -> l h e f")
-        # LAPACK on one thread: CUDA's eigvals of small matrices takes seconds per layer, and so do threads
-        threads = torch.get_num_threads()   # of a many-core host (10 s for an 8B model on 32 cores)
-        torch.set_num_threads(1)
-        try:
-            lam = torch.linalg.eigvals(m.cpu())
-        finally:
-            torch.set_num_threads(threads)
-        return (lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-12))[0]
+        lam = eigvals_cpu(m[0])
+        return lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-12)
     return torch.stack(distributed.map(layer, range(model.n_layers), "OV eigenvalues"))
+
+
+def eigvals_cpu(m: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a stack of small square matrices ``[n, d, d]`` on the CPU: LAPACK on one thread per
+    matrix (CUDA's eigvals of small matrices takes seconds per layer, and so does multithreaded LAPACK: 10 s
+    for an 8B model on 32 cores), the matrices spread over threads, one per core of this process's share
+    of the host (LAPACK releases the GIL). Each matrix is computed as if alone, so the result does not
+    depend on the split."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = m.cpu()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(len(m), 16, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    threads = torch.get_num_threads()
+
+    def part(rows: torch.Tensor) -> torch.Tensor:
+        torch.set_num_threads(1)                 # this thread's LAPACK: one thread
+        return torch.linalg.eigvals(rows)
+    try:
+        if workers == 1:
+            return part(m)
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.cat(list(pool.map(part, m.tensor_split(workers))))
+    finally:
+        torch.set_num_threads(threads)
 
 
 class InductionDetector(Detector):
@@ -120,12 +140,14 @@ class InductionDetector(Detector):
         names |= {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
         with logits_at(model, torch.tensor([tokens.shape[1] - 1])):  # the logits are not read: unembed one position
             _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-        pattern = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"].to(model.device) for l in range(model.n_layers)])
-        pattern = pattern.float().cpu()                                     # [L, b, H, q, k]
 
-        def mean_over_queries(weights, q_mask):   # per sequence: [b, L, H]
-            per_query = einsum(pattern, weights.float(), "l b h q k, b q k -> l b h q")
-            return per_query[..., q_mask].mean(3).transpose(0, 1)
+        def mean_over_queries(weights, q_mask):   # per sequence: [b, L, H]; each layer where its pattern is
+            out = []
+            for l in range(model.n_layers):
+                pattern = cache[f"blocks.{l}.attn.hook_pattern"]                # [b, H, q, k]
+                per_query = einsum(pattern.float(), weights.to(pattern.device, torch.float32), "b h q k, b q k -> b h q")
+                out.append(per_query[..., q_mask.to(pattern.device)].mean(-1).cpu())
+            return torch.stack(out, 1)
 
         prefix_per_seq = mean_over_queries(after_copy, queries)
         prefix = prefix_per_seq.mean(0)

@@ -106,6 +106,8 @@ def token_logprobs(logits: Float[Tensor, "batch pos d_vocab"], targets: Tensor) 
     """``log_softmax(logits)[..., target]`` at each position, in float32, a few positions at a time
     (never a float copy of the whole ``[batch, pos, d_vocab]`` tensor)."""
     b, n, v = logits.shape
+    if n == 0:                                       # no positions: nothing to read
+        return logits.new_zeros((b, 0), dtype=torch.float32)
     starts, step = _chunks(n, b * v)
     out = []
     for i in starts:
