@@ -276,6 +276,39 @@ def test_continuation_logits_match_the_bridge(which, planted, request):
         assert torch.allclose(torch.log_softmax(got[row].float(), -1), ref, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    """A random-weight tiny Gemma 3 whose first layer attends to a sliding window of 4 tokens."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from planted import make_tokenizer, save
+
+    torch.manual_seed(0)
+    hf = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    folder = tmp_path_factory.mktemp("tiny_gemma3")
+    save(hf.eval(), make_tokenizer(32, folder), folder)
+    return load_model(str(folder))
+
+
+def test_sliding_window_layers_record_positions(tiny_gemma3):
+    """A sliding-window layer's cache holds only its window: the top-1 key is mapped back to its position
+    in the prompt (it was read as a column of the window), clean and with a full-attention layer's head
+    made uniform, over the prompt or only while answering."""
+    model = tiny_gemma3
+    prompts = [[0, 5, 9, 3, 17, 5, 9, 3, 22, 4, 5], [0, 7, 7, 2, 30, 11]]
+    n = 5
+    for heads, ablate_prompt in (([], True), ([(1, 3)], True), ([(1, 3)], False)):
+        gen = greedy_generate(model, prompts, n, ablate=[heads] * 2, record_top1=True, ablate_prompt=ablate_prompt)
+        for i, ids in enumerate(prompts):
+            tokens, top1 = plain_decode(model, ids, n, heads, start=None if ablate_prompt else len(ids) - 1)
+            assert gen.tokens[i] == tokens
+            assert torch.equal(gen.top1[:, :, i], top1)
+        assert bool((gen.top1[1:, 0] > 4).any())     # decoding steps attend past the first window
+
+
 def test_cache_buffer_writes_in_place_and_grows():
     """The KV-cache layer writes new tokens into a buffer (grown when full): the same tensors as
     concatenating them, and a held start (a prefix) is not changed."""

@@ -130,11 +130,14 @@ def _attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor
     if st.record:
         if weights is None:
             weights = _last_row(query, key, attention_mask, scaling, softcap)
+        # the weights' columns are the last ones of the sequence (all of them, or a sliding-window
+        # layer's window): key-mask columns from `offset` on
+        offset = st.key_mask.shape[1] - weights.shape[-1]
         top = weights[:, :, -1].argmax(-1)
         if layer in st.ablate:      # uniform attention: its first key, as argmax of a uniform row gives
-            first = st.key_mask.long().argmax(-1)
+            first = st.key_mask[:, offset:].long().argmax(-1)
             top = torch.where(st.ablate[layer], first[:, None], top)
-        st.top1[layer] = top
+        st.top1[layer] = top + offset
     if layer in st.ablate:
         out = _uniform(out, value, st.key_mask, st.ablate[layer], q_len, shared)
     return out, None
