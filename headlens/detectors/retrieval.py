@@ -331,7 +331,7 @@ class RetrievalDetector(Detector):
         clean = [i for i in range(len(variants)) if i not in decode]      # taken from clean_recall
         deepest = max(runs, key=lambda r: r.span[0])
         kv = kv_bytes_per_token(model)
-        total = budget(model, p.max_bytes)
+        total = distributed.agree_min(budget(model, p.max_bytes))   # every rank plans the same items
         n_prefix = min(deepest.span[0], total // 2 // kv)
         shared = [shared_length(run.tokens, deepest.tokens[:n_prefix]) if n_prefix > 1 else 0 for run in runs]
         recall = torch.zeros(len(variants))
@@ -353,7 +353,7 @@ class RetrievalDetector(Detector):
                     groups.append([])
                 groups[-1].append(r)
             row = row_bytes(model, p.max_new_tokens + 1, p.max_new_tokens, 1)
-            n = distributed.agree_min(plan_items(row, total // 2))
+            n = plan_items(row, total // 2)
             items = [(g, decode[i:i + max(1, n // len(g))]) for g in groups
                      for i in range(0, len(decode), max(1, n // len(g)))]
 
