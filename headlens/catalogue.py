@@ -240,7 +240,6 @@ def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoi
         if progress is False or (show and not active()):
             stack.enter_context(bars(("tqdm" if in_notebook() else "rich") if show else None))
         runtime = {**memory.runtime_settings(), "device": str(model.device), "progress": active()}
-        stack.enter_context(memory.frozen_heap())
         return _scan(model, detectors, seed, checkpoint, runtime)
 
 

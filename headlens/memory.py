@@ -190,23 +190,6 @@ def plan_pieces(n_items: int, item_bytes: int, device, model=None, max_memory: s
     return distributed.agree_min(max(1, min(n_items, budget // max(1, item_bytes))))
 
 
-@contextlib.contextmanager
-def frozen_heap():
-    """Within the block, the garbage collector leaves alone the objects that exist when it starts (the
-    model, the bridge, the libraries: about 500,000 objects, 0.2 s per full collection): :func:`release`
-    between detectors then scans only what the scan made. They are given back to it afterwards
-    (``gc.unfreeze``); nothing is collected any later than it would be without the block but for
-    cycles among those pre-existing objects."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def release() -> None:
     """Give freed host memory back to the system (between detectors): Python's garbage, and the C
     allocator's free pages (glibc keeps freed blocks below its mmap threshold in its heaps, so a long
