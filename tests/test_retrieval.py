@@ -160,6 +160,21 @@ def test_paper_preset_fits_the_context(smollm):
     assert grid(smollm, get_detector("retrieval", preset="paper", context_lengths=[700]).params,
                 needles, p.template, True)[0] == [700]
 
+def uniform_from(model, heads, start):
+    """Reference hooks: the ``heads``' pattern rows from position ``start`` on made uniform over their
+    causal prefix (earlier rows untouched), one ``(name, fn)`` pair per touched layer."""
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
+
+    def hook(pattern, hook):
+        q = pattern.shape[-2]
+        uniform = torch.tril(torch.ones(q, q)) / torch.arange(1, q + 1)[:, None]
+        for l, h in heads:
+            if hook.name == names[l]:
+                pattern[:, h, start:] = uniform[start:].to(pattern.dtype)
+        return pattern
+    return [(names[l], hook) for l in sorted({l for l, _ in heads})]
+
+
 def plain_decode(model, ids, n, heads=(), start=None):
     """Reference: re-run the whole sequence for every token, reading the full attention pattern. With
     ``start``, the heads' pattern rows from position ``start`` on are uniform over their causal prefix
@@ -167,16 +182,7 @@ def plain_decode(model, ids, n, heads=(), start=None):
     x = torch.tensor([ids])
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
     top1 = []
-
-    def from_start(pattern, hook):
-        q = pattern.shape[-2]
-        uniform = torch.tril(torch.ones(q, q)) / torch.arange(1, q + 1)[:, None]
-        for l, h in heads:
-            if hook.name == names[l]:
-                pattern[:, h, start:] = uniform[start:].to(pattern.dtype)
-        return pattern
-
-    hooks = [] if start is None else [(names[l], from_start) for l in sorted({l for l, _ in heads})]
+    hooks = [] if start is None else uniform_from(model, heads, start)
     with ablated(model, heads if start is None else (), "uniform"), model.bridge.hooks(fwd_hooks=hooks):
         for _ in range(n):
             logits, cache = model.bridge.run_with_cache(x, names_filter=lambda name: name in names)
@@ -259,19 +265,10 @@ def test_continuation_logits_match_the_bridge(which, planted, request):
     got = continuation_logits(model, [ids + answer] * 3, len(answer) + 1, variants, context)
     if context is not None:
         assert torch.equal(got, continuation_logits(model, [ids + answer] * 3, len(answer) + 1, variants))
-    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
     start = len(ids) - 1
     for row, hs in enumerate(variants):
-        def hook(pattern, hook):
-            q = pattern.shape[-2]
-            uniform = torch.tril(torch.ones(q, q)) / torch.arange(1, q + 1)[:, None]
-            for l, h in hs:
-                if hook.name == names[l]:
-                    pattern[:, h, start:] = uniform[start:].to(pattern.dtype)
-            return pattern
         with torch.no_grad():
-            ref = model.bridge.run_with_hooks(torch.tensor([ids + answer]),
-                                              fwd_hooks=[(names[l], hook) for l in {l for l, _ in hs}])
+            ref = model.bridge.run_with_hooks(torch.tensor([ids + answer]), fwd_hooks=uniform_from(model, hs, start))
         ref = torch.log_softmax(ref[0, start:].float(), -1)
         assert torch.allclose(torch.log_softmax(got[row].float(), -1), ref, atol=1e-4)
 
