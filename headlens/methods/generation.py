@@ -371,6 +371,12 @@ def _layer_class() -> type:
     return _LAYER
 
 
+def _pad_id(model) -> int:
+    """The tokenizer's padding id (0 when it has none: padded positions are masked anyway)."""
+    pad = model.tokenizer.pad_token_id
+    return 0 if pad is None else pad
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``tokens`` and ``attention_mask`` (both ``[batch, max_len]``)."""
     n = max(len(p) for p in prompts)
@@ -566,8 +572,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         if context is not None:
             raise HeadlensError(f"{model.info.name} decodes through the bridge, which does not continue a "
                                 "shared context")
-        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-        tokens, out = _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad, ablate_prompt)
+        tokens, out = _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, _pad_id(model),
+                                       ablate_prompt)
         return Generation(tokens=tokens, top1=out, prompt_lengths=lengths)
     with native_forward(model) as hf:
         if context is not None and ablate_prompt and masks:
@@ -597,7 +603,6 @@ def _start(model, hf, prompts, masks, record, prefix, context, ablate, max_new_t
     """Prefill the rows' prompts (the part after their prefix's or context's tokens): ``(state, cache,
     logits of the last keep positions)``, ready to decode."""
     batch = len(prompts)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     if context is not None:
         rows = context.rows_for(prompts)
         shared = [len(context.prompts[r]) for r in rows]
@@ -605,9 +610,9 @@ def _start(model, hf, prompts, masks, record, prefix, context, ablate, max_new_t
         cached_mask = context.mask.index_select(0, rows)
     else:
         shared = [shared_length(p, prefix.tokens) for p in prompts] if prefix is not None else [0] * batch
-        n_cached = max(shared)
-        cached_mask = torch.arange(n_cached)[None, :] < torch.tensor(shared)[:, None]
-    tokens, new_mask = left_pad([p[s:] for p, s in zip(prompts, shared)], pad)
+        cached_mask = torch.arange(max(shared))[None, :] < torch.tensor(shared)[:, None]
+    n_cached = cached_mask.shape[1]
+    tokens, new_mask = left_pad([p[s:] for p, s in zip(prompts, shared)], _pad_id(model))
     key_mask = torch.cat([cached_mask.cpu(), new_mask.bool()], 1).to(model.device)
     capacity = tokens.shape[1] + max_new_tokens
     if context is not None:
@@ -627,7 +632,6 @@ def _start(model, hf, prompts, masks, record, prefix, context, ablate, max_new_t
         cache = _cache(hf, capacity=capacity)
     state = _State(key_mask=key_mask, ablate=masks, record=record)
     tokens = tokens.to(model.device)
-    n_cached = key_mask.shape[1] - tokens.shape[1]
     n_new = tokens.shape[1]
     size = (PREFILL_CHUNK if chunk_tokens is None else chunk_tokens) or n_new
     ends = list(range(size, n_new, size)) + [n_new]   # prompt in chunks: activations for `size` tokens
@@ -696,15 +700,11 @@ def continuation_logits(model, prompts: Sequence[Sequence[int]], n: int, ablate:
                 return logits
     if context is not None:
         raise HeadlensError(f"{model.info.name} cannot share a context")
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    tokens, mask = left_pad(prompts, pad)
+    tokens, mask = left_pad(prompts, _pad_id(model))
     tokens, mask = tokens.to(model.device), mask.to(model.device)
 
     def hook(pattern, hook):
-        layer = int(hook.name.split(".")[1])
-        uni = uniform_pattern(pattern.shape[-2], pattern.shape[-1], mask, pattern.device, pattern.dtype)
-        last = torch.arange(pattern.shape[-2], device=pattern.device) >= pattern.shape[-2] - n
-        return torch.where(masks[layer][:, :, None, None] & last[None, None, :, None], uni, pattern)
+        return _uniform_rows(pattern, mask, masks[int(hook.name.split(".")[1])], n)
 
     with torch.no_grad(), model.bridge.hooks(fwd_hooks=[(pattern_name(l), hook) for l in sorted(masks)]):
         return model.bridge(tokens, attention_mask=mask)[:, -n:]
@@ -734,6 +734,18 @@ def kv_cache_fix(model):
             m.__dict__.pop("_update_kv_cache", None)
 
 
+def _uniform_rows(pattern: Float[Tensor, "batch head q k"], key_mask: Tensor, heads: Bool[Tensor, "batch head"],
+                  n_rows: int | None = None) -> Tensor:
+    """``pattern`` with the ``heads``' last ``n_rows`` query rows (all if None) uniform over their causal
+    prefix of real keys (the bridge's pattern hooks)."""
+    q = pattern.shape[-2]
+    sel = heads[:, :, None, None]
+    if n_rows is not None:
+        sel = sel & (torch.arange(q, device=pattern.device) >= q - n_rows)[None, None, :, None]
+    uni = uniform_pattern(q, pattern.shape[-1], key_mask, pattern.device, pattern.dtype)
+    return torch.where(sel, uni, pattern)
+
+
 def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad, ablate_prompt=True):
     """Decoding through the bridge with eager attention (full patterns): for models whose transformers
     modules do not hold the bridge's weights (:func:`uses_native`). A prefix is not reused here; without
@@ -747,13 +759,9 @@ def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, 
     def hook(pattern, hook):
         layer = int(hook.name.split(".")[1])
         if layer in masks:
-            key_mask = state["mask"][:, -pattern.shape[-1]:]
-            uni = uniform_pattern(pattern.shape[-2], pattern.shape[-1], key_mask, pattern.device, pattern.dtype)
-            sel = masks[layer][:, :, None, None]
-            if not ablate_prompt:               # queries before the prompt's last token stay as they are
-                last = torch.arange(pattern.shape[-2], device=pattern.device) == pattern.shape[-2] - 1
-                sel = sel & last[None, None, :, None]
-            pattern = torch.where(sel, uni, pattern)
+            # without ablate_prompt, queries before the prompt's last token stay as they are
+            pattern = _uniform_rows(pattern, state["mask"][:, -pattern.shape[-1]:], masks[layer],
+                                    None if ablate_prompt else 1)
         if record_top1:
             rows[layer] = pattern[:, :, -1].argmax(-1)                      # [batch, n_heads]
         return pattern
