@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from headlens import HeadlensError, load_model
+from headlens import HeadlensError, data_path, load_model
 from headlens.detectors import get_detector
 from headlens.detectors.retrieval import (NeedleRun, copy_scores, decode_runs, grid, load_needles, needle_prompts,
                                          rouge1_recall)
@@ -437,3 +437,20 @@ def test_smollm_retrieval_heads_via_cli(tmp_path):
     c = meta["causal"]
     assert c["clean"] > 0.8
     assert c["top_k_ablated"] < c["random_k_ablated_mean"] - 0.2
+
+
+@pytest.mark.real
+def test_causal_check_chunks_equal_one_batch(smollm):
+    """The causal check's decoding in small pieces (one run per group, one variant per chunk, each group's
+    prompts still prefilled once) gives each variant the same recall as all in one batch."""
+    det = get_detector("retrieval", context_lengths=[200], depths=[0.5, 1.0], n_needles=1, max_new_tokens=16)
+    p = det.params
+    runs = needle_prompts(smollm, load_needles(p.needles)[:1], data_path(p.haystack).read_text(), [200],
+                          [0.5, 1.0], True, p.template)
+    variants = [[(17, 3), (18, 7), (18, 6)], [(2, 1), (9, 4), (25, 0)], [(23, 2)]]
+    stops = stop_token_ids(smollm)
+    whole = det.causal_values(smollm, variants, runs=runs, stops=stops)
+    small = get_detector("retrieval", context_lengths=[200], depths=[0.5, 1.0], n_needles=1, max_new_tokens=16,
+                         max_bytes=1).causal_values(smollm, variants, runs=runs, stops=stops)
+    assert torch.equal(whole, small)
+    assert len(set(whole.tolist())) > 1     # the ablations change the answers: the comparison has teeth

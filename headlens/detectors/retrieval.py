@@ -38,8 +38,9 @@ from ..checkpoint import digest
 from ..data import file_or_data
 from ..errors import HeadlensError
 from ..memory import plan_items
-from ..methods.generation import (PREFILL_CHUNK, continuation_logits, encode_prompt, greedy_generate,
-                                  kv_bytes_per_token, prefill, shared_length, stop_token_ids)
+from ..methods.generation import (PREFILL_CHUNK, context_supported, continuation_logits, encode_prompt,
+                                  greedy_generate, kv_bytes_per_token, prefill, prefill_context, shared_length,
+                                  stop_token_ids)
 from .base import Detector, DetectorResult, ReviewParams, head_frame
 
 MARKER = "\x00CONTEXT\x00"
@@ -352,10 +353,8 @@ class RetrievalDetector(Detector):
                 if groups[-1] and kv * sum(len(runs[j].tokens) for j in groups[-1] + [r]) > total // 2:
                     groups.append([])
                 groups[-1].append(r)
-            row = row_bytes(model, p.max_new_tokens + 1, p.max_new_tokens, 1)
-            n = plan_items(row, total // 2)
-            items = [(g, decode[i:i + max(1, n // len(g))]) for g in groups
-                     for i in range(0, len(decode), max(1, n // len(g)))]
+            n = plan_items(row_bytes(model, p.max_new_tokens + 1, p.max_new_tokens, 1), total // 2)
+            items = [(g, decode) for g in groups]       # each group's variants in chunks of n rows
 
         clean_prefix = prefill(model, deepest.tokens[:n_prefix]) if n_prefix > 1 and not p.ablate_prompt else None
 
@@ -370,11 +369,18 @@ class RetrievalDetector(Detector):
                                           stop_ids=stops, prefix=prefix)
                     got[r] = self._recall(model, [runs[j]] * len(batch), gen.tokens)
                 return got
-            rows = [(j, v) for j in group for v in range(len(batch))]
-            gen = greedy_generate(model, [runs[j].tokens for j, _ in rows], p.max_new_tokens,
-                                  ablate=[ablate[v] for _, v in rows], stop_ids=stops, prefix=clean_prefix,
-                                  ablate_prompt=False)
-            return self._recall(model, [runs[j] for j, _ in rows], gen.tokens).reshape(len(group), len(batch))
+            # the group's prompts prefilled clean once, read by every chunk of its variants
+            context = (prefill_context(model, [runs[j].tokens[:-1] for j in group], prefix=clean_prefix)
+                       if context_supported(model) else None)
+            got = torch.zeros(len(group), len(batch))
+            per = max(1, n // len(group))
+            for i in range(0, len(batch), per):
+                rows = [(j, v) for j in group for v in range(i, min(i + per, len(batch)))]
+                gen = greedy_generate(model, [runs[j].tokens for j, _ in rows], p.max_new_tokens,
+                                      ablate=[ablate[v] for _, v in rows], stop_ids=stops, ablate_prompt=False,
+                                      context=context, prefix=clean_prefix if context is None else None)
+                got[:, i:i + per] = self._recall(model, [runs[j] for j, _ in rows], gen.tokens).reshape(len(group), -1)
+            return got
 
         sums = torch.zeros(len(variants))
         for (group, batch), got in zip(items, distributed.map(one_item, items, "retrieval causal check")):

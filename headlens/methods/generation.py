@@ -442,6 +442,12 @@ def shares_context(hf) -> bool:
     return all(type(l) is DynamicLayer for l in DynamicCache(config=hf.config).layers)
 
 
+def context_supported(model) -> bool:
+    """Whether rows of ``model`` can continue a shared :class:`Context` (:func:`prefill_context`): it
+    decodes natively and every layer attends to the whole sequence."""
+    return uses_native(model) and shares_context(model.bridge.original_model)
+
+
 def _cache_tensors(cache) -> tuple[list[Tensor], list[Tensor]]:
     return [l.keys for l in cache.layers], [l.values for l in cache.layers]
 
