@@ -40,6 +40,7 @@ context, where copy suppression has nothing to suppress.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,7 @@ def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple
         v = einsum(x, per_query_head(model, layer_weights(model, "W_V", [l]))[0].float(), "n d, h d e -> h n e")
         for i in range(0, len(tokens), chunk):
             vi = v[:, i:i + chunk]
-            logits = buf[:vi.shape[0] * vi.shape[1] * w_u.shape[1]].view(vi.shape[0], vi.shape[1], -1)
+            logits = _scratch(buf, vi.shape[0], vi.shape[1], w_u.shape[1])
             torch.matmul(vi, ou, out=logits) if factor else torch.matmul(vi @ w_ol, w_u, out=logits)
             mine = logits.gather(-1, own[i:i + chunk].expand(model.n_heads, -1)[..., None])
             above, below = _count_vs(logits, mine)
@@ -96,6 +97,11 @@ def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple
         return lower, higher
     per_layer = distributed.map(layer, range(model.n_layers), "OV ranks")
     return torch.stack([lo for lo, _ in per_layer]), torch.stack([hi for _, hi in per_layer])
+
+
+def _scratch(buf: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The start of a flat reusable buffer viewed as ``shape`` (contiguous, no allocation)."""
+    return buf[:math.prod(shape)].view(shape)
 
 
 def _count_vs(x: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +171,7 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
                 sub = ids[j:j + step]
                 rows = ((sub >= i) & (sub < stop)).nonzero()[:, 0]        # tokens whose own key is in this chunk
                 qj = q[:, j:j + step]
-                scores = buf[:qj.shape[0] * qj.shape[1] * k.shape[2]].view(qj.shape[0], qj.shape[1], -1)
+                scores = _scratch(buf, qj.shape[0], qj.shape[1], k.shape[2])
                 torch.matmul(qj, k, out=scores)
                 scores[:, rows, sub[rows] - i] = float("-inf")               # the own key is not a rival
                 higher, lower = _count_vs(scores, own[:, j:j + step, None])
