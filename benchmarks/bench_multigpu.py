@@ -2,8 +2,9 @@
 
 ``dp``: data parallel. A Llama-3.1-8B-shaped model (random weights, bfloat16, SmolLM2's 49,152-token
 tokenizer) is saved to ``--workdir`` once, then ``headlens scan`` runs the five-role scan on 1 GPU and on
-N GPUs (``--gpus N``, i.e. torchrun), compares the catalogue bytes and reports the speed-up (scan time
-without model loading, and wall time). ``--ranks 1`` and ``--ranks 2`` may run as separate calls on the
+N GPUs (``--gpus N``, i.e. torchrun), compares the catalogue bytes and reports the speed-up (the scan's
+wall time on rank 0 without model loading, ``scan_s`` of the sidecar, and the command's wall time).
+``--splits auto,sweeps`` also runs each rank count > 1 with ``--split sweeps`` (every sweep shared). ``--ranks 1`` and ``--ranks 2`` may run as separate calls on the
 same machine (the JSON collects both; the comparison is made once both are there). The first scan after a
 machine starts is slower, so by default the first rank count runs once untimed (``--warmup 0`` skips it):
 without it the 1-GPU baseline of a fresh machine ran 20-55% slower than on a warm one and flattered the
@@ -167,19 +168,22 @@ def cmd_dp(args) -> None:
         print(f"built and saved {folder} ({out['n_params'] / 1e9:.2f} B parameters) in {out['build_and_save_s']} s",
               flush=True)
     runs = {}
-    order = [int(r) for r in args.ranks.split(",")]
+    # (ranks, split): each rank count > 1 once per --splits entry ("2": auto, "2 sweeps": --split sweeps).
+    order = [(int(r), sp) for r in args.ranks.split(",") for sp in (args.splits.split(",") if int(r) > 1
+                                                                    else ["auto"])]
     # The first scan after a machine starts is slower (GPU clocks, page cache, library autotuning): with
     # --warmup the first rank count runs once untimed, so the 1-GPU baseline is not flattered.
-    for i, ranks in enumerate(order[:1] * args.warmup + order):
+    for i, (ranks, split) in enumerate(order[:1] * args.warmup + order):
         timed = i >= args.warmup
-        csv = work / f"cat_{ranks}gpu.csv"
+        name = str(ranks) if split == "auto" else f"{ranks} {split}"
+        csv = work / f"cat_{ranks}gpu_{split}.csv"
         cmd = [sys.executable, "-m", "headlens", "scan", str(folder), "-d", args.detectors, "--device", device,
                "--dtype", dtype, "-o", str(csv), "--checkpoint-every", "-1"]
         cmd += ["--batch-size", str(args.batch_size)] if args.batch_size else []   # 0: each detector's default
         for p in (TINY_PARAMS if args.tiny else []) + args.param:
             cmd += ["-p", p]
         if ranks > 1:
-            cmd += ["--gpus", str(ranks)]
+            cmd += ["--gpus", str(ranks), "--split", split]
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         # On the CPU the thread count changes float reductions (torchrun gives each rank 1 thread): match it.
@@ -194,12 +198,15 @@ def cmd_dp(args) -> None:
             continue
         meta = json.loads(csv.with_suffix(".json").read_text())
         t = meta["timings_s"]
-        scan_s = sum(v for k, v in t.items() if k != "model_load")
-        runs[str(ranks)] = {"wall_s": round(wall, 1), "scan_s": round(scan_s, 1), "timings_s": t,
-                            "steps_s": meta.get("steps_s", {}), "world_size": meta.get("world_size"),
+        # The scan's wall time on rank 0 (first detector to every result gathered; not the model load).
+        scan_s = meta["scan_s"]
+        runs[name] = {"wall_s": round(wall, 1), "scan_s": round(scan_s, 1), "timings_s": t,
+                      "sum_of_detectors_s": round(sum(v for k, v in t.items() if k != "model_load"), 1),
+                      "ranks": meta.get("ranks"),
+                      "steps_s": meta.get("steps_s", {}), "world_size": meta.get("world_size"),
                             "csv_sha1": __import__("hashlib").sha1(csv.read_bytes()).hexdigest(),
                             "statuses": {k: v["status"] for k, v in meta["detectors"].items()}}
-        print(f"{ranks} rank(s): scan {scan_s:.1f} s, wall {wall:.1f} s; per detector "
+        print(f"{name} rank(s): scan {scan_s:.1f} s, wall {wall:.1f} s; per detector "
               + ", ".join(f"{k} {v}" for k, v in t.items()), flush=True)
     data = merge_json(Path(args.json), {**out, "runs": runs})
     done = data["runs"]
@@ -285,6 +292,8 @@ def main() -> None:
     dp = sub.add_parser("dp", help="data parallel: 1 GPU vs N GPUs, five-role scan, same bytes")
     dp.add_argument("--shape", default="llama-8b", choices=sorted(SHAPES))
     dp.add_argument("--ranks", default="1,2", help="comma-separated rank counts to run (1 first)")
+    dp.add_argument("--splits", default="auto", help="comma-separated --split values for the runs on several "
+                    "ranks (auto, detectors, sweeps); runs other than auto are named e.g. '2 sweeps'")
     dp.add_argument("--warmup", type=int, default=1, choices=(0, 1),
                     help="run the first rank count once untimed first (default 1: a fresh machine's first scan is slow)")
     dp.add_argument("--detectors", default="induction,successor,copy_suppression,retrieval,safety")

@@ -212,7 +212,7 @@ def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None
 
 def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoint=None,
          batch_size: int | None = None, max_memory: str | int | None = None,
-         progress: bool | None = None) -> Catalogue:
+         progress: bool | None = None, split: str = "auto") -> Catalogue:
     """Run each detector on ``model`` (seeded) and build the catalogue.
 
     ``detectors``: role names (``"induction"``), configured detector objects
@@ -225,7 +225,9 @@ def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoi
     ``runtime``, apart from each detector's parameters): ``batch_size``, the most sequences per batched
     forward pass (default: each detector's own); ``max_memory``, the device memory budget, weights
     included (``"8GB"``; default: what is free; see :mod:`headlens.memory`); ``progress``, bars for
-    each long step (default: on in a notebook, off elsewhere; False: silent).
+    each long step (default: on in a notebook, off elsewhere; False: silent); ``split``, how the ranks
+    of a distributed run share the scan (``auto``, ``detectors``, ``sweeps``:
+    :func:`headlens.distributed.plan`).
     """
     from . import memory
     from .progress import active, bars, in_notebook
@@ -240,42 +242,80 @@ def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoi
         if progress is False or (show and not active()):
             stack.enter_context(bars(("tqdm" if in_notebook() else "rich") if show else None))
         runtime = {**memory.runtime_settings(), "device": str(model.device), "progress": active()}
-        return _scan(model, detectors, seed, checkpoint, runtime)
+        return _scan(model, detectors, seed, checkpoint, runtime, split)
 
 
-def _scan(model, detectors, seed: int, checkpoint, runtime: dict) -> Catalogue:
+def _plan(model, todo: list, split: str):
+    """Which ranks run each detector of ``todo`` (all of them, one process: rank 0), the estimates the plan
+    used and the seconds each estimate took (work its detector's owner then skips, e.g. safety's refusal
+    check). Every rank plans the same: rank 0's estimates."""
+    from . import distributed
+
+    costs, spent = [det.cost for det in todo], {}
+    if distributed.active() and split != "sweeps":
+        with torch.no_grad():
+            for i, det in enumerate(todo):
+                t0 = time.perf_counter()
+                costs[i] = float(det.estimate(model))
+                spent[det.name] = time.perf_counter() - t0
+        costs = distributed.broadcast(costs)
+    owners = distributed.plan(costs, distributed.world_size(), model.n_layers * model.n_heads, split)
+    if distributed.active():
+        distributed.make_groups(owners)
+        note("data parallel: " + "; ".join(
+            f"{', '.join(d.name for d, o in zip(todo, owners) if o == ranks)} on rank{'s' * (len(ranks) > 1)} "
+            f"{ranks[0]}{f'-{ranks[-1]}' if len(ranks) > 1 else ''}" for ranks in dict.fromkeys(owners)))
+    return owners, costs, spent
+
+
+def _scan(model, detectors, seed: int, checkpoint, runtime: dict, split: str = "auto") -> Catalogue:
     from . import checkpoint as ckpt
     from . import distributed, memory
     from .detectors import as_detectors
     from .progress import stage, step_times
 
-    results, timings, steps, resumed = [], {}, {}, []
+    t_scan = time.perf_counter()
     detectors = as_detectors(detectors)
-    for det in progress(detectors, "detectors"):
+    done: dict[str, tuple] = {}          # role -> (result, seconds, steps)
+    resumed = []
+    for det in detectors:
         res = checkpoint.load(det.name, det.param_dict()) if checkpoint is not None else None
         if res is not None:
             resumed.append(det.name)
-            timings[det.name] = res.info.get("seconds")
-            note(f"{det.name}: taken from the checkpoint (it ran in {timings[det.name]} s)")
-            results.append(res)
-            continue
+            note(f"{det.name}: taken from the checkpoint (it ran in {res.info.get('seconds')} s)")
+            done[det.name] = (res, res.info.get("seconds"), None)
+    todo = [det for det in detectors if det.name not in done]
+    owners, costs, spent = _plan(model, todo, split)
+    mine = {}
+    for det, ranks in progress([(d, o) for d, o in zip(todo, owners) if distributed.global_rank() in o],
+                               "detectors"):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        with torch.no_grad(), stage(det.name), (checkpoint.detector(det.name) if checkpoint is not None
-                                                 else contextlib.nullcontext()):
+        with distributed.group(ranks), torch.no_grad(), stage(det.name), \
+                (checkpoint.detector(det.name) if checkpoint is not None else contextlib.nullcontext()):
             res = det.run(model, seed=seed)
-        timings[det.name] = round(time.perf_counter() - t0, 2)
-        steps[det.name] = step_times(det.name)
-        res.info.setdefault("seconds", timings[det.name])
-        note(f"{det.name}: done in {timings[det.name]:.1f} s")
-        results.append(res)
-        memory.release()            # the next detector starts from the weights, not from this one's peak
-        if checkpoint is not None:
-            checkpoint.save(res)
-            ckpt.die_after(det.name)
+            seconds = round(time.perf_counter() - t0 + spent.get(det.name, 0.0), 2)
+            res.info.setdefault("seconds", seconds)
+            note(f"{det.name}: done in {seconds:.1f} s")
+            memory.release()        # the next detector starts from the weights, not from this one's peak
+            if checkpoint is not None:
+                checkpoint.save(res)
+                ckpt.die_after(det.name)
+            if distributed.rank() == 0:     # the first rank of the group hands the result to the others
+                mine[det.name] = (res, seconds, step_times(det.name))
+    done.update(distributed.exchange(mine))     # every rank gets every detector's result
+    for det, ranks in zip(todo, owners):
+        if distributed.global_rank() not in ranks:
+            note(f"{det.name}: done in {done[det.name][1]:.1f} s (rank {ranks[0]})")
+    results = [done[det.name][0] for det in detectors]
+    timings = {det.name: done[det.name][1] for det in detectors}
+    steps = {det.name: done[det.name][2] for det in todo}
     # Timings differ run to run, so they stay out of the CSV; the sidecar keeps them.
-    extra = {"timings_s": timings, "steps_s": steps, "world_size": distributed.world_size(),
-             "runtime": {**runtime, "world_size": distributed.world_size()}}
+    extra = {"timings_s": timings, "steps_s": steps, "scan_s": round(time.perf_counter() - t_scan, 2),
+             "world_size": distributed.world_size(),
+             "ranks": {det.name: list(ranks) for det, ranks in zip(todo, owners)},
+             "plan_costs": {det.name: round(c, 3) for det, c in zip(todo, costs)},
+             "runtime": {**runtime, "world_size": distributed.world_size(), "split": split}}
     if resumed:
         extra["resumed"] = resumed
     return build_catalogue(model, results, seed, extra)

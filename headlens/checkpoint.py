@@ -14,9 +14,10 @@ plan (variants, tokens, ablation, chunking), so a chunk is reused only for the v
 catalogue comes out byte-identical to an uninterrupted run. The manifest and each detector's parameters
 must match the resumed run; otherwise it is refused with one ``error:`` line. Runtime settings (batch size,
 memory budget) are not detector parameters, so they do not refuse a resume: a different chunk plan only
-means the running sweep's saved chunks do not match its key and are recomputed. Rank 0 writes detector
-files; every rank writes its own chunk files (on several nodes, chunks reach the next run only where the
-output folder is shared; the rest are recomputed). On success the folder is removed.
+means the running sweep's saved chunks do not match its key and are recomputed. The first rank of the
+ranks that ran a detector writes its file (rank 0 reads them when resuming); every rank writes its own
+chunk files (on several nodes, files reach the next run only where the output folder is shared; the rest
+are recomputed). On success the folder is removed.
 
 Test hook: ``HEADLENS_TEST_DIE_AFTER=<role>`` ends the process (``os._exit(75)``) right after ``<role>``'s
 checkpoint is written, and ``HEADLENS_TEST_DIE_AFTER=chunks:<k>`` after the k-th chunk-file write: a
@@ -158,9 +159,10 @@ class Checkpoint:
         return None if answer is None else DetectorResult(**answer)
 
     def save(self, result) -> None:
-        """Write a finished detector's result (rank 0) and drop its chunk files."""
+        """Write a finished detector's result (the first rank of the ranks that ran it) and drop its chunk
+        files."""
         distributed.barrier()   # every rank is done with its chunk files
-        if distributed.is_main():
+        if distributed.rank() == 0:
             fields = ("role", "frame", "labelled", "status", "reason", "causal", "params", "info")
             _save({f: getattr(result, f) for f in fields}, self.path(result.role))
             shutil.rmtree(self.folder / f"{result.role}.chunks", ignore_errors=True)

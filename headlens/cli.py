@@ -74,6 +74,9 @@ def scan(
     resume: bool = typer.Option(False, "--resume", help="continue a killed scan from its checkpoint <out>.ckpt"),
     gpus: int = typer.Option(1, "--gpus", help="data parallel: run N processes (torchrun); one GPU each "
                              "with --device cuda, an equal group of GPUs each with --device auto"),
+    split: str = typer.Option("auto", "--split", help="how N processes share the scan: detectors (each runs "
+                              "whole detectors), sweeps (all share every sweep) or auto (the faster by "
+                              "estimate)"),
     checkpoint_every: float = typer.Option(300.0, "--checkpoint-every",
                                            help="save a running detector's finished chunks every S seconds "
                                                 "(0: every chunk; -1: finished detectors only)"),
@@ -89,6 +92,8 @@ def scan(
 
     if gpus < 1:
         raise HeadlensError(f"--gpus must be at least 1, not {gpus}")
+    if split not in distributed.SPLITS:
+        raise HeadlensError(f"unknown --split '{split}'; choose one of {', '.join(distributed.SPLITS)}")
     device = distributed.init(device)
     if not distributed.is_main():  # rank 0 alone prints and writes
         out.quiet = err.quiet = True
@@ -113,14 +118,12 @@ def scan(
     load_s = time.perf_counter() - t0
     err.print(f"loaded {m.info.name}: {m.n_layers} layers x {m.n_heads} heads "
               f"({m.info.n_kv_heads} kv heads), {m.info.dtype} on {m.info.device} in {load_s:.1f} s")
-    if distributed.active():
-        err.print(f"data parallel: {distributed.world_size()} processes share every batched sweep")
     _interrupted["hint"] = f"finished work is checkpointed in {checkpoint_dir(out_path)}; rerun with --resume"
     with (progress.bars() if distributed.is_main() else contextlib.nullcontext()), limit(max_memory), \
             batch(batch_size):
         ckpt = Checkpoint.open(out_path, m, seed, resume=resume,
                                every_s=None if checkpoint_every < 0 else checkpoint_every)
-        cat = run_scan(m, dets, seed=seed, checkpoint=ckpt)
+        cat = run_scan(m, dets, seed=seed, checkpoint=ckpt, split=split)
     cat.meta["timings_s"]["model_load"] = round(load_s, 2)
     if not distributed.is_main():
         ckpt.finish()

@@ -1,14 +1,22 @@
 """Data parallelism with ``torch.distributed``: N processes, each with a replica of the model, share the work.
 
 Started by ``torchrun --nproc-per-node N -m headlens scan ...`` (or ``headlens scan --gpus N``, which runs
-that for you); multi-node runs use torchrun's own rendezvous (``--nnodes``, ``--rdzv-endpoint``). Every
-rank runs the same code with the same seed; only the batched sweeps split their work:
+that for you); multi-node runs use torchrun's own rendezvous (``--nnodes``, ``--rdzv-endpoint``). Work is
+shared at two levels, both computing every piece exactly as one process does:
 
-- :func:`map` runs ``fn`` on this rank's share of ``items`` (round-robin: item ``i`` goes to rank
+- **Detectors.** :func:`plan` gives each detector of a scan a group of ranks (a contiguous range): with
+  few ranks each runs whole detectors (nothing a detector does is then repeated on another rank: its
+  clean runs, caches and weight products included); with more ranks, or a model whose sweeps dwarf the
+  rest (70B), a group of several ranks shares a detector. :func:`group` makes the collectives below work
+  within one group; :func:`exchange` gives every rank every detector's result at the end.
+- **Sweeps.** Within a group, every rank runs the detector's code with the same seed and the batched
+  sweeps split their work:
+
+  :func:`map` runs ``fn`` on this rank's share of ``items`` (round-robin: item ``i`` goes to rank
   ``i % world``) and returns every result, in order, on every rank (``all_gather_object``). The items are
   whole chunks planned identically on every rank, so each chunk is computed exactly as a one-process run
   computes it, and the gathered results (hence the catalogue) are byte-identical to one process.
-- :func:`shard` / :func:`gather` are the two halves of :func:`map` for loops that want them apart.
+  :func:`shard` / :func:`gather` are the two halves of :func:`map` for loops that want them apart.
 
 A one-process run (``WORLD_SIZE`` unset or 1) never touches ``torch.distributed``: :func:`map` is then a
 plain loop. Backends: NCCL when the model is on a GPU, gloo on the CPU. Only rank 0 prints and writes
@@ -16,6 +24,8 @@ plain loop. Backends: NCCL when the model is on a GPU, gloo on the CPU. Only ran
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
 import os
 import subprocess
@@ -28,6 +38,9 @@ from .errors import HeadlensError
 
 T = TypeVar("T")
 R = TypeVar("R")
+# The ranks (global numbers) sharing the work now, and their process group; None: all of them.
+_GROUP: contextvars.ContextVar = contextvars.ContextVar("headlens_rank_group", default=None)
+_PROCESS_GROUPS: dict[tuple[int, ...], Any] = {}
 
 
 def _dist():
@@ -35,25 +48,52 @@ def _dist():
     return dist
 
 
+def _world() -> bool:
+    """True inside an initialised process group of several ranks."""
+    return torch.distributed.is_available() and _dist().is_initialized() and _dist().get_world_size() > 1
+
+
+def global_rank() -> int:
+    """This process's number among all ranks (0 in a one-process run)."""
+    return _dist().get_rank() if _world() else 0
+
+
 def active() -> bool:
-    """True inside an initialised multi-process group (never in a plain one-process run)."""
-    if not torch.distributed.is_available():
-        return False
-    dist = _dist()
-    return dist.is_initialized() and dist.get_world_size() > 1
+    """True when several ranks share the work now (never in a plain one-process run, nor inside a group
+    of one rank)."""
+    ranks = _GROUP.get()
+    return _world() if ranks is None else len(ranks) > 1
 
 
 def rank() -> int:
-    return _dist().get_rank() if active() else 0
+    """This process's number among the ranks sharing the work now (the group's, inside :func:`group`)."""
+    ranks = _GROUP.get()
+    return global_rank() if ranks is None else ranks.index(global_rank())
 
 
 def world_size() -> int:
-    return _dist().get_world_size() if active() else 1
+    """How many ranks share the work now (the group's size inside :func:`group`)."""
+    ranks = _GROUP.get()
+    if ranks is None:
+        return _dist().get_world_size() if _world() else 1
+    return len(ranks)
 
 
 def is_main() -> bool:
-    """True on rank 0 (and in every one-process run): the rank that prints and writes files."""
-    return rank() == 0
+    """True on global rank 0 (and in every one-process run): the rank that prints and writes files."""
+    return global_rank() == 0
+
+
+def _pg():
+    """The process group of the ranks sharing the work now (None: the default, every rank)."""
+    ranks = _GROUP.get()
+    return None if ranks is None else _PROCESS_GROUPS[ranks]
+
+
+def _src() -> int:
+    """The global number of the first rank sharing the work now."""
+    ranks = _GROUP.get()
+    return 0 if ranks is None else ranks[0]
 
 
 def launched() -> bool:
@@ -127,7 +167,7 @@ def finish() -> None:
 
 def barrier() -> None:
     if active():
-        _dist().barrier()
+        _dist().barrier(group=_pg())
 
 
 def broadcast(obj: T) -> T:
@@ -135,7 +175,7 @@ def broadcast(obj: T) -> T:
     if not active():
         return obj
     box = [obj]
-    _dist().broadcast_object_list(box, src=0)
+    _dist().broadcast_object_list(box, src=_src(), group=_pg())
     return box[0]
 
 
@@ -145,7 +185,7 @@ def agree_min(value: T) -> T:
     if not active():
         return value
     parts: list = [None] * world_size()
-    _dist().all_gather_object(parts, value)
+    _dist().all_gather_object(parts, value, group=_pg())
     return min(parts)
 
 
@@ -189,7 +229,7 @@ def gather(local: dict[int, Any], n: int, key: str = "") -> list:
     if not active():
         return [local[i] for i in range(n)]
     parts: list = [None] * world_size()
-    _dist().all_gather_object(parts, (key, n, _to_cpu(local)))
+    _dist().all_gather_object(parts, (key, n, _to_cpu(local)), group=_pg())
     if any((k, m) != (key, n) for k, m, _ in parts):
         raise RuntimeError("the ranks planned different work (chunk plans differ); every rank must use "
                            "the same plan, e.g. rank 0's broadcast with headlens.distributed.broadcast")
@@ -222,6 +262,102 @@ def map(fn: Callable[[T], R], items: Sequence[T], description: str = "", key: st
         if call is not None:
             call.add(i, local[i])
     return gather(local, len(items), key)
+
+
+# Work a detector repeats on every rank of its group (clean runs, caches, weight products, prompt building,
+# its refusal decoding), in head-sweep equivalents: at Llama-3.1-8B shape (1,024 heads) about 17% of a
+# five-role scan was not shared by the sweeps (5.3 of 31.4 s, docs/scale.md), i.e. the sweeps of ~170 heads.
+LOCAL_HEADS = 170
+SPLITS = ("auto", "detectors", "sweeps")
+
+
+def _seconds(cost: float, ranks: int, local: float) -> float:
+    """Estimated time of work ``cost`` on ``ranks`` ranks when a share ``local`` of it is repeated by each."""
+    return cost * ((1 - local) / ranks + local)
+
+
+def plan(costs: Sequence[float], world: int, n_heads: int, split: str = "auto") -> list[tuple[int, ...]]:
+    """The ranks (global numbers, a contiguous range) that run each of the detectors with these relative
+    ``costs``, on ``world`` ranks, for a model of ``n_heads`` heads.
+
+    ``"sweeps"``: every detector on all ranks (they share its sweeps). ``"detectors"``: the detectors
+    spread over ``min(world, len(costs))`` groups (longest first, each to the least loaded group), the
+    ranks left over going one at a time to the group estimated slowest. ``"auto"``: of those two and
+    every group count in between, the plan with the shortest estimated time, where each detector repeats
+    the work of ``LOCAL_HEADS`` heads on every rank of its group (small models: detectors apart; 70B:
+    sweeps shared). Any plan gives the same catalogue bytes; it only changes the time.
+
+    >>> plan([1.0, 0.6, 0.55, 0.5, 0.15], world=2, n_heads=1024)   # Llama-3.1-8B, five roles
+    [(0,), (1,), (1,), (0,), (1,)]
+    >>> plan([1.0, 0.6], world=2, n_heads=1024, split="sweeps")
+    [(0, 1), (0, 1)]
+    """
+    if split not in SPLITS:
+        raise HeadlensError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    if not costs:
+        return []
+    local = min(1.0, LOCAL_HEADS / max(1, n_heads))
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    counts = {"sweeps": [1], "detectors": [min(world, len(costs))]}.get(split, range(1, min(world, len(costs)) + 1))
+    best = None
+    for k in counts:
+        bins: list[list[int]] = [[] for _ in range(k)]
+        load = [0.0] * k
+        for i in order:                      # longest detector first, to the least loaded group
+            b = min(range(k), key=lambda j: (load[j], j))
+            bins[b].append(i)
+            load[b] += costs[i]
+        ranks = [1] * k
+        for _ in range(world - k):          # the ranks left over, one at a time to the slowest group
+            b = max(range(k), key=lambda j: (_seconds(load[j], ranks[j], local), -j))
+            ranks[b] += 1
+        span = max(_seconds(load[j], ranks[j], local) for j in range(k))
+        if best is None or span < best[0] - 1e-9:
+            best = (span, bins, ranks)
+    _, bins, ranks = best
+    owners: list[tuple[int, ...]] = [()] * len(costs)
+    first = 0
+    for members, n in zip(bins, ranks):
+        for i in members:
+            owners[i] = tuple(range(first, first + n))
+        first += n
+    return owners
+
+
+def make_groups(owners: Sequence[tuple[int, ...]]) -> None:
+    """Create the process group of every group of several ranks in ``owners`` (every rank must call this
+    with the same ``owners``: creating a group is a collective of all ranks)."""
+    for ranks in sorted(set(owners)):
+        if len(ranks) > 1 and ranks not in _PROCESS_GROUPS:
+            _PROCESS_GROUPS[ranks] = (_dist().new_group(list(ranks)) if len(ranks) < _dist().get_world_size()
+                                      else _dist().group.WORLD)
+
+
+@contextlib.contextmanager
+def group(ranks: Sequence[int]):
+    """Inside the block, the ranks ``ranks`` (global numbers; this rank among them) share the work:
+    :func:`rank`, :func:`world_size`, :func:`map` and the collectives are theirs (one rank: plain loops)."""
+    ranks = tuple(ranks)
+    if global_rank() not in ranks:
+        raise RuntimeError(f"rank {global_rank()} is not in the group {ranks}")
+    token = _GROUP.set(ranks)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
+
+
+def exchange(mine: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's ``{name: result}`` (e.g. the detectors it ran) merged, on every rank."""
+    if not _world():
+        return dict(mine)
+    parts: list = [None] * _dist().get_world_size()
+    _dist().all_gather_object(parts, _to_cpu(mine))
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for name, value in part.items():
+            merged.setdefault(name, value)
+    return merged
 
 
 def launch(n: int, argv: Sequence[str]) -> int:

@@ -62,6 +62,7 @@ def test_same_seed_same_bytes(planted_folder, tmp_path):
     (["scan", "{planted}", "-d", "induction"], "context of 64 tokens"),   # 101-token prompts
     (["scan", "{planted}", "-d", "induction", "-p", "induction.nope=1"], "no parameter"),
     (["scan", "{planted}", "--dtype", "int7"], "unknown dtype"),
+    (["scan", "{planted}", "--split", "layers"], "unknown --split 'layers'"),
     (["show", "{out}"], "no catalogue"),
 ])
 def test_user_mistakes_give_one_line_and_no_file(planted_folder, tmp_path, args, message):

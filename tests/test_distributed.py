@@ -1,5 +1,7 @@
 """Data parallel scans with torch.distributed (gloo on the CPU): 2 ranks started by torchrun give the same
-catalogue bytes as 1 process, each rank computing half of every batched sweep's chunks.
+catalogue bytes as 1 process, both when each rank computes half of every batched sweep's chunks
+(``--split sweeps``) and when each runs whole detectors (the default plan on a small model); 3 ranks with
+a group of two sharing one detector and a group of one running another, likewise.
 
 The model is a tiny random-weight Llama (3 layers x 4 heads, grouped-query attention) over the word-level
 vocabulary of the planted successor model, so induction, successor and copy suppression all run and give
@@ -104,15 +106,48 @@ def test_map_gather_and_broadcast_on_two_gloo_ranks(tmp_path):
     assert "refused 0" in r.stdout and "refused 1" in r.stdout
 
 
+def test_plan_spreads_detectors_or_sweeps():
+    costs = [1.0, 0.7, 0.6, 0.55, 0.12]          # induction, successor, copy suppression, retrieval, safety
+    # Llama-3.1-8B (1,024 heads): on 2 ranks each runs whole detectors, the longest first to the least loaded.
+    assert distributed.plan(costs, 2, 1024) == [(0,), (1,), (1,), (0,), (1,)]
+    assert distributed.plan(costs, 2, 1024, "sweeps") == [(0, 1)] * 5
+    assert distributed.plan(costs, 1, 1024) == [(0,)] * 5
+    # Llama-3.1-70B (5,120 heads): little is repeated per rank, so all ranks share every sweep.
+    assert distributed.plan(costs, 2, 5120) == [(0, 1)] * 5
+    # More ranks than detectors: the extra ranks go to the groups estimated slowest.
+    assert distributed.plan(costs[:2], 3, 1024, "detectors") == [(0, 1), (2,)]
+    for world in range(1, 10):
+        for n_heads in (12, 1024, 5120):
+            owners = distributed.plan(costs, world, n_heads)
+            used = sorted({r for o in owners for r in o})
+            assert used == list(range(world)) or len(set(owners)) == len(owners)   # idle ranks only if 1 each
+            assert all(list(o) == list(range(o[0], o[-1] + 1)) for o in owners)       # contiguous groups
+            assert len({r for o in set(owners) for r in o}) == sum(len(o) for o in set(owners))  # disjoint
+    with pytest.raises(Exception, match="unknown split"):
+        distributed.plan(costs, 2, 1024, "layers")
+
+
 def test_two_ranks_give_the_same_catalogue_bytes(tiny, tmp_path):
-    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    """Both ways of sharing: every sweep split between the ranks (--split sweeps), and whole detectors
+    on each rank (the default on a small model)."""
+    one, two, whole = tmp_path / "one.csv", tmp_path / "two.csv", tmp_path / "whole.csv"
     r1 = headlens("scan", tiny, *ARGS, "-o", one)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = headlens("scan", tiny, *ARGS, "-o", two, ranks=2, env={"HEADLENS_PROGRESS_EVERY": "0"})
+    r2 = headlens("scan", tiny, *ARGS, "-o", two, "--split", "sweeps", ranks=2, env={"HEADLENS_PROGRESS_EVERY": "0"})
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert one.read_bytes() == two.read_bytes()
-    m1, m2 = (json.loads(p.with_suffix(".json").read_text()) for p in (one, two))
-    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    r3 = headlens("scan", tiny, *ARGS, "-o", whole, ranks=2)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert one.read_bytes() == whole.read_bytes()
+    m1, m2, m3 = (json.loads(p.with_suffix(".json").read_text()) for p in (one, two, whole))
+    assert (m1["world_size"], m2["world_size"], m3["world_size"]) == (1, 2, 2)
+    # Whole detectors: induction on rank 0, successor and copy suppression on rank 1, each computing every
+    # chunk of its detector (none shared); rank 0 prints the others' 'done' lines.
+    assert m3["ranks"] == {"induction": [0], "successor": [1], "copy_suppression": [1]}
+    assert m3["steps_s"] == {role: {step: {**rec, "seconds": m3["steps_s"][role][step]["seconds"]}
+                                    for step, rec in steps.items()} for role, steps in m1["steps_s"].items()}
+    assert "induction on rank 0; successor, copy_suppression on rank 1" in r3.stderr
+    assert r3.stderr.count("successor: done in") == 1 and "(rank 1)" in r3.stderr
     # Rank 0 really computed only its share: ceil(n / 2) of each sweep's n chunks.
     for role, steps in m1["steps_s"].items():
         for step, rec in steps.items():
@@ -131,6 +166,23 @@ def test_two_ranks_give_the_same_catalogue_bytes(tiny, tmp_path):
     assert r2.stderr.count(f"induction: single-head ablations: {n}/{n} done") == 1
     assert "ETA 0:00" in r2.stderr
     assert not list(tmp_path.glob("*.ckpt"))                 # the checkpoint folder is gone
+
+
+def test_three_ranks_a_group_of_two_and_one(tiny, tmp_path):
+    """Two detectors on three ranks: induction on ranks 0-1 (sharing its sweeps in their own process
+    group), successor on rank 2; same bytes as one process."""
+    args = ["-d", "induction,successor", "--batch-size", "8", "-p", "induction.seq_len=10", "--split", "detectors"]
+    r1 = headlens("scan", tiny, *args, "-o", tmp_path / "one.csv")
+    r3 = headlens("scan", tiny, *args, "-o", tmp_path / "three.csv", ranks=3)
+    assert r1.returncode == 0 and r3.returncode == 0, r1.stderr[-2000:] + r3.stderr[-2000:]
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "three.csv").read_bytes()
+    m1, m3 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "three"))
+    assert m3["ranks"] == {"induction": [0, 1], "successor": [2]}
+    s1, s3 = m1["steps_s"], m3["steps_s"]
+    step = "single-head ablations"
+    assert s1["induction"][step]["chunks"] >= 2
+    assert s3["induction"][step]["chunks"] == (s1["induction"][step]["chunks"] + 1) // 2   # rank 0's half
+    assert s3["successor"][step]["chunks"] == s1["successor"][step]["chunks"]             # all on rank 2
 
 
 def test_two_ranks_padded_safety_prompts_same_bytes(tmp_path):

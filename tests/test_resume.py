@@ -45,6 +45,20 @@ def test_killed_after_first_detector_resumes_to_same_bytes_on_two_ranks(tiny, re
     assert not ckpt.exists()                                     # removed once the catalogue is written
 
 
+def test_a_detector_finished_on_rank_1_is_checkpointed(tiny, reference, tmp_path):
+    """Two ranks, each running whole detectors: rank 1 (successor, copy suppression) writes its own
+    detectors' checkpoints; killed after successor, one process resumes to the same bytes."""
+    out = tmp_path / "cat.csv"
+    r = headlens("scan", tiny, *ARGS, "-o", out, ranks=2, env={"HEADLENS_TEST_DIE_AFTER": "successor"})
+    assert r.returncode != 0 and not out.exists()
+    ckpt = out.with_name(out.name + ".ckpt")
+    assert (ckpt / "successor.pt").is_file() and not (ckpt / "copy_suppression.pt").exists()
+    r = headlens("scan", tiny, *ARGS, "-o", out, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "successor: taken from the checkpoint" in r.stderr
+    assert out.read_bytes() == reference
+
+
 def test_killed_inside_a_sweep_reuses_finished_chunks(tiny, reference, tmp_path):
     out = tmp_path / "cat.csv"
     ckpt = killed(tiny, out, "chunks:2", "--checkpoint-every", "0")

@@ -83,6 +83,21 @@ def test_model_that_never_refuses_is_not_applicable(planted):
     assert res.frame.safety_score.isna().all()
 
 
+def test_estimate_counts_the_ships_sweeps_only_when_the_model_refuses(planted):
+    """The distributed plan's estimate: the refusal check alone for a model that does not refuse, plus
+    the Ships sweeps' tokens for one that does; run() after estimate() (which keeps the refusal check)
+    gives the same result as a fresh detector."""
+    model, folder = planted
+    never = planted_detector(folder, harmful="harmless.txt")
+    assert never.estimate(model) == never.cost
+    det = planted_detector(folder)
+    refused_tokens = sum(len(encode_prompt(model, r, True)[0]) for r in HARMFUL + HARMLESS)   # 8 pairs
+    assert det.estimate(model) == pytest.approx(det.cost + 0.7 * refused_tokens / 404)
+    after, fresh = det.run(model, seed=0), planted_detector(folder).run(model, seed=0)
+    pd.testing.assert_frame_equal(after.frame, fresh.frame)
+    assert after.info == fresh.info and after.labelled == fresh.labelled == [SAFETY_HEAD]
+
+
 def test_few_refusals_still_scored_on_the_refused_prompts(planted, tmp_path):
     """A model that refuses 5 of 10 requests (under the old 50%-rate rule borderline; 5 of 24 would
     have been dropped) has refusal behaviour: Ships is scored on the refused requests only."""

@@ -120,6 +120,9 @@ class Detector:
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     default_batch_size: ClassVar[int] = 64   # runtime, not science: sequences per batched forward pass
+    # Its usual share of a scan's time, relative (induction 1.0; from the 8B scan of docs/scale.md): how a
+    # distributed scan spreads detectors over ranks (headlens.distributed.plan). Speed only, never results.
+    cost: ClassVar[float] = 0.5
 
     @dataclass
     class Params:
@@ -218,6 +221,13 @@ class Detector:
 
     def param_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
+
+    def estimate(self, model) -> float:
+        """This detector's expected share of a scan of ``model``, relative to induction's 1.0: how a
+        distributed scan spreads detectors over ranks (:func:`headlens.distributed.plan`). Default: the
+        class's ``cost``; a detector whose work depends on the model (safety: the Ships sweeps run only
+        when the model refuses) overrides it. Speed only, never results."""
+        return self.cost
 
     def not_applicable(self, model, reason: str, **info) -> DetectorResult:
         """A result that says the role does not apply to this model, with no invented scores."""

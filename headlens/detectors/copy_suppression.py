@@ -308,6 +308,7 @@ class AddToAttnOut(Intervention):
 
 class CopySuppressionDetector(Detector):
     name = "copy_suppression"
+    cost = 0.6   # share of a scan (relative; headlens.distributed.plan)
     summary = "attends to an earlier token the model is about to predict and lowers its logit"
     paper = "McDougall, Conmy, Rushing, McGrath, Nanda 2023, Copy Suppression"
 

@@ -118,6 +118,7 @@ def eigvals_cpu(m: torch.Tensor) -> torch.Tensor:
 
 class InductionDetector(Detector):
     name = "induction"
+    cost = 1.0   # share of a scan (relative; headlens.distributed.plan)
     summary = "attends to the token after an earlier copy of the current token and copies it (prefix matching + copying)"
     paper = "Olsson et al. 2022, In-context learning and induction heads"
 

@@ -212,6 +212,7 @@ def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_by
 
 class RetrievalDetector(Detector):
     name = "retrieval"
+    cost = 0.55   # share of a scan (relative; headlens.distributed.plan)
     summary = "copies the needle from a long context into the answer (needle-in-a-haystack copy-paste score)"
     paper = "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality"
 

@@ -66,6 +66,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 class SafetyDetector(Detector):
     name = "safety"
+    cost = 0.12   # share of a scan (relative; headlens.distributed.plan)
     summary = "its attention carries the refusal of harmful requests (Ships: KL under uniform attention)"
     paper = "Zhou et al. 2025, On the Role of Attention Heads in LLM Safety"
 
@@ -85,7 +86,12 @@ class SafetyDetector(Detector):
         min_asr_rise: float = 0.2       # label: the group's ASR on refused requests, 95% lower end, at least this
         ablation: str = "uniform"       # undifferentiated attention (the only kind the check decodes with)
 
-    def run(self, model, seed: int = 0) -> DetectorResult:
+    def _requests(self, model):
+        """The prompts and the clean model's refusals of the harmful ones (decoded once per model: the
+        distributed plan's :meth:`estimate` and :meth:`run` share it)."""
+        cached = self.__dict__.get("_requests_of")
+        if cached is not None and cached[0] is model:
+            return cached[1]
         p = self.params
         phrases = read_lines(p.refusal_phrases)
         harmful, harmless = read_lines(p.harmful), read_lines(p.harmless)
@@ -96,6 +102,24 @@ class SafetyDetector(Detector):
         bad = [encode_prompt(model, r, p.chat)[0] for r in harmful]
         good = [encode_prompt(model, r, p.chat)[0] for r in harmless]
         refused = self._refused(model, bad, phrases, [[]])[0]
+        self.__dict__["_requests_of"] = (model, (phrases, harmful, bad, good, refused))
+        return phrases, harmful, bad, good, refused
+
+    def estimate(self, model) -> float:
+        """The refusal check alone (``cost``) when the model refuses too few requests; else also the two
+        Ships sweeps, ``2 x refused prompts`` per head against induction's 404 tokens per head (its
+        sweep is ~0.7 of induction's time)."""
+        _, _, bad, good, refused = self._requests(model)
+        if int(refused.sum()) < self.params.min_refused:
+            return self.cost
+        idx = refused.nonzero()[:, 0].tolist()[:self.params.max_ships_prompts]
+        tokens = sum(len(bad[i]) + len(good[min(i, len(good) - 1)]) for i in idx)
+        return self.cost + 0.7 * tokens / 404
+
+    def run(self, model, seed: int = 0) -> DetectorResult:
+        p = self.params
+        phrases, harmful, bad, good, refused = self._requests(model)
+        self.__dict__.pop("_requests_of", None)
         n_refused = int(refused.sum())
         lo, hi = wilson(n_refused, len(bad))
         info = {"refusal_rate": n_refused / len(bad), "refusal_rate_lo": lo, "refusal_rate_hi": hi,

@@ -234,6 +234,7 @@ def next_item_metric(target: torch.Tensor, candidates: torch.Tensor) -> Position
 
 class SuccessorDetector(Detector):
     name = "successor"
+    cost = 0.7   # share of a scan (relative; headlens.distributed.plan)
     summary = "OV circuit maps an ordinal token to its successor (Monday -> Tuesday, 3 -> 4, B -> C)"
     paper = "Gould, Ong, Ogden, Conmy 2024, Successor Heads: Recurring, Interpretable Attention Heads In The Wild"
 
