@@ -261,15 +261,24 @@ def test_layer_skip_keeps_a_modules_own_forward(tiny):
 
 @pytest.mark.real
 def test_two_ranks_same_bytes_on_smollm(tmp_path):
-    args = ["smollm2-135m", "-d", "induction", "--batch-size", "32", "-p", "induction.seq_len=10",
-            "-p", "induction.n_seqs=2", "-p", "induction.causal_seqs=1", "-p", "induction.n_random=4"]
+    """SmolLM2, two detectors: 2 ranks sharing every sweep, and 2 ranks running one detector each."""
+    args = ["smollm2-135m", "-d", "induction,copy_suppression", "--batch-size", "32", "-p", "induction.seq_len=10",
+            "-p", "induction.n_seqs=2", "-p", "induction.causal_seqs=1", "-p", "induction.n_random=4",
+            "-p", "copy_suppression.n_tokens=64", "-p", "copy_suppression.seq_len=32",
+            "-p", "copy_suppression.n_random=4"]
     r1 = headlens("scan", *args, "-o", tmp_path / "one.csv")
-    r2 = headlens("scan", *args, "-o", tmp_path / "two.csv", ranks=2)
-    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    r2 = headlens("scan", *args, "--split", "sweeps", "-o", tmp_path / "two.csv", ranks=2)
+    r3 = headlens("scan", *args, "-o", tmp_path / "whole.csv", ranks=2)
+    for r in (r1, r2, r3):
+        assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["steps_s"]["induction"]["single-head ablations"]
-                for n in ("one", "two"))
-    assert one["chunks"] >= 9 and two["chunks"] == (one["chunks"] + 1) // 2   # 270 heads, <= 32 per chunk; rank 0's share
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    one, two, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two", "whole"))
+    step = "single-head ablations"
+    n = one["steps_s"]["induction"][step]["chunks"]
+    assert n >= 9 and two["steps_s"]["induction"][step]["chunks"] == (n + 1) // 2   # 270 heads, <= 32 per chunk
+    assert whole["ranks"] == {"induction": [0], "copy_suppression": [1]}
+    assert whole["steps_s"]["induction"][step]["chunks"] == n                      # all on rank 0
 
 
 def test_weight_circuits_in_pieces_match_one_piece(tiny):
