@@ -30,6 +30,7 @@ import datetime
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -347,10 +348,32 @@ def group(ranks: Sequence[int]):
         _GROUP.reset(token)
 
 
+_EXCHANGES = [0]
+
+
+def _wait_for_everyone() -> None:
+    """Block until every rank has reached this point, without a deadline: ranks that ran different
+    detectors may finish hours apart, longer than a collective's timeout (HEADLENS_DIST_TIMEOUT_MIN).
+    Through torchrun's key-value store (a counter per call), polled every half second."""
+    from torch.distributed import distributed_c10d
+
+    _EXCHANGES[0] += 1
+    try:
+        store = distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return                                    # no store to poll: the collective's timeout applies
+    key, world = f"headlens/exchange/{_EXCHANGES[0]}", _dist().get_world_size()
+    store.add(key, 1)
+    while store.add(key, 0) < world:
+        time.sleep(0.5)
+
+
 def exchange(mine: dict[str, Any]) -> dict[str, Any]:
-    """Every rank's ``{name: result}`` (e.g. the detectors it ran) merged, on every rank."""
+    """Every rank's ``{name: result}`` (e.g. the detectors it ran) merged, on every rank; ranks that
+    finish early wait for the others without a deadline."""
     if not _world():
         return dict(mine)
+    _wait_for_everyone()
     parts: list = [None] * _dist().get_world_size()
     _dist().all_gather_object(parts, _to_cpu(mine))
     merged: dict[str, Any] = {}

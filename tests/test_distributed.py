@@ -185,6 +185,20 @@ def test_three_ranks_a_group_of_two_and_one(tiny, tmp_path):
     assert s3["successor"][step]["chunks"] == s1["successor"][step]["chunks"]             # all on rank 2
 
 
+def test_ranks_finishing_far_apart_outwait_the_collective_timeout(tiny, tmp_path):
+    """Whole detectors per rank: rank 1 (successor, under a second) waits for rank 0 (a heavy induction,
+    seconds) longer than a collective may take (HEADLENS_DIST_TIMEOUT_MIN=0.04: 2.4 s; at 70B such waits
+    are hours). Without the store-polled wait before the exchange, gloo raises 'Timed out waiting'."""
+    args = ["-d", "induction,successor", "--batch-size", "8", "-p", "induction.seq_len=30", "-p", "induction.n_seqs=64",
+            "-p", "induction.causal_seqs=64", "-p", "induction.n_random=100"]
+    r1 = headlens("scan", tiny, *args, "-o", tmp_path / "one.csv")
+    r2 = headlens("scan", tiny, *args, "-o", tmp_path / "two.csv", ranks=2, env={"HEADLENS_DIST_TIMEOUT_MIN": "0.04"})
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+    times = json.loads((tmp_path / "two.json").read_text())["timings_s"]
+    assert times["induction"] - times["successor"] > 2.4          # rank 1 really waited past the timeout
+
+
 def test_two_ranks_padded_safety_prompts_same_bytes(tmp_path):
     folder = safety_model(tmp_path / "safety")
     from test_safety import HARMFUL, HARMLESS   # 8 padded pairs: enough refusals (min_refused=5)
