@@ -30,7 +30,6 @@ import datetime
 import os
 import subprocess
 import sys
-import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -354,18 +353,24 @@ _EXCHANGES = [0]
 def _wait_for_everyone() -> None:
     """Block until every rank has reached this point, without a deadline: ranks that ran different
     detectors may finish hours apart, longer than a collective's timeout (HEADLENS_DIST_TIMEOUT_MIN).
-    Through torchrun's key-value store (a counter per call), polled every half second."""
+    Through torchrun's key-value store: each rank counts itself in, the last one sets a key that the
+    others wait for (woken at once, a day at a time)."""
     from torch.distributed import distributed_c10d
 
     _EXCHANGES[0] += 1
     try:
         store = distributed_c10d._get_default_store()
     except (AttributeError, RuntimeError, ValueError):
-        return                                    # no store to poll: the collective's timeout applies
-    key, world = f"headlens/exchange/{_EXCHANGES[0]}", _dist().get_world_size()
-    store.add(key, 1)
-    while store.add(key, 0) < world:
-        time.sleep(0.5)
+        return                                    # no store: the collective's own timeout applies
+    key = f"headlens/exchange/{_EXCHANGES[0]}"
+    if store.add(key, 1) == _dist().get_world_size():
+        store.set(f"{key}/all", "1")
+    while True:
+        try:
+            store.wait([f"{key}/all"], datetime.timedelta(days=1))
+            return
+        except _dist().DistStoreError:
+            continue
 
 
 def exchange(mine: dict[str, Any]) -> dict[str, Any]:
