@@ -89,7 +89,7 @@ class SafetyDetector(Detector):
     def _requests(self, model):
         """The prompts and the clean model's refusals of the harmful ones (decoded once per model: the
         distributed plan's :meth:`estimate` and :meth:`run` share it)."""
-        cached = self.__dict__.get("_requests_of")
+        cached = getattr(self, "_requests_of", None)
         if cached is not None and cached[0] is model:
             return cached[1]
         p = self.params
@@ -102,7 +102,7 @@ class SafetyDetector(Detector):
         bad = [encode_prompt(model, r, p.chat)[0] for r in harmful]
         good = [encode_prompt(model, r, p.chat)[0] for r in harmless]
         refused = self._refused(model, bad, phrases, [[]])[0]
-        self.__dict__["_requests_of"] = (model, (phrases, harmful, bad, good, refused))
+        self._requests_of = (model, (phrases, harmful, bad, good, refused))
         return phrases, harmful, bad, good, refused
 
     def estimate(self, model) -> float:
@@ -119,7 +119,7 @@ class SafetyDetector(Detector):
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
         phrases, harmful, bad, good, refused = self._requests(model)
-        self.__dict__.pop("_requests_of", None)
+        self._requests_of = None        # used once: a later run on the same model decodes afresh
         n_refused = int(refused.sum())
         lo, hi = wilson(n_refused, len(bad))
         info = {"refusal_rate": n_refused / len(bad), "refusal_rate_lo": lo, "refusal_rate_hi": hi,
