@@ -112,7 +112,6 @@ def measure(folder: Path, device: str, detectors: list[str]) -> dict:
     import headlens
     from headlens.catalogue import scan
     from headlens.detectors import get_detector
-    from headlens.memory import weight_bytes
 
     out: dict = {}
     reset_gpu(device)
@@ -122,7 +121,7 @@ def measure(folder: Path, device: str, detectors: list[str]) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
-    weights = weight_bytes(model)
+    weights = model.weight_bytes()
     out["load"] = {"seconds": round(load_s, 1), "weights_gb": round(weights / GB, 3),
                    "peak_gpu_gb": gpu_peak(device), "peak_rss_gb": round(peak_rss() / GB, 3),
                    "rss_after_imports_gb": round(rss0 / GB, 3)}

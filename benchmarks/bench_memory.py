@@ -71,10 +71,9 @@ def run_child(out: str, argv: list[str]) -> None:
     t0 = time.perf_counter()
     if argv[0] == "load":
         from headlens import load_model
-        from headlens.memory import weight_bytes
 
         m = load_model(argv[1])
-        result["weights_gb"] = round(weight_bytes(m) / GB, 3)
+        result["weights_gb"] = round(m.weight_bytes() / GB, 3)
     else:
         sys.argv = ["headlens", *argv]
         try:

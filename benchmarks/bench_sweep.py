@@ -30,9 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import headlens  # noqa: E402
-from headlens.methods import (Ablation, attribution_patching, clean_run, loss_metric,  # noqa: E402
+from headlens.methods import (as_intervention, attribution_patching, clean_run, loss_metric,  # noqa: E402
                               patch_heads, pearson, sweep_heads)
-from headlens.methods.ablation import position_mean  # noqa: E402
+from headlens.methods.interventions import position_mean  # noqa: E402
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
     low, high = min(100, vocab // 2), min(vocab, 20000)  # ordinary tokens, no specials
     a = torch.randint(low, high, (args.batch, half), generator=g)
     b = torch.randint(low, high, (args.batch, args.seq - 1 - half), generator=g)
-    bos = torch.full((args.batch, 1), model.bos_token_id or 0)
+    bos = torch.full((args.batch, 1), model.start_token_id or 0)
     tokens = torch.cat([bos, a, a[:, :args.seq - 1 - half]], 1).to(device)
     corrupted = torch.cat([bos, a, b], 1).to(device)
     metric = loss_metric(tokens)
@@ -190,8 +190,8 @@ def main(argv=None) -> dict:
     heads = model.heads()
 
     with PeakMemory(device) as mem_batched:
-        batched, t_batched = timed(lambda: sweep_heads(model, tokens, metric, Ablation(kind=args.kind),
-                                                       max_rows=max_rows), device)
+        batched, t_batched = timed(lambda: sweep_heads(model, tokens, metric, as_intervention(args.kind),
+                                                       batch_size=max_rows), device)
     naive_heads = spread(heads, args.naive_limit)
     with PeakMemory(device) as mem_naive:
         naive, t_naive_part = timed(lambda: naive_sweep(model, tokens, naive_heads, metric, args.kind), device)
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
             attr, t_attr = timed(lambda: attribution_patching(model, tokens, corrupted, metric, "denoise"),
                                  device)
         exact, t_exact = timed(lambda: patch_heads(model, tokens, corrupted, metric, "denoise",
-                                                   max_rows=max_rows), device)
+                                                   batch_size=max_rows), device)
         base = metric(clean_run(model, corrupted, keep_z=False).logits).float().cpu()
         r = pearson(attr, exact - base)
         res.update(attribution_s=t_attr, attribution_passes=t_attr / F, exact_patching_s=t_exact,

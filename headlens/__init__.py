@@ -6,53 +6,32 @@ copy suppression) in pretrained transformers, with causal evidence, into one per
 >>> cat = hl.scan(model, ["induction", "copy_suppression"])    # doctest: +SKIP
 >>> cat["induction"].top(5)                                    # doctest: +SKIP
 >>> hl.plot.attention(model, "The cat sat. The cat", heads=cat.heads("induction", 3))  # doctest: +SKIP
+
+The layers, from the bottom (each imports only those below it; ``docs/architecture.md``):
+``errors`` -> ``runtime`` -> ``data``, ``stats``, ``models`` -> ``results`` -> ``methods`` ->
+``detectors`` -> ``catalogue`` -> ``plots`` -> ``report`` -> ``cli``.
 """
-__version__ = "0.1.0"
-
+from . import detectors, methods, runtime
+from . import plots
+from . import plots as plot
+from ._version import __version__
+from .catalogue import Catalogue, read_catalogue, scan
 from .data import data_path
+from .detectors import REGISTRY, Detector, get_detector
 from .errors import HeadlensError
+from .methods import (CleanRun, Intervention, MeanAblation, Patch, PatternIntervention, ResampleAblation, Scale,
+                      UniformAttention, ZeroAblation, ablate, ablate_group, as_intervention, attribution_patching,
+                      clean_run, direct_logit_attribution, interventions, kl_metric, logit_diff_metric,
+                      loss_metric, patch_heads, path_patch_logits, random_baseline, run_variants, sweep_heads)
 from .models import HeadModel, ModelInfo, load_model
+from .results import CausalCheck, DetectorResult, format_causal
+from .runtime import Runtime
 
-# The rest imports torch-heavy modules (and plotly) on first use, so `import headlens` stays quick.
-_LAZY = {
-    "scan": ("catalogue", "scan"), "Catalogue": ("catalogue", "Catalogue"),
-    "read_catalogue": ("catalogue", "read_catalogue"),
-    "get_detector": ("detectors", "get_detector"), "Detector": ("detectors", "Detector"),
-    "DetectorResult": ("detectors", "DetectorResult"), "REGISTRY": ("detectors", "REGISTRY"),
-    "CausalCheck": ("detectors", "CausalCheck"), "format_causal": ("detectors", "format_causal"),
-    "run_variants": ("methods", "run_variants"), "sweep_heads": ("methods", "sweep_heads"),
-    "ablate_group": ("methods", "ablate_group"), "random_baseline": ("methods", "random_baseline"),
-    "clean_run": ("methods", "clean_run"), "patch_heads": ("methods", "patch_heads"),
-    "path_patch_logits": ("methods", "path_patch_logits"),
-    "direct_logit_attribution": ("methods", "direct_logit_attribution"),
-    "attribution_patching": ("methods", "attribution_patching"),
-    "loss_metric": ("methods", "loss_metric"), "kl_metric": ("methods", "kl_metric"),
-    "logit_diff_metric": ("methods", "logit_diff_metric"),
-    "ablate": ("methods", "ablate"), "ablated": ("methods", "ablated"),
-    "Intervention": ("methods", "Intervention"), "PatternIntervention": ("methods", "PatternIntervention"),
-    "ZeroAblation": ("methods", "ZeroAblation"), "MeanAblation": ("methods", "MeanAblation"),
-    "ResampleAblation": ("methods", "ResampleAblation"), "Patch": ("methods", "Patch"),
-    "Scale": ("methods", "Scale"), "UniformAttention": ("methods", "UniformAttention"),
-    "as_intervention": ("methods", "as_intervention"), "interventions": ("methods.interventions", None),
-    "plot": ("plots", None), "plots": ("plots", None), "methods": ("methods", None),
-    "detectors": ("detectors", None),
-}
-
-
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'headlens' has no attribute {name!r}")
-    import importlib
-
-    module, attr = _LAZY[name]
-    mod = importlib.import_module(f".{module}", __name__)
-    value = mod if attr is None else getattr(mod, attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
-
-
-__all__ = ["__version__", "data_path", "HeadlensError", "HeadModel", "ModelInfo", "load_model", *_LAZY]
+__all__ = ["__version__", "data_path", "HeadlensError", "HeadModel", "ModelInfo", "load_model",
+           "scan", "Catalogue", "read_catalogue", "get_detector", "Detector", "DetectorResult", "REGISTRY",
+           "CausalCheck", "format_causal", "Runtime", "runtime",
+           "run_variants", "sweep_heads", "ablate_group", "random_baseline", "clean_run", "CleanRun",
+           "patch_heads", "path_patch_logits", "direct_logit_attribution", "attribution_patching",
+           "loss_metric", "kl_metric", "logit_diff_metric", "ablate", "Intervention", "PatternIntervention",
+           "ZeroAblation", "MeanAblation", "ResampleAblation", "Patch", "Scale", "UniformAttention",
+           "as_intervention", "interventions", "plot", "plots", "methods", "detectors"]

@@ -20,9 +20,18 @@ from typing import Any, Iterable
 import pandas as pd
 import torch
 
-from . import __version__
+from ._version import __version__
+from .detectors import Detector, as_detectors
 from .errors import HeadlensError
-from .progress import note, progress
+from .models import HeadModel
+from .results import DetectorResult
+from .runtime import Runtime, current, distributed, use
+from .runtime.checkpoint import Checkpoint, die_after
+from .runtime.memory import release
+from .runtime.progress import active, bars, in_notebook, note, progress, stage, step_times
+
+__all__ = ["Catalogue", "scan", "read_catalogue", "build_catalogue", "atomic_write", "check_writable",
+           "sidecar_path", "FLOAT_FORMAT"]
 
 FLOAT_FORMAT = "%.6g"
 
@@ -30,7 +39,7 @@ FLOAT_FORMAT = "%.6g"
 @dataclass
 class Catalogue:
     """A scan's result: the per-head frame (one row per head, the CSV), the run metadata (the JSON
-    sidecar), and each detector's typed :class:`~headlens.detectors.DetectorResult` by role.
+    sidecar), and each detector's typed :class:`~headlens.results.DetectorResult` by role.
 
     >>> cat = hl.scan(model, ["induction"])          # doctest: +SKIP
     >>> cat["induction"].top(3)                      # doctest: +SKIP
@@ -46,7 +55,7 @@ class Catalogue:
         return [r for r in self.meta.get("detectors", {})]
 
     def __getitem__(self, role: str):
-        """The role's :class:`~headlens.detectors.DetectorResult` (scores, labels, status, causal check)."""
+        """The role's :class:`~headlens.results.DetectorResult` (scores, labels, status, causal check)."""
         if role not in self.results:
             raise HeadlensError(f"the catalogue has no role '{role}'; it has: {', '.join(self.roles) or 'none'}")
         return self.results[role]
@@ -157,10 +166,8 @@ def read_catalogue(path: str | os.PathLike) -> Catalogue:
     return Catalogue(frame=frame, meta=meta, results=results)
 
 
-def _result_from(frame: pd.DataFrame, role: str, det: dict):
+def _result_from(frame: pd.DataFrame, role: str, det: dict) -> DetectorResult:
     """A saved role's DetectorResult, rebuilt from its CSV columns and its sidecar record."""
-    from .detectors.base import DetectorResult
-
     prefix = f"{role}_"
     own = [c for c in frame.columns if c.startswith(prefix) and c not in (f"{role}_label", f"{role}_status")]
     part = frame[["layer", "head"] + own].copy()
@@ -181,7 +188,7 @@ def _parse_head(head_id: str) -> tuple[int, int]:
     return int(layer), int(head)
 
 
-def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None = None) -> Catalogue:
+def build_catalogue(model: HeadModel, results: Iterable, seed: int, extra_meta: dict | None = None) -> Catalogue:
     """Join detector results into one frame with labels, statuses and the ``roles`` column."""
     L, H = model.n_layers, model.n_heads
     base = pd.DataFrame({"layer": [l for l in range(L) for _ in range(H)],
@@ -210,47 +217,44 @@ def build_catalogue(model, results: Iterable, seed: int, extra_meta: dict | None
     return Catalogue(frame=frame, meta=meta, results={r.role: r for r in results})
 
 
-def scan(model, detectors: Iterable | str | None = None, seed: int = 0, checkpoint=None,
-         batch_size: int | None = None, max_memory: str | int | None = None,
-         progress: bool | None = None, split: str = "auto") -> Catalogue:
+def scan(model: HeadModel, detectors: Iterable | str | None = None, seed: int = 0,
+         checkpoint: Checkpoint | None = None, batch_size: int | None = None,
+         max_memory: str | int | None = None, progress: bool | None = None, split: str = "auto") -> Catalogue:
     """Run each detector on ``model`` (seeded) and build the catalogue.
 
     ``detectors``: role names (``"induction"``), configured detector objects
     (``get_detector("induction", n_seqs=4)``), a mix, a comma-separated string, or None for all.
-    ``checkpoint`` (a :class:`headlens.checkpoint.Checkpoint`): save each finished detector (and finished
-    chunks of the running one) there, and take the detectors it already holds instead of running them.
-    In a distributed run (torchrun) every rank calls this and gets the same catalogue.
+    ``checkpoint`` (a :class:`headlens.runtime.checkpoint.Checkpoint`): save each finished detector (and
+    finished chunks of the running one) there, and take the detectors it already holds instead of
+    running them. In a distributed run (torchrun) every rank calls this and gets the same catalogue.
 
     Runtime settings (they change speed and memory, never the science; the sidecar keeps them under
-    ``runtime``, apart from each detector's parameters): ``batch_size``, the most sequences per batched
-    forward pass (default: each detector's own); ``max_memory``, the device memory budget, weights
-    included (``"8GB"``; default: what is free; see :mod:`headlens.memory`); ``progress``, bars for
-    each long step (default: on in a notebook, off elsewhere; False: silent); ``split``, how the ranks
-    of a distributed run share the scan (``auto``, ``detectors``, ``sweeps``:
-    :func:`headlens.distributed.plan`).
-    """
-    from . import memory
-    from .progress import active, bars, in_notebook
+    ``runtime``, apart from each detector's parameters) make the scan's one
+    :class:`~headlens.runtime.Runtime`: ``batch_size``, the most sequences per batched forward pass
+    (default: each detector's own); ``max_memory``, the device memory budget, weights included
+    (``"8GB"``; default: what is free; see :mod:`headlens.runtime.memory`); ``progress``, bars for each
+    long step (default: on in a notebook, off elsewhere; False: silent); ``split``, how the ranks of a
+    distributed run share the scan (``auto``, ``detectors``, ``sweeps``:
+    :func:`headlens.runtime.distributed.plan`).
 
+    >>> cat = scan(model, ["induction"], seed=0, batch_size=16, max_memory="8GB")   # doctest: +SKIP
+    """
     show = in_notebook() if progress is None else progress
+    outer = current()      # settings of an enclosing ``hl.runtime.use(...)`` hold where these are None
+    runtime = Runtime(batch_size=outer.batch_size if batch_size is None else batch_size,
+                      max_memory=outer.max_memory if max_memory is None else max_memory, bars=outer.bars)
     with contextlib.ExitStack() as stack:
-        if batch_size is not None:
-            stack.enter_context(memory.batch(batch_size))
-        if max_memory is not None:
-            memory.parse_bytes(max_memory)
-            stack.enter_context(memory.limit(max_memory))
+        stack.enter_context(use(runtime))
         if progress is False or (show and not active()):
             stack.enter_context(bars(("tqdm" if in_notebook() else "rich") if show else None))
-        runtime = {**memory.runtime_settings(), "device": str(model.device), "progress": active()}
-        return _scan(model, detectors, seed, checkpoint, runtime, split)
+        settings = {**runtime.settings(), "device": str(model.device), "progress": active()}
+        return _scan(model, detectors, seed, checkpoint, settings, split)
 
 
-def _plan(model, todo: list, split: str):
+def _plan(model: HeadModel, todo: list[Detector], split: str):
     """Which ranks run each detector of ``todo`` (all of them, one process: rank 0), the estimates the plan
     used and the seconds each estimate took (work its detector's owner then skips, e.g. safety's refusal
     check). Every rank plans the same: rank 0's estimates."""
-    from . import distributed
-
     costs, spent = [det.cost for det in todo], {}
     if distributed.active() and split != "sweeps":
         with torch.no_grad():
@@ -268,18 +272,14 @@ def _plan(model, todo: list, split: str):
     return owners, costs, spent
 
 
-def _scan(model, detectors, seed: int, checkpoint, runtime: dict, split: str = "auto") -> Catalogue:
-    from . import checkpoint as ckpt
-    from . import distributed, memory
-    from .detectors import as_detectors
-    from .progress import stage, step_times
-
+def _scan(model: HeadModel, detectors, seed: int, checkpoint: Checkpoint | None, runtime: dict,
+          split: str = "auto") -> Catalogue:
     t_scan = time.perf_counter()
     detectors = as_detectors(detectors)
     done: dict[str, tuple] = {}          # role -> (result, seconds, steps)
     resumed = []
     for det in detectors:
-        res = checkpoint.load(det.name, det.param_dict()) if checkpoint is not None else None
+        res = checkpoint.load(det.name, det.param_dict(), DetectorResult) if checkpoint is not None else None
         if res is not None:
             resumed.append(det.name)
             note(f"{det.name}: taken from the checkpoint (it ran in {res.info.get('seconds')} s)")
@@ -297,10 +297,10 @@ def _scan(model, detectors, seed: int, checkpoint, runtime: dict, split: str = "
             seconds = round(time.perf_counter() - t0 + spent.get(det.name, 0.0), 2)
             res.info.setdefault("seconds", seconds)
             note(f"{det.name}: done in {seconds:.1f} s")
-            memory.release()        # the next detector starts from the weights, not from this one's peak
+            release()               # the next detector starts from the weights, not from this one's peak
             if checkpoint is not None:
                 checkpoint.save(res)
-                ckpt.die_after(det.name)
+                die_after(det.name)
             if distributed.rank() == 0:     # the first rank of the group hands the result to the others
                 mine[det.name] = (res, seconds, step_times(det.name))
     done.update(distributed.exchange(mine))     # every rank gets every detector's result

@@ -2,17 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from .catalogue import Catalogue, check_writable, read_catalogue, sidecar_path
+from .catalogue import scan as run_scan
+from .detectors import REGISTRY, detector_class, get_detector, parse_detectors
 from .errors import HeadlensError
+from .models import load_model
+from .report import write_report
+from .results import format_causal
+from .runtime import distributed, progress
+from .runtime.checkpoint import Checkpoint, checkpoint_dir
+from .runtime.memory import parse_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find and score attention-head roles into a per-head catalogue.")
@@ -38,7 +50,7 @@ def _params(values: list[str]) -> dict[str, dict]:
     return result
 
 
-def top_table(catalogue, role: str, k: int) -> Table | str:
+def top_table(catalogue: Catalogue, role: str, k: int) -> Table | str:
     """The role's top heads as a table; one line instead when the role could not be scored."""
     status = catalogue.frame[f"{role}_status"].iloc[0] if f"{role}_status" in catalogue.frame else "ok"
     if status != "ok":
@@ -82,14 +94,6 @@ def scan(
                                                 "(0: every chunk; -1: finished detectors only)"),
 ):
     """Scan MODEL's attention heads with the chosen detectors and write the catalogue CSV."""
-    from . import distributed, progress
-    from .catalogue import check_writable
-    from .catalogue import scan as run_scan
-    from .checkpoint import Checkpoint, checkpoint_dir
-    from .detectors import get_detector, parse_detectors
-    from .memory import batch, limit, parse_bytes
-    from .models import load_model
-
     if gpus < 1:
         raise HeadlensError(f"--gpus must be at least 1, not {gpus}")
     if split not in distributed.SPLITS:
@@ -119,11 +123,11 @@ def scan(
     err.print(f"loaded {m.info.name}: {m.n_layers} layers x {m.n_heads} heads "
               f"({m.info.n_kv_heads} kv heads), {m.info.dtype} on {m.info.device} in {load_s:.1f} s")
     _interrupted["hint"] = f"finished work is checkpointed in {checkpoint_dir(out_path)}; rerun with --resume"
-    with (progress.bars() if distributed.is_main() else contextlib.nullcontext()), limit(max_memory), \
-            batch(batch_size):
+    with progress.bars() if distributed.is_main() else contextlib.nullcontext():
         ckpt = Checkpoint.open(out_path, m, seed, resume=resume,
                                every_s=None if checkpoint_every < 0 else checkpoint_every)
-        cat = run_scan(m, dets, seed=seed, checkpoint=ckpt, split=split)
+        cat = run_scan(m, dets, seed=seed, checkpoint=ckpt, split=split, batch_size=batch_size,
+                       max_memory=max_memory, progress=distributed.is_main())
     cat.meta["timings_s"]["model_load"] = round(load_s, 2)
     if not distributed.is_main():
         ckpt.finish()
@@ -136,12 +140,10 @@ def scan(
             out.print(f"[yellow]{role}: no head labelled. {d['reason']}[/yellow]")
         c = d.get("causal") or {}
         if c:
-            from .detectors import format_causal
             out.print(f"  causal check: {format_causal(c)}", highlight=False)
     cat.to_csv(out_path)
     out.print(f"wrote {out_path} ({len(cat.frame)} heads) and its metadata {_sidecar(out_path)}")
     if report:
-        from .report import write_report
         write_report(cat, report, model=m)
         out.print(f"wrote {report}")
     ckpt.finish()
@@ -156,11 +158,8 @@ _interrupted: dict[str, str] = {}
 
 def _launch(n: int, device: str) -> int:
     """``headlens scan ... --gpus N``: rerun this command as N torchrun processes; their exit code."""
-    from . import distributed
-
     distributed.check_device(device)
     if device.startswith("cuda") or device == "auto":
-        import torch
         if torch.cuda.device_count() < n:
             raise HeadlensError(f"--gpus {n} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
     else:
@@ -179,9 +178,6 @@ def _launch(n: int, device: str) -> int:
 
 
 def _sidecar(path: str) -> str:
-    from pathlib import Path
-
-    from .catalogue import sidecar_path
     return str(sidecar_path(Path(path)))
 
 
@@ -192,8 +188,6 @@ def show(
     top: int = typer.Option(10, help="heads per role"),
 ):
     """Print the top heads of a saved catalogue."""
-    from .catalogue import read_catalogue
-
     cat = read_catalogue(path)
     roles = [role] if role else cat.roles
     model = cat.meta.get("model", {}).get("name", "?")
@@ -205,10 +199,6 @@ def show(
 @app.command("detectors")
 def list_detectors():
     """List the available detectors."""
-    import dataclasses
-
-    from .detectors import REGISTRY, detector_class
-
     for name in REGISTRY:
         cls = detector_class(name)
         params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))

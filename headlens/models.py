@@ -20,12 +20,17 @@ import importlib.util
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .errors import HeadlensError
+from .runtime.work import digest
+
+__all__ = ["HeadModel", "ModelInfo", "load_model", "wrap_hf_model", "DEFAULT_MODEL", "BUILTIN_MODELS",
+           "cache_dir", "choose_start_token"]
 
 BUILTIN_MODELS = {
     # name: (python package holding the file, file name inside it)
@@ -65,10 +70,14 @@ class ModelInfo:
 
 @dataclass
 class HeadModel:
-    """A loaded model: the TransformerBridge, its tokenizer and metadata."""
-    bridge: object
-    tokenizer: object
+    """A loaded model: the TransformerBridge, its tokenizer and metadata.
+
+    ``memo``: facts the methods establish once per model (e.g. whether its transformers modules compute
+    the bridge's function), kept here rather than on the objects' ``__dict__``."""
+    bridge: Any
+    tokenizer: Any
     info: ModelInfo
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_layers(self) -> int:
@@ -83,14 +92,27 @@ class HeadModel:
         return torch.device(self.info.device)
 
     @property
-    def bos_token_id(self) -> int | None:
+    def start_token_id(self) -> int | None:
         """The start token prepended to plain-text prompts: the document start the model was trained
         with (:func:`choose_start_token`), not necessarily the tokenizer's BOS."""
         return self.info.start_token_id
 
-    @property
-    def start_token_id(self) -> int | None:
-        return self.info.start_token_id
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters (buffers excluded)."""
+        if "weight_bytes" not in self.memo:
+            self.memo["weight_bytes"] = sum(p.numel() * p.element_size()
+                                            for p in self.bridge.original_model.parameters())
+        return self.memo["weight_bytes"]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What tells this model apart from another (a checkpoint must be resumed with the same): its
+        metadata less the device, and a digest of a few embedding rows."""
+        info = {k: v for k, v in self.info.as_dict().items() if "device" not in k}
+        try:  # a few embedding rows tell apart two models of the same name and shape
+            info["weights_digest"] = digest(self.bridge.W_E[:4].float())
+        except Exception:
+            pass
+        return info
 
     def to_tokens(self, text: str | list[str]) -> torch.Tensor:
         """``[batch, pos]`` token ids of a prompt (or prompts), the start token prepended."""
@@ -102,7 +124,11 @@ class HeadModel:
     def generate(self, prompt: str, max_new_tokens: int = 20, **kwargs) -> str:
         """Greedy text continuation of ``prompt`` (hooks, e.g. :func:`headlens.ablate`, apply)."""
         kwargs.setdefault("do_sample", False)
-        return self.bridge.generate(prompt, max_new_tokens=max_new_tokens, verbose=False, **kwargs)
+        with warnings.catch_warnings():
+            # TransformerLens's generate passes the KV cache to transformers as ``past_key_values``,
+            # which transformers >= 5.2x flags as deprecated on every step; the call is theirs, not ours
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            return self.bridge.generate(prompt, max_new_tokens=max_new_tokens, verbose=False, **kwargs)
 
     def __call__(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits ``[batch, pos, vocab]``."""

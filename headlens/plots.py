@@ -13,6 +13,9 @@ import plotly.graph_objects as go
 import torch
 
 from .errors import HeadlensError
+from .methods.readout import attention_on, head_logit_attribution
+from .models import HeadModel
+from .results import CausalCheck, DetectorResult, as_causal_check
 
 _SEQUENTIAL = "Viridis"
 _DIVERGING = "RdBu_r"
@@ -81,33 +84,6 @@ def head_heatmap(catalogue_or_frame, column: str, title: str | None = None,
 
 # --- model-based figures ------------------------------------------------------------------------
 
-def _tokens(model, prompt) -> torch.Tensor:
-    """``[1, n]`` token ids from a string (BOS prepended) or from a sequence/tensor of ids."""
-    if isinstance(prompt, str):
-        if not prompt:
-            raise HeadlensError("the prompt is empty")
-        tokens = model.bridge.to_tokens(prompt, truncate=False)
-    else:
-        tokens = torch.as_tensor(prompt, dtype=torch.long)
-        tokens = tokens[None] if tokens.ndim == 1 else tokens
-        if tokens.ndim != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
-            raise HeadlensError("give one prompt: a string or a 1-D sequence of token ids")
-    model.check_length(tokens.shape[1])
-    return tokens.to(model.device)
-
-
-def _labels(model, tokens: torch.Tensor) -> list[str]:
-    """Unique axis labels ``"i:token"`` (plotly merges equal categories otherwise)."""
-    words = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
-    return [f"{i}:{w!r}"[:40] for i, w in enumerate(words)]
-
-
-def _check_head(model, layer: int, head: int) -> None:
-    if not (0 <= layer < model.n_layers and 0 <= head < model.n_heads):
-        raise HeadlensError(f"head L{layer}H{head} does not exist: {model.info.name} has "
-                            f"{model.n_layers} layers x {model.n_heads} heads")
-
-
 def attention_patterns(tokens: Sequence[str], patterns, names: Sequence[str],
                        title: str | None = None) -> go.Figure:
     """Attention patterns as data in, a figure out (as CircuitsVis does): ``patterns`` is
@@ -145,62 +121,24 @@ def attention_patterns(tokens: Sequence[str], patterns, names: Sequence[str],
     return fig
 
 
-def attention(model, prompt, heads: Sequence[tuple[int, int]], title: str | None = None) -> go.Figure:
-    """The attention patterns of ``heads`` (``[(layer, head), ...]``) on ``prompt`` (a string, BOS
-    prepended, or token ids): one forward pass, then :func:`attention_patterns`.
+def attention(model: HeadModel, prompt, heads: Sequence[tuple[int, int]], title: str | None = None) -> go.Figure:
+    """The attention patterns of ``heads`` (``[(layer, head), ...]``) on ``prompt`` (a string, the start
+    token prepended, or token ids): :func:`headlens.methods.readout.attention_on`, then
+    :func:`attention_patterns`.
 
     >>> hl.plot.attention(model, "The cat sat. The cat", heads=cat.heads("induction", 3))  # doctest: +SKIP
     """
-    heads = [tuple(map(int, h[:2])) for h in heads]
-    if not heads:
-        raise HeadlensError("give at least one head, e.g. heads=[(18, 6)]")
-    for layer, head in heads:
-        _check_head(model, layer, head)
-    tokens = _tokens(model, prompt)
-    names = {f"blocks.{l}.attn.hook_pattern" for l, _ in heads}
-    with torch.no_grad():
-        _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
-    pats = torch.stack([cache[f"blocks.{l}.attn.hook_pattern"][0, h] for l, h in heads])
-    words = [model.tokenizer.decode([int(t)]) for t in tokens[0]]
-    return attention_patterns(words, pats, [f"L{l}H{h}" for l, h in heads], title)
+    words, pats = attention_on(model, prompt, heads)
+    return attention_patterns(words, pats, [f"L{int(h[0])}H{int(h[1])}" for h in heads], title)
 
 
-def attention_pattern(model, prompt, layer: int, head: int, title: str | None = None) -> go.Figure:
+def attention_pattern(model: HeadModel, prompt, layer: int, head: int, title: str | None = None) -> go.Figure:
     """The attention pattern of head ``L{layer}H{head}`` on ``prompt`` (queries down, keys across)."""
     return attention(model, prompt, [(layer, head)],
                      title or f"L{layer}H{head} attention on the prompt")
 
 
-def _token_id(model, target) -> int:
-    if isinstance(target, (int, np.integer)):
-        tid = int(target)
-    else:
-        ids = model.tokenizer.encode(str(target), add_special_tokens=False)
-        if len(ids) != 1:
-            raise HeadlensError(f"target {target!r} is {len(ids)} tokens; give a single token "
-                                "(often with its leading space, e.g. ' Paris') or a token id")
-        tid = ids[0]
-    if not 0 <= tid < model.bridge.cfg.d_vocab:
-        raise HeadlensError(f"token id {tid} is outside the vocabulary (0..{model.bridge.cfg.d_vocab - 1})")
-    return tid
-
-
-def head_logit_attribution(model, prompt, target, against=None, position: int = -1) -> torch.Tensor:
-    """``[n_layers, n_heads]`` direct logit attribution of each head at ``position`` of ``prompt``:
-    its output (``hook_z @ W_O``) over the final norm's scale, projected on ``W_U[:, target]`` (minus
-    ``W_U[:, against]`` when given: a logit difference). Uses
-    :func:`headlens.methods.attribution.direct_logit_attribution` (exact with the folded norm)."""
-    from .methods.attribution import direct_logit_attribution
-
-    tokens = _tokens(model, prompt)
-    if not -tokens.shape[1] <= position < tokens.shape[1]:
-        raise HeadlensError(f"position {position} is outside the prompt ({tokens.shape[1]} tokens)")
-    wrong = None if against is None else torch.tensor([_token_id(model, against)])
-    parts = direct_logit_attribution(model, tokens, torch.tensor([_token_id(model, target)]), wrong)
-    return parts.heads[:, :, 0, position].float().cpu()
-
-
-def logit_attribution_bars(model, prompt, target, against=None, position: int = -1,
+def logit_attribution_bars(model: HeadModel, prompt, target, against=None, position: int = -1,
                            top: int | None = 20, title: str | None = None) -> go.Figure:
     """Bars of per-head direct logit attribution to ``target`` (or ``target - against``) at
     ``position``; ``top`` keeps the heads with the largest absolute values (None: all heads)."""
@@ -221,11 +159,11 @@ def logit_attribution_bars(model, prompt, target, against=None, position: int = 
 
 # --- catalogue-level figures --------------------------------------------------------------------
 
-def causal_check(causal, title: str | None = None) -> go.Figure:
-    """The causal check of a detector (a :class:`~headlens.detectors.CausalCheck` or its sidecar record):
+def causal_check(causal: CausalCheck | dict, title: str | None = None) -> go.Figure:
+    """The causal check of a detector (a :class:`~headlens.results.CausalCheck` or its sidecar record):
     the metric clean, with its top-k heads ablated together, and with each of the random k-head draws
     ablated (points, with their mean and standard deviation)."""
-    causal = causal.to_dict() if hasattr(causal, "to_dict") else causal
+    causal = as_causal_check(causal).to_dict() if causal else {}
     need = {"clean", "top_k_ablated", "random_k_ablated", "k", "metric"}
     if not causal or not need <= set(causal):
         raise HeadlensError("no causal check recorded (the detector did not run one or was not applicable)")
@@ -254,8 +192,8 @@ def causal_check(causal, title: str | None = None) -> go.Figure:
     return fig
 
 
-def evidence(result) -> list[go.Figure]:
-    """A layer x head map of each evidence column of a :class:`~headlens.detectors.DetectorResult`
+def evidence(result: DetectorResult) -> list[go.Figure]:
+    """A layer x head map of each evidence column of a :class:`~headlens.results.DetectorResult`
     (none when the role does not apply to the model)."""
     return [head_heatmap(result.frame, c) for c in result.evidence_columns] if result.applies else []
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import __version__
+from ._version import __version__
 from .catalogue import Catalogue, atomic_write, check_writable
+from .detectors import detector_class
 from .plots import attention_pattern, causal_check, head_heatmap
+from .results import format_causal
 
 TOP_K = 10
 
@@ -67,7 +69,6 @@ def _fmt(v, limit: int = 300) -> str:
 
 def _summary(role: str) -> str:
     try:
-        from .detectors import detector_class
         cls = detector_class(role)
         return f"{cls.summary} <span class='note'>({html.escape(cls.paper)})</span>" if cls.summary else ""
     except Exception:  # an unregistered or broken detector must not break the report
@@ -85,7 +86,6 @@ def _details(det: dict) -> str:
 
 
 def _causal_text(c: dict) -> str:
-    from .detectors import format_causal
     return (f"<p>Causal check: {html.escape(format_causal(c))}. Top heads: "
             f"{html.escape(', '.join(c.get('top_heads', [])))}.</p>")
 

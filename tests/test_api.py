@@ -80,7 +80,7 @@ def test_batched_equals_ablate_for_every_intervention(tiny):
     clean, corrupted = induction_pair(VOCAB, 3, 5)
     heads = tiny.heads()
     for iv in interventions(tiny, clean, corrupted):
-        batched = hl.run_variants(tiny, clean, [[h] for h in heads], logits_metric, iv, max_rows=5)
+        batched = hl.run_variants(tiny, clean, [[h] for h in heads], logits_metric, iv, batch_size=5)
         plain = []
         for h in heads:
             with hl.ablate(tiny, [h], iv):
@@ -119,8 +119,9 @@ def test_runtime_settings_stay_out_of_params(planted_induction):
     assert not [c for c in cat.frame.columns if "max_rows" in c or "batch" in c]
     with pytest.raises(hl.HeadlensError, match="--batch-size"):
         hl.get_detector("induction", max_rows=8)
-    from headlens.memory import batch_size
-    assert batch_size(64) == 64                       # the scan's setting ended with it
+    with pytest.raises(hl.HeadlensError, match="runtime setting"):
+        hl.get_detector("induction", batch_size=8)
+    assert hl.runtime.current().batch_size is None    # the scan's setting ended with it
 
 
 def test_causal_check_and_result_display(planted_induction):
@@ -128,8 +129,8 @@ def test_causal_check_and_result_display(planted_induction):
                   progress=False)
     res = cat["induction"]
     check = res.causal
-    assert isinstance(check, hl.CausalCheck) and check["p_value"] == check.p_value  # reads like the record
+    assert isinstance(check, hl.CausalCheck) and check.to_dict()["p_value"] == check.p_value
     assert "causal check" in check._repr_html_() and "L" in res._repr_html_()
-    fig = check.plot()
+    fig = hl.plot.causal_check(check)
     assert len(fig.data[1].y) == 4                    # one point per random draw
     assert len(hl.plot.evidence(res)) == len(res.evidence_columns) > 0

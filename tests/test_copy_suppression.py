@@ -98,10 +98,10 @@ def test_repeat_metric_and_cspa_kl_match_plain_versions(planted_cs):
     torch.testing.assert_close(repeat_logprob_metric(pred, seen)(run.logits), expected[0])
     variants = [[(1, 2)], [(0, 1), (1, 0)], [(1, 3)]]
     plain = lambda logits: both(logits)                                     # no positions: full logits
-    whole = run_variants(model, tokens, variants, plain, "mean", max_rows=None, run=run)
-    torch.testing.assert_close(run_variants(model, tokens, variants, both, "mean", max_rows=3, run=run), whole,
+    whole = run_variants(model, tokens, variants, plain, "mean", batch_size=None, run=run)
+    torch.testing.assert_close(run_variants(model, tokens, variants, both, "mean", batch_size=3, run=run), whole,
                                atol=1e-6, rtol=0)
-    ablated = run_variants(model, tokens, [[(1, 2)]], lambda logits: logits, "mean", max_rows=None, run=run)[0]
+    ablated = run_variants(model, tokens, [[(1, 2)]], lambda logits: logits, "mean", batch_size=None, run=run)[0]
     kl = torch.log_softmax(run.logits.float(), -1).exp() * (torch.log_softmax(run.logits.float(), -1)
                                                              - torch.log_softmax(ablated.float(), -1))
     torch.testing.assert_close(mean_kl(run.logits)(ablated).float(), kl.sum(-1).mean(), atol=1e-6, rtol=1e-5)

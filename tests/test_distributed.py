@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from headlens import distributed
+from headlens.runtime import distributed, each, use
+from headlens.runtime.work import plan
 
 from planted import SUCCESSOR_SEQUENCES, make_tokenizer, retrieval_model, safety_model
 
@@ -64,7 +65,7 @@ def tiny(tmp_path_factory):
 def test_one_process_needs_no_process_group():
     assert "WORLD_SIZE" not in os.environ
     calls = []
-    out = distributed.map(lambda x: calls.append(x) or x * x, [3, 1, 2], "squares")
+    out = each(lambda x: calls.append(x) or x * x, [3, 1, 2], "squares")
     assert out == [9, 1, 4] and calls == [3, 1, 2]          # every item, in order, on the one rank
     assert list(distributed.shard(5)) == [0, 1, 2, 3, 4]
     assert distributed.init("cpu") == "cpu" and distributed.world_size() == 1 and distributed.is_main()
@@ -84,9 +85,10 @@ def test_segments_keep_straddling_variants_together():
 def test_map_gather_and_broadcast_on_two_gloo_ranks(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent("""
-        from headlens import distributed as d
+        from headlens.runtime import distributed as d
+        from headlens.runtime import each
         assert d.init("cpu") == "cpu" and d.world_size() == 2
-        who = d.map(lambda x: (x, d.rank()), list(range(5)), key="k")
+        who = each(lambda x: (x, d.rank()), list(range(5)), key="k")
         assert who == [(0, 0), (1, 1), (2, 0), (3, 1), (4, 0)], who   # round-robin, results in order
         assert d.broadcast(f"plan of rank {d.rank()}") == "plan of rank 0"
         assert d.agree_min(10 + d.rank()) == 10
@@ -262,7 +264,7 @@ def test_layer_skip_keeps_a_modules_own_forward(tiny):
     """Blocks skipped by start_at_layer runs get their own forward back (accelerate's device hooks on a
     model split over GPUs live in the instance's ``forward``), and plain blocks get the class's."""
     from headlens import load_model
-    from headlens.methods.ablation import skip_blocks_before
+    from headlens.methods.forward import skip_blocks_before
 
     model = load_model(str(tiny))
     block0, block1 = (model.bridge.blocks[i].original_component for i in (0, 1))
@@ -299,7 +301,7 @@ def test_weight_circuits_in_pieces_match_one_piece(tiny):
     """Successor's OV logits and copy suppression's QK ranks, split by a small memory budget (one layer
     per piece, keys recomputed per layer), equal the one-piece results exactly: at 70B the one-piece
     products are tens of GiB (successor ran out of memory on an H200)."""
-    from headlens import load_model, memory
+    from headlens import load_model
     from headlens.detectors.copy_suppression import qk_own_ranks
     from headlens.detectors.successor import load_tasks, succession_logits, task_groups
 
@@ -307,9 +309,9 @@ def test_weight_circuits_in_pieces_match_one_piece(tiny):
     groups = task_groups(model.tokenizer, load_tasks())
     tokens = torch.tensor([3, 5, 7, 11, 2, 9])
     whole, ranks = succession_logits(model, groups), qk_own_ranks(model, tokens, chunk=7)
-    small = memory.weight_bytes(model) + 1024                        # 1 KiB of working memory
-    assert memory.plan_pieces(model.n_layers, 2048, "cpu", model, small) == 1
-    with memory.limit(small):
+    small = model.weight_bytes() + 1024                        # 1 KiB of working memory
+    with use(max_memory=small):
+        assert plan(2048, device="cpu", weights=model.weight_bytes(), n_items=model.n_layers) == 1
         pieces, ranks_small = succession_logits(model, groups), qk_own_ranks(model, tokens, chunk=7)
     assert len(groups) >= 2
     for (a, ta), (b, tb) in zip(whole, pieces):

@@ -8,7 +8,10 @@ import torch
 from headlens import HeadlensError, load_model
 from headlens.catalogue import scan
 from headlens.detectors import get_detector
-from headlens.memory import clean_run_bytes, limit, parse_bytes, plan_rows, row_bytes, weight_bytes
+from headlens.methods.forward import clean_run_bytes, row_bytes
+from headlens.runtime import use
+from headlens.runtime.memory import parse_bytes
+from headlens.runtime.work import plan
 from headlens.methods import (clean_run, kl_metric, logit_diff_metric, loss_metric, run_variants,
                               sweep_heads)
 from headlens.methods.metrics import positioned
@@ -89,14 +92,13 @@ def test_parse_bytes_and_errors():
 def test_plan_is_deterministic_and_says_what_one_row_needs(planted_induction):
     m = planted_induction
     one = row_bytes(m, 41, 1)
-    assert plan_rows(m, 41, 1, 10 * one) == 10 == plan_rows(m, 41, 1, 10 * one + one // 2)
+    assert plan(one, room=10 * one) == 10 == plan(one, room=10 * one + one // 2)
     assert row_bytes(m, 41, 41) > one  # logits at every position cost more than at the last
     with pytest.raises(HeadlensError, match="needs .* for one 41-token sequence") as e:
-        plan_rows(m, 41, 1, one - 1)
+        plan(one, room=one - 1, strict="ablating heads", unit="41-token sequence on a model")
     assert "\n" not in str(e.value)
-    with pytest.raises(HeadlensError, match="less than the model's weights"):
-        run_variants(m, torch.zeros(1, 4, dtype=torch.long), [[(0, 0)]], loss_metric(torch.zeros(1, 4)),
-                     max_memory=weight_bytes(m) // 2)
+    with pytest.raises(HeadlensError, match="less than the model's weights"), use(max_memory=m.weight_bytes() // 2):
+        run_variants(m, torch.zeros(1, 4, dtype=torch.long), [[(0, 0)]], loss_metric(torch.zeros(1, 4)))
 
 
 def _unembed_calls(model):
@@ -115,8 +117,8 @@ def test_scan_under_small_max_memory_chunks_more(planted_induction):
         n_free = len(calls)
         calls.clear()
         n_pos, batch, n_loss = 41, 4, 30  # 1 + seq_len * n_repeats; causal_seqs; repeated-part targets
-        budget = weight_bytes(m) + clean_run_bytes(m, batch, n_pos) + 3 * row_bytes(m, n_pos, n_loss)
-        with limit(budget):
+        budget = m.weight_bytes() + clean_run_bytes(m, batch, n_pos) + 3 * row_bytes(m, n_pos, n_loss)
+        with use(max_memory=budget):
             small = scan(m, [det()]).frame
         n_small = len(calls)
     finally:
@@ -177,16 +179,16 @@ def test_one_variant_split_over_chunks(planted_induction):
     metric = loss_metric(tokens)
     run = clean_run(m, tokens)
     stats = {}
-    split = run_variants(m, tokens, [[h] for h in m.heads()], metric, "resample", max_rows=2, run=run,
+    split = run_variants(m, tokens, [[h] for h in m.heads()], metric, "resample", batch_size=2, run=run,
                          stats=stats)
-    assert stats["rows_per_chunk"] == 2
-    whole = run_variants(m, tokens, [[h] for h in m.heads()], metric, "resample", max_rows=None, run=run)
+    assert stats["per_chunk"] == 2
+    whole = run_variants(m, tokens, [[h] for h in m.heads()], metric, "resample", batch_size=None, run=run)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=0)
     # The loss is a sum over prompts: each chunk adds its share. A plain metric gets the variant's rows
     # gathered from both chunks.
     assert metric.share is not None
     plain = run_variants(m, tokens, [[h] for h in m.heads()], lambda logits: metric(logits), "resample",
-                         max_rows=2, run=run)
+                         batch_size=2, run=run)
     torch.testing.assert_close(plain, whole, atol=1e-6, rtol=0)
 
 
@@ -224,7 +226,6 @@ def test_clean_run_keeps_logits_only_where_asked(planted_induction):
 def test_direct_effects_chunked_by_bytes_and_only_at_the_metric_positions(planted_induction, monkeypatch):
     """Direct effects: under a budget of a few heads they run in more chunks and give the same values;
     a positioned loss forms logits only at its positions and equals the same loss on full logits."""
-    from headlens.memory import plan_items
     from headlens.methods import direct_effects
 
     m = planted_induction
@@ -234,12 +235,12 @@ def test_direct_effects_chunked_by_bytes_and_only_at_the_metric_positions(plante
     def plain_loss(logits):
         logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
         return -(logp[mask]).mean()
-    free = direct_effects(m, run, loss, "mean", max_rows=None)
-    full = direct_effects(m, run, plain_loss, "mean", max_rows=None)
+    free = direct_effects(m, run, loss, "mean", batch_size=None)
+    full = direct_effects(m, run, plain_loss, "mean", batch_size=None)
     torch.testing.assert_close(free, full, atol=1e-6, rtol=0)
     # a budget of two heads' working memory (weights excluded) -> chunks of two heads
     per_head = 3 * 6 * (2 * m.info.d_model * 4 + m.bridge.cfg.d_vocab * (2 * 4 + 4))
-    assert plan_items(per_head, 2 * per_head) == 2
+    assert plan(per_head, room=2 * per_head) == 2
     import headlens.methods.patching as patching
     shapes, original = [], patching.per_variant
 
@@ -247,8 +248,8 @@ def test_direct_effects_chunked_by_bytes_and_only_at_the_metric_positions(plante
         shapes.append((n, logits.shape[1]))
         return original(metric, logits, n, batch)
     monkeypatch.setattr(patching, "per_variant", recording)
-    with limit(weight_bytes(m) + 2 * per_head):
-        small = direct_effects(m, run, loss, "mean", max_rows=None)
+    with use(max_memory=m.weight_bytes() + 2 * per_head):
+        small = direct_effects(m, run, loss, "mean", batch_size=None)
     assert [n for n, _ in shapes] == [2] * (len(m.heads()) // 2) + [1] * (len(m.heads()) % 2)
     assert {pos for _, pos in shapes} == {6}          # logits formed at the 6 loss positions only
     torch.testing.assert_close(small, free, atol=1e-6, rtol=0)

@@ -12,9 +12,14 @@ import torch
 
 from headlens import load_model
 from headlens.errors import HeadlensError
-from headlens.methods import (Ablation, ablate_group, attribution_patching, attribution_vs_exact,
-                              clean_run, direct_logit_attribution, loss_metric, patch_heads,
-                              path_patch_logits, random_baseline, run_variants, sweep_heads)
+from headlens.methods import (MeanAblation, Patch, Scale, ablate_group, as_intervention, attribution_patching,
+                              attribution_vs_exact, clean_run, direct_logit_attribution, loss_metric,
+                              patch_heads, path_patch_logits, random_baseline, run_variants, sweep_heads)
+
+
+def make(kind: str, scale: float):
+    """The intervention named ``kind`` (``scale`` for Scale)."""
+    return Scale(scale) if kind == "scale" else as_intervention(kind)
 
 TOL = 1e-4
 VOCAB = 48
@@ -140,9 +145,9 @@ def close(a, b, tol=TOL):
 @pytest.mark.parametrize("kind", ["zero", "mean", "resample", "uniform", "scale"])
 def test_sweep_matches_naive(tiny, kind):
     clean, _ = induction_pair(VOCAB, 3, 5)
-    ablation = Ablation(kind=kind, scale=0.3)
+    ablation = make(kind, 0.3)
     heads = tiny.heads()
-    batched = sweep_heads(tiny, clean, logits_metric, ablation, max_rows=9)  # chunks straddle layers
+    batched = sweep_heads(tiny, clean, logits_metric, ablation, batch_size=9)  # chunks straddle layers
     naive = naive_values(tiny, clean, [[h] for h in heads], logits_metric, kind=kind, scale=0.3)
     close(batched.flatten(0, 1), naive)
 
@@ -151,7 +156,7 @@ def test_mean_over_reference_batch(tiny):
     clean, corrupted = induction_pair(VOCAB, 3, 5)
     heads = [(0, 1), (2, 3)]
     batched = run_variants(tiny, clean, [[h] for h in heads], logits_metric,
-                           Ablation(kind="mean", reference=corrupted))
+                           MeanAblation(over=corrupted))
     close(batched, naive_values(tiny, clean, [[h] for h in heads], logits_metric, kind="mean",
                                 ref=corrupted))
 
@@ -163,7 +168,7 @@ def test_group_and_random_baseline(tiny):
     close(ablate_group(tiny, clean, group, metric, "zero")[None],
           naive_values(tiny, clean, [group], metric, kind="zero"))
     values, draws = random_baseline(tiny, clean, 3, metric, n_draws=5, seed=1, ablation="zero",
-                                    exclude=group, max_rows=4)
+                                    exclude=group, batch_size=4)
     assert len(draws) == 5 and all(len(set(d)) == 3 and not set(d) & set(group) for d in draws)
     close(values, naive_values(tiny, clean, draws, metric, kind="zero"))
     again, _ = random_baseline(tiny, clean, 3, metric, n_draws=5, seed=1, ablation="zero", exclude=group)
@@ -182,7 +187,7 @@ def test_patching_matches_naive(tiny, direction):
     # Per position: the head patched at one query position only (every position of two heads).
     heads = [(0, 1), (2, 3)]
     per_pos = patch_heads(tiny, clean, corrupted, logits_metric, direction, heads=heads,
-                          per_position=True, max_rows=16)
+                          per_position=True, batch_size=16)
     n_pos = clean.shape[1]
     assert per_pos.shape[:3] == (tiny.n_layers, tiny.n_heads, n_pos)
     assert per_pos[1].isnan().all()  # heads not asked for
@@ -196,7 +201,7 @@ def test_patching_matches_naive(tiny, direction):
 def test_path_patching_matches_naive(tiny, direction):
     clean, corrupted = induction_pair(VOCAB, 2, 5)
     target, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    batched = path_patch_logits(tiny, clean, corrupted, logits_metric, direction, max_rows=6)
+    batched = path_patch_logits(tiny, clean, corrupted, logits_metric, direction, batch_size=6)
     naive = torch.stack([logits_metric(naive_path_patch(tiny, target, source, h))
                          for h in tiny.heads()])
     close(batched.flatten(0, 1), naive)
@@ -284,7 +289,7 @@ def test_smollm_sweeps_match_naive(smollm, smol_pair):
     metric = loss_metric(clean)
     run = clean_run(smollm, clean)
     for kind in ("zero", "mean", "resample", "uniform", "scale"):
-        ablation = Ablation(kind=kind, scale=0.5)
+        ablation = make(kind, 0.5)
         batched = sweep_heads(smollm, clean, metric, ablation, heads=HEADS, run=run)
         naive = naive_values(smollm, clean, [[h] for h in HEADS], metric, kind=kind, scale=0.5, z=run.z)
         close(torch.stack([batched[h] for h in HEADS]), naive)
@@ -331,7 +336,7 @@ def test_smollm_attribution_patching(smollm, smol_pair):
 
 def test_mean_ablation_leaves_out_start_token_and_padding():
     """The mean a head is replaced by averages real tokens only, never each prompt's first (sink) position."""
-    from headlens.methods.ablation import mean_weights, position_mean
+    from headlens.methods.interventions import mean_weights, position_mean
 
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
     w = mean_weights((3, 5), mask)
@@ -347,8 +352,8 @@ def test_resumed_runs_go_native_where_exact(tiny):
     """Ablated runs resumed at a layer go through the model's own transformers modules (SDPA, hooks on
     the output projection's input) for Llama-like models, and through the bridge for GPT-2 (whose bridge
     keeps its split QKV weights): both give the bridge's values, and padding is respected."""
-    import headlens.methods.ablation as ablation
-    from headlens.methods.ablation import native_from_ok
+    import headlens.methods.forward as forward
+    from headlens.methods.forward import native_from_ok
 
     is_llama = tiny.info.architecture.startswith("Llama")
     assert native_from_ok(tiny) == is_llama
@@ -356,15 +361,15 @@ def test_resumed_runs_go_native_where_exact(tiny):
     mask = torch.ones_like(clean)
     mask[0, :3] = 0                                              # a left-padded prompt
     calls = []
-    original = ablation._native_from
-    ablation._native_from = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    original = forward._native_from
+    forward._native_from = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
     try:
-        for kind in ("mean", "zero", Ablation(kind="patch", source=clean_run(tiny, corrupted, mask).z)):
+        for kind in ("mean", "zero", Patch(source=clean_run(tiny, corrupted, mask).z)):
             fast = run_variants(tiny, clean, [[h] for h in tiny.heads()], logits_metric, kind, mask)
-            tiny.__dict__["_headlens_native_from"] = False
+            tiny.memo["native_from"] = False
             slow = run_variants(tiny, clean, [[h] for h in tiny.heads()], logits_metric, kind, mask)
-            tiny.__dict__["_headlens_native_from"] = is_llama
+            tiny.memo["native_from"] = is_llama
             torch.testing.assert_close(fast, slow, atol=TOL, rtol=0)
     finally:
-        ablation._native_from = original
+        forward._native_from = original
     assert bool(calls) == is_llama

@@ -74,7 +74,7 @@ def test_zero_ablation_direct_effect_is_minus_the_heads_logit_attribution(smollm
     correct, wrong = torch.tensor([11, 22, 33]) + 1000, torch.tensor([44, 55, 66]) + 1000
     run = clean_run(smollm, tokens)
     metric = logit_diff_metric(correct, wrong)
-    direct = direct_effects(smollm, run, metric, "zero", max_rows=40, positions=slice(-1, None))
+    direct = direct_effects(smollm, run, metric, "zero", batch_size=40, positions=slice(-1, None))
     dla = direct_logit_attribution(smollm, tokens, correct, wrong).heads[..., -1].mean(-1)   # [L, H]
     clean = float(metric(run.logits))
     torch.testing.assert_close(direct - clean, -dla.float().cpu(), atol=2e-3, rtol=1e-3)

@@ -11,7 +11,7 @@ from headlens.models import choose_start_token
 def test_smollm_uses_its_document_token_not_the_chat_marker(smollm):
     tok = smollm.tokenizer
     assert tok.bos_token == "<|im_start|>"                     # what the tokenizer reports as BOS
-    assert smollm.bos_token_id == smollm.info.start_token_id == 0
+    assert smollm.start_token_id == smollm.info.start_token_id == 0
     assert smollm.info.start_token.startswith("<|endoftext|> (id 0") and "chat marker" in smollm.info.start_token
     assert choose_start_token(tok, "<|im_start|>")[0] == 1 and choose_start_token(tok, "7")[0] == 7
     with pytest.raises(HeadlensError, match="not a token"):
@@ -30,7 +30,7 @@ def test_a_bos_used_once_per_conversation_is_kept(smollm):
 
 
 def test_planted_word_level_model_keeps_its_bos(planted_induction):
-    assert planted_induction.bos_token_id == 0 and "BOS" in planted_induction.info.start_token
+    assert planted_induction.start_token_id == 0 and "BOS" in planted_induction.info.start_token
 
 
 def test_document_start_helps_smollm_continue_sequences(smollm):

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from headlens.detectors.base import CausalCheck, format_causal, self_repair, top_heads
+from headlens.detectors.base import self_repair, top_heads
+from headlens.results import CausalCheck, format_causal
 from headlens.stats import bootstrap_ci, empirical_p_value
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import importlib
 
 from ..errors import HeadlensError
-from .base import (NOT_APPLICABLE, OK, CausalCheck, CausalParams, Detector, DetectorResult, format_causal,
-                   head_frame, top_heads)
+from ..results import NOT_APPLICABLE, OK, CausalCheck, DetectorResult, format_causal, head_frame
+from .base import CausalParams, Detector, top_heads
 
 # role name -> "module:Class" (imported on first use, so one broken detector cannot break the others)
 REGISTRY = {

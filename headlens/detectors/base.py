@@ -2,9 +2,10 @@
 
 A detector is a class with a ``name`` (the role, e.g. ``induction``), a one-line ``summary``, the
 ``paper`` it follows, a ``Params`` dataclass whose defaults are the paper's choices, and a ``run`` method
-that returns a :class:`DetectorResult`: per-head columns (``<role>_score`` plus evidence), the heads it
-labels, a causal check (top-k heads vs random k heads), and a status. A new head type is one new module
-with one such class, added to ``headlens.detectors.REGISTRY``.
+that returns a :class:`~headlens.results.DetectorResult`: per-head columns (``<role>_score`` plus
+evidence), the heads it labels, a causal check (top-k heads vs random k heads), and a status. A new head
+type is one new module with one such class, added to ``headlens.detectors.REGISTRY``; it uses the public
+API of :mod:`headlens.methods` (and of :mod:`headlens.runtime` for chunked work), never another detector.
 """
 from __future__ import annotations
 
@@ -13,105 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..errors import HeadlensError
-from ..methods import run_variants
-from ..methods.ablation import random_head_sets
+from ..methods import direct_effects, random_head_sets, run_variants
+from ..models import HeadModel
+from ..results import NOT_APPLICABLE, CausalCheck, DetectorResult, head_frame, head_names
+from ..runtime import current
+from ..stats import bootstrap_ci
 
-OK = "ok"
-NOT_APPLICABLE = "not_applicable"
-
-
-@dataclass
-class DetectorResult:
-    """What one detector found on one model."""
-    role: str
-    frame: pd.DataFrame          # one row per (layer, head): layer, head, <role>_score, <role>_<evidence>
-    labelled: list[tuple[int, int]]
-    status: str = OK             # ok | not_applicable
-    reason: str = ""             # why not applicable, or a note on a weak/absent role
-    causal: "CausalCheck | None" = None   # top-k vs random-k ablation (a sidecar dict is read into one)
-    params: dict[str, Any] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)     # timings, counts, sampled tokens...
-
-    def __post_init__(self):
-        if isinstance(self.causal, dict):
-            self.causal = CausalCheck.from_dict(self.causal) if self.causal else None
-
-    @property
-    def applies(self) -> bool:
-        """False when the role does not apply to the model (``status`` not_applicable, no scores)."""
-        return self.status == OK
-
-    @property
-    def evidence_columns(self) -> list[str]:
-        """The numeric per-head columns other than the score (``<role>_<evidence>``)."""
-        return [c for c in self.frame.columns if c.startswith(f"{self.role}_") and c != self.score_column
-                and self.frame[c].dtype.kind == "f"]
-
-    @property
-    def score_column(self) -> str:
-        return f"{self.role}_score"
-
-    def top(self, k: int = 10) -> pd.DataFrame:
-        """The k highest-scoring heads (scores first, NaN last): layer, head, head_id, score, evidence."""
-        top = self.frame.sort_values(self.score_column, ascending=False, na_position="last",
-                                     kind="stable").head(k)
-        if "head_id" not in top:
-            top.insert(2, "head_id", [f"L{l}H{h}" for l, h in zip(top["layer"], top["head"])])
-        return top
-
-    @property
-    def causal_check(self) -> "CausalCheck | None":
-        """The causal check (the same as ``causal``): readable ``print``, ``.p_value``, ``.plot()``."""
-        return self.causal
-
-    def heads(self, k: int | None = None) -> list[tuple[int, int]]:
-        """``(layer, head)`` of the top ``k`` heads by score (all if None), NaN scores last."""
-        top = self.top(len(self.frame) if k is None else k)
-        return [(int(l), int(h)) for l, h in zip(top["layer"], top["head"])]
-
-    def summary(self) -> str:
-        """Status, labelled heads, time and causal check, one per line."""
-        lines = [f"{self.role}: {self.status}" + (f" ({self.reason})" if self.reason else ""),
-                 "labelled: " + (", ".join(_names(self.labelled)) or "none")]
-        if "seconds" in self.info:
-            lines.append(f"ran in {self.info['seconds']} s")
-        if self.causal:
-            lines.append(f"causal check: {self.causal}")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return f"DetectorResult({self.summary()})"
-
-    def _repr_html_(self) -> str:
-        import html
-        lines = "".join(f"<br>{html.escape(line)}" for line in self.summary().splitlines()[1:])
-        head = f"<b>{html.escape(self.role)}</b>: {html.escape(self.status)}"
-        reason = f" <i>{html.escape(self.reason)}</i>" if self.reason else ""
-        table = self.top(5).to_html(index=False, float_format=lambda x: f"{x:.4g}") if self.applies else ""
-        return f"<div>{head}{reason}{lines}{table}</div>"
-
-
-def head_frame(model, role: str, score: torch.Tensor | np.ndarray,
-               evidence: dict[str, torch.Tensor | np.ndarray] | None = None) -> pd.DataFrame:
-    """Tidy per-head columns from ``[n_layers, n_heads]`` arrays: layer, head, <role>_score, evidence."""
-    L, H = model.n_layers, model.n_heads
-    layer, head = np.divmod(np.arange(L * H), H)
-    cols: dict[str, Any] = {"layer": layer, "head": head}
-
-    def flat(x, name):
-        a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, float)
-        if a.shape != (L, H):
-            raise ValueError(f"{name}: expected shape {(L, H)}, got {a.shape}")
-        return a.reshape(-1)
-
-    cols[f"{role}_score"] = flat(score, "score")
-    for name, value in (evidence or {}).items():
-        cols[f"{role}_{name}"] = flat(value, name)
-    return pd.DataFrame(cols)
+__all__ = ["Detector", "CausalParams", "ReviewParams", "top_heads", "effect_heads", "self_repair"]
 
 
 class Detector:
@@ -121,7 +33,7 @@ class Detector:
     paper: ClassVar[str] = ""
     default_batch_size: ClassVar[int] = 64   # runtime, not science: sequences per batched forward pass
     # Its usual share of a scan's time, relative (induction 1.0; from the 8B scan of docs/scale.md): how a
-    # distributed scan spreads detectors over ranks (headlens.distributed.plan). Speed only, never results.
+    # distributed scan spreads detectors over ranks (headlens.runtime.distributed.plan). Speed only.
     cost: ClassVar[float] = 0.5
 
     @dataclass
@@ -131,23 +43,25 @@ class Detector:
     def __init__(self, **overrides):
         known = {f.name for f in dataclasses.fields(self.Params)}
         unknown = set(overrides) - known
-        if "max_rows" in unknown:
-            raise HeadlensError("max_rows is a runtime setting, not a detector parameter: use --batch-size "
-                                "(CLI) or hl.scan(model, ..., batch_size=N)")
+        runtime = sorted({"max_rows", "batch_size", "max_memory"} & unknown)
+        if runtime:
+            raise HeadlensError(f"{', '.join(runtime)} is a runtime setting, not a detector parameter: use "
+                                "--batch-size / --max-memory (CLI) or hl.scan(model, ..., batch_size=N, "
+                                "max_memory=...)")
         if unknown:
             raise HeadlensError(f"detector '{self.name}' has no parameter(s) {', '.join(sorted(unknown))}; "
                                 f"it takes {', '.join(sorted(known)) or 'none'}")
         self.params = self.Params(**overrides)
 
-    def run(self, model, seed: int = 0) -> DetectorResult:
+    def run(self, model: HeadModel, seed: int = 0) -> DetectorResult:
         raise NotImplementedError
 
     @property
-    def max_rows(self) -> int:
+    def batch_size(self) -> int:
         """Sequences per batched forward pass: the runtime's batch size (``scan(batch_size=...)``,
         ``--batch-size``) if set, else the detector's default; the memory budget may lower it further."""
-        from ..memory import batch_size
-        return batch_size(self.default_batch_size)
+        value = current().batch_size
+        return self.default_batch_size if value is None else int(value)
 
     @property
     def causal_params(self) -> CausalParams:
@@ -172,10 +86,10 @@ class Detector:
         values = self.causal_values(model, [[], top] + draws + [list(v) for v in extra_variants], **context)
         values = torch.as_tensor(values).float().cpu()
         first = values if values.dim() == 1 else values[:, 0]
-        return CausalCheck(metric=metric_name, top_heads=_names(top), clean=float(first[0]),
+        return CausalCheck(metric=metric_name, top_heads=head_names(top), clean=float(first[0]),
                            top_k_ablated=float(first[1]),
                            random_k_ablated=[float(x) for x in first[2:2 + len(draws)]],
-                           random_draws=[_names(d) for d in draws], worse=worse, ablation=cp.ablation,
+                           random_draws=[head_names(d) for d in draws], worse=worse, ablation=cp.ablation,
                            raw=values)
 
     def causal_values(self, model, variants: list[list[tuple[int, int]]], run=None, metric=None,
@@ -186,19 +100,18 @@ class Detector:
         ``metric``. Detectors whose check needs generation (retrieval, safety) override this one method.
         """
         return run_variants(model, run.tokens, variants, metric, self.causal_params.ablation,
-                            run.attention_mask, self.max_rows, run,
+                            run.attention_mask, self.batch_size, run,
                             description=f"{self.name} causal check")
 
     def interval(self, per_item: torch.Tensor, seed: int, name: str = "score") -> dict[str, torch.Tensor]:
         """``{"<name>_lo": [L, H], "<name>_hi": [L, H]}``: the seeded percentile-bootstrap interval of the
         mean over the items (dimension 0) of ``per_item`` ``[n, L, H]``."""
-        from ..stats import bootstrap_ci
         p = self.params
         lo, hi = bootstrap_ci(per_item, getattr(p, "n_boot", 1000), seed, getattr(p, "ci_level", 0.95))
         return {f"{name}_lo": lo, f"{name}_hi": hi}
 
     def direct_and_self_repair(self, model, run, metric, total: torch.Tensor, worse: str = "higher",
-                               clean: float | None = None, heads=None, max_rows: int | None = None,
+                               clean: float | None = None, heads=None, batch_size: int | None = None,
                                positions: slice = slice(None)) -> dict[str, torch.Tensor]:
         """Per head, the direct effect of its ablation (its path straight to the logits only, everything
         else frozen; :func:`headlens.methods.direct_effects`) beside the ``total`` effect (the ordinary
@@ -207,9 +120,8 @@ class Detector:
         Effects are signed so that positive = the metric moves the ``worse`` way. Returns
         ``{"direct": [L, H], "self_repair": [L, H]}`` (NaN for heads outside ``heads``, default all).
         """
-        from ..methods import direct_effects
         values = direct_effects(model, run, metric, self.causal_params.ablation, heads=heads,
-                                max_rows=max_rows or self.max_rows, positions=positions)
+                                batch_size=batch_size or self.batch_size, positions=positions)
         values = values if values.dim() == 2 else values[..., 0]
         if clean is None:
             clean = float(run.value(metric).flatten()[0])
@@ -224,7 +136,7 @@ class Detector:
 
     def estimate(self, model) -> float:
         """This detector's expected share of a scan of ``model``, relative to induction's 1.0: how a
-        distributed scan spreads detectors over ranks (:func:`headlens.distributed.plan`). Default: the
+        distributed scan spreads detectors over ranks (:func:`headlens.runtime.distributed.plan`). Default: the
         class's ``cost``; a detector whose work depends on the model (safety: the Ships sweeps run only
         when the model refuses) overrides it. Speed only, never results."""
         return self.cost
@@ -254,10 +166,6 @@ def effect_heads(score: torch.Tensor, total: torch.Tensor, k: int) -> list[tuple
     return heads + [h for h in top_heads(torch.as_tensor(total).abs(), k) if h not in heads]
 
 
-def _names(heads) -> list[str]:
-    return [h if isinstance(h, str) else f"L{h[0]}H{h[1]}" for h in heads]
-
-
 @dataclass
 class CausalParams:
     """The causal check's parameters, shared by every detector's ``Params`` (which may change defaults)."""
@@ -271,123 +179,6 @@ class ReviewParams(CausalParams):
     """:class:`CausalParams` plus the bootstrap interval of the score (``<role>_score_lo/_hi``)."""
     n_boot: int = 1000         # bootstrap resamples over prompts/sequences/runs/tokens
     ci_level: float = 0.95     # interval level
-
-
-@dataclass
-class CausalCheck:
-    """Top-k heads ablated together vs ``n_random`` draws of k random heads (other than those).
-
-    ``worse`` says which way the metric moves when the ablated heads matter more (``higher``: e.g. a loss;
-    ``lower``: e.g. an accuracy). ``p_value`` = (1 + #random draws at least as extreme as the top-k
-    ablation, in that direction) / (1 + n_draws): its minimum is 1 / (n_draws + 1).
-    """
-    metric: str
-    top_heads: list[str]
-    clean: float
-    top_k_ablated: float
-    random_k_ablated: list[float]
-    random_draws: list[list[str]]
-    worse: str = "higher"
-    ablation: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)     # detector-specific figures, kept in to_dict
-    raw: Any = field(default=None, repr=False, compare=False)  # every variant's full metric (not saved)
-
-    @property
-    def k(self) -> int:
-        return len(self.top_heads)
-
-    @property
-    def n_random(self) -> int:
-        return len(self.random_k_ablated)
-
-    @property
-    def random_mean(self) -> float:
-        return float(np.mean(self.random_k_ablated)) if self.random_k_ablated else float("nan")
-
-    @property
-    def random_std(self) -> float:
-        r = self.random_k_ablated
-        return float(np.std(r, ddof=1)) if len(r) > 1 else 0.0
-
-    @property
-    def n_as_extreme(self) -> int:
-        r = np.asarray(self.random_k_ablated, float)
-        extreme = (r >= self.top_k_ablated) if self.worse == "higher" else (r <= self.top_k_ablated)
-        return int((extreme | np.isnan(r)).sum())            # as in the p-value: NaN draws count
-
-    @property
-    def p_value(self) -> float:
-        from ..stats import empirical_p_value
-        return empirical_p_value(self.top_k_ablated, self.random_k_ablated, self.worse == "higher")
-
-    def format(self) -> str:
-        """One line for the CLI, the report and the notebooks."""
-        return (f"{self.metric}: clean {self.clean:.4g}; top-{self.k} ablated {self.top_k_ablated:.4g}; "
-                f"random {self.k} ablated {self.random_mean:.4g} ± {self.random_std:.2g} "
-                f"({self.n_random} draws; {self.n_as_extreme} as extreme); "
-                f"p = {self.p_value:.3g} ({self.worse} = the heads matter more)")
-
-    __str__ = format
-
-    def __repr__(self) -> str:
-        return f"CausalCheck({self.format()})"
-
-    def _repr_html_(self) -> str:
-        import html
-        rows = [("clean", self.clean), (f"top-{self.k} ablated ({', '.join(self.top_heads)})", self.top_k_ablated),
-                (f"random {self.k} ablated, mean ± sd of {self.n_random}",
-                 f"{self.random_mean:.4g} ± {self.random_std:.2g}"), ("p-value", self.p_value)]
-        cells = "".join(f"<tr><td>{html.escape(a)}</td><td>{b:.4g}</td></tr>" if isinstance(b, float)
-                        else f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows)
-        return (f"<div><b>causal check</b>: {html.escape(self.metric)} ({self.worse} = the heads matter "
-                f"more)<table>{cells}</table></div>")
-
-    def plot(self, title: str | None = None):
-        """A plotly figure: clean, top-k ablated and each random draw (with their mean and sd)."""
-        from ..plots import causal_check
-        return causal_check(self, title)
-
-    # Read like the sidecar record (``check["p_value"]``), as earlier DetectorResult.causal dicts were.
-    def __getitem__(self, key: str):
-        return self.to_dict()[key]
-
-    def get(self, key: str, default=None):
-        return self.to_dict().get(key, default)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.to_dict()
-
-    def to_dict(self) -> dict[str, Any]:
-        """The sidecar record: the keys of earlier catalogues plus ``p_value``, ``worse``, ``ablation``..."""
-        return {"metric": self.metric, "k": self.k, "top_heads": list(self.top_heads),
-                "clean": float(self.clean), "top_k_ablated": float(self.top_k_ablated),
-                "random_k_ablated_mean": self.random_mean, "random_k_ablated_std": self.random_std,
-                "random_k_ablated": [float(x) for x in self.random_k_ablated],
-                "random_draws": [list(d) for d in self.random_draws],
-                "n_random": self.n_random, "worse": self.worse, "ablation": self.ablation,
-                "n_as_extreme": self.n_as_extreme, "p_value": self.p_value, **self.extra}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CausalCheck":
-        """Read a sidecar record (older ones lack ``worse``: then ``higher`` is assumed)."""
-        own = {"metric", "k", "top_heads", "clean", "top_k_ablated", "random_k_ablated_mean",
-               "random_k_ablated_std", "random_k_ablated", "random_draws", "n_random", "worse",
-               "ablation", "n_as_extreme", "p_value"}
-        return cls(metric=d["metric"], top_heads=list(d.get("top_heads", [])), clean=d["clean"],
-                   top_k_ablated=d["top_k_ablated"], random_k_ablated=list(d.get("random_k_ablated", [])),
-                   random_draws=[list(x) for x in d.get("random_draws", [])],
-                   worse=d.get("worse", "higher"), ablation=d.get("ablation", ""),
-                   extra={k: v for k, v in d.items() if k not in own})
-
-
-def format_causal(causal: dict[str, Any] | CausalCheck) -> str:
-    """The one-line causal check of a sidecar record (or a CausalCheck)."""
-    return str(as_causal_check(causal))
-
-
-def as_causal_check(causal: dict[str, Any] | CausalCheck | None) -> CausalCheck | None:
-    """A CausalCheck from a sidecar record (None for an empty one)."""
-    return causal if isinstance(causal, CausalCheck) or not causal else CausalCheck.from_dict(causal)
 
 
 def self_repair(direct: torch.Tensor, total: torch.Tensor, min_share: float = 0.1) -> torch.Tensor:

@@ -46,15 +46,17 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from .. import distributed
 from ..data import file_or_data
 from ..errors import HeadlensError
-from ..memory import plan_rows, release, resolve_budget, row_bytes
-from ..methods import Intervention, clean_run, run_variants, sweep_heads
+from ..methods import (FINAL_SCALE, Intervention, clean_run, pattern_name, random_token_ids, row_bytes,
+                       run_variants, sweep_heads, v_name, z_name)
 from ..methods.circuits import effective_embedding, head_dla, layer_weights, normalise, per_query_head
 from ..methods.metrics import summed, token_logprobs
-from .base import Detector, DetectorResult, ReviewParams, head_frame, top_heads
-from .induction import random_token_ids
+from ..results import DetectorResult, head_frame
+from ..runtime import each
+from ..runtime.memory import release
+from ..runtime.work import plan
+from .base import Detector, ReviewParams, top_heads
 
 
 PIECE = 1 << 23   # float32 elements of one piece of the weight circuits' logits or scores (32 MB)
@@ -69,7 +71,7 @@ def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple
     weights at a time are read and upcast (never every layer's: tens of GiB at 70B); ``chunk`` tokens at
     a time (default: about 32 MB of float32 logits, whose comparisons' counts take twice that in int64),
     so the extra memory is a few per-layer matrices.
-    Layers are shared among the ranks of a distributed run (:mod:`headlens.distributed`).
+    Layers are shared among the ranks of a distributed run (:func:`headlens.runtime.each`).
     """
     b = model.bridge
     x = normalise(model, effective_embedding(model, tokens))
@@ -95,7 +97,7 @@ def ov_own_ranks(model, tokens: torch.Tensor, chunk: int | None = None) -> tuple
             lower[:, i:i + chunk] = (logits.shape[-1] - above - 1).cpu()   # others at or below its own
             higher[:, i:i + chunk] = (logits.shape[-1] - below - 1).cpu()
         return lower, higher
-    per_layer = distributed.map(layer, range(model.n_layers), "OV ranks")
+    per_layer = each(layer, range(model.n_layers), "OV ranks")
     return torch.stack([lo for lo, _ in per_layer]), torch.stack([hi for _, hi in per_layer])
 
 
@@ -137,8 +139,6 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
     The vocabulary's keys go ``chunk`` tokens at a time; they are computed once and kept (float32,
     ``vocab x d_model``) when that fits the working-memory budget, else recomputed for every layer.
     Layers are shared among the ranks of a distributed run."""
-    from ..memory import plan_pieces
-
     b = model.bridge
     vocab = b.cfg.d_vocab
     w_u = b.W_U
@@ -146,7 +146,8 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
     keys_own = normalise(model, effective_embedding(model, tokens))
     ids = tokens.cpu()
     starts = list(range(0, vocab, chunk))
-    keep = plan_pieces(2, vocab * b.cfg.d_model * 4, model.device, model) == 2   # keys + room to spare
+    keep = plan(vocab * b.cfg.d_model * 4, device=model.device, weights=model.weight_bytes(),
+                n_items=2) == 2                                           # keys + room to spare
     kept: dict[int, torch.Tensor] = {}
 
     def keys(i: int) -> torch.Tensor:
@@ -177,7 +178,7 @@ def qk_own_ranks(model, tokens: torch.Tensor, chunk: int = 4096) -> torch.Tensor
                 higher, lower = _count_vs(scores, own[:, j:j + step, None])
                 above[:, j:j + step] += (scores.shape[-1] - lower).cpu()     # rivals at or above its own
         return above
-    return torch.stack(distributed.map(layer, range(model.n_layers), "QK ranks"))
+    return torch.stack(each(layer, range(model.n_layers), "QK ranks"))
 
 
 def qk_diagonal(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -217,14 +218,14 @@ def prose_tokens(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
         raise HeadlensError(f"corpus {corpus} has {len(ids)} tokens, fewer than seq_len={seq_len}")
     model.check_length(seq_len + 1, "copy-suppression text chunk (1 + seq_len)")
     chunks = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
-    return torch.cat([torch.full((n, 1), model.bos_token_id, dtype=torch.long), chunks], 1)
+    return torch.cat([torch.full((n, 1), model.start_token_id, dtype=torch.long), chunks], 1)
 
 
 def full_logit_rows(model, n_pos: int) -> int:
     """How many prompts of ``n_pos`` tokens one pass may take with their logits at every position, within
     the working-memory budget (the same on every rank): ``[8, 129, 262144]`` in float32 is 1.1 GB."""
-    budget = resolve_budget(None, model.device, model, need=row_bytes(model, n_pos))
-    return distributed.agree_min(plan_rows(model, n_pos, None, budget, "copy-suppression text chunks"))
+    return plan(row_bytes(model, n_pos), device=model.device, weights=model.weight_bytes(),
+                strict="copy-suppression text chunks", unit=f"{n_pos}-token sequence on {model.info.name}")
 
 
 def cached_predictions(model, tokens: torch.Tensor, names: set[str]) -> tuple[torch.Tensor, dict]:
@@ -308,7 +309,7 @@ class AddToAttnOut(Intervention):
 
 class CopySuppressionDetector(Detector):
     name = "copy_suppression"
-    cost = 0.6   # share of a scan (relative; headlens.distributed.plan)
+    cost = 0.6   # share of a scan (relative; headlens.runtime.distributed.plan)
     summary = "attends to an earlier token the model is about to predict and lowers its logit"
     paper = "McDougall, Conmy, Rushing, McGrath, Nanda 2023, Copy Suppression"
 
@@ -343,16 +344,15 @@ class CopySuppressionDetector(Detector):
         qk_median = qk_rank.float().median(-1).values + 1
         score = suppress - copy
 
-        names = {f"blocks.{l}.{x}" for l in range(model.n_layers)
-                 for x in ("attn.hook_z", "attn.hook_pattern", "attn.hook_v")}
-        names.add("ln_final.hook_scale")
+        names = {name(l) for l in range(model.n_layers) for name in (z_name, pattern_name, v_name)}
+        names.add(FINAL_SCALE)
         release()   # the weight circuits' many medium temporaries, freed but kept by the C allocator
         pred, cache = cached_predictions(model, tokens, names)
         seen, earlier = repeated_predictions(tokens, pred)
         if not seen.any():
             return self.not_applicable(model, "the model never predicts a token already in the context "
                                        "of the corpus, so copy suppression cannot act")
-        attn_seen = torch.stack([_attention_to(cache[f"blocks.{l}.attn.hook_pattern"], earlier, seen)
+        attn_seen = torch.stack([_attention_to(cache[pattern_name(l)], earlier, seen)
                                  for l in range(model.n_layers)])
         rows, pos = torch.meshgrid(torch.arange(tokens.shape[0]), torch.arange(tokens.shape[1]), indexing="ij")
         rows, pos = rows.flatten(), pos.flatten()
@@ -368,7 +368,7 @@ class CopySuppressionDetector(Detector):
         n = min(p.cspa_seqs, len(tokens))
         # CSPA reads only its heads' layers of the first n prompts: keep those, free the rest first
         kept = {k: cache[k][:n].clone() for l, _ in top[:p.cspa_heads]
-                for k in (f"blocks.{l}.attn.hook_z", f"blocks.{l}.attn.hook_v", f"blocks.{l}.attn.hook_pattern")}
+                for k in (z_name(l), v_name(l), pattern_name(l))}
         del cache
         release()
         for (l, h), v in zip(top[:p.cspa_heads], self._cspa(model, tokens[:n], kept, top[:p.cspa_heads])):
@@ -413,13 +413,13 @@ class CopySuppressionDetector(Detector):
         deltas = {l: torch.zeros(2 * len(heads) * n_b, n_pos, b.cfg.d_model) for l in layers}
         w_o_all = b.W_O
         for i, (l, h) in enumerate(heads):
-            z = cache[f"blocks.{l}.attn.hook_z"][:n_b, :, h].float().to(u.device)          # [b, q, dh]
+            z = cache[z_name(l)][:n_b, :, h].float().to(u.device)          # [b, q, dh]
             w_o = w_o_all[l, h].float().to(u.device)
             out = z @ w_o                                                                    # [b, q, d]
             mean = out[:, 1:].mean((0, 1), keepdim=True)                                   # start token left out
-            v = cache[f"blocks.{l}.attn.hook_v"][:n_b, :, model.kv_head(h)].float().to(u.device)  # [b, k, dh]
+            v = cache[v_name(l)][:n_b, :, model.kv_head(h)].float().to(u.device)  # [b, k, dh]
             coef = einsum(v @ w_o, u, "b k d, b k d -> b k").clamp(max=0)                   # suppression only
-            attn = cache[f"blocks.{l}.attn.hook_pattern"][:n_b, h].float().to(u.device)      # [b, q, k]
+            attn = cache[pattern_name(l)][:n_b, h].float().to(u.device)      # [b, q, k]
             kept = einsum(attn, coef[..., None] * u, "b q k, b k d -> b q d")
             deltas[l][2 * i * n_b:(2 * i + 1) * n_b] = (mean - out).cpu()                  # mean ablation
             deltas[l][(2 * i + 1) * n_b:(2 * i + 2) * n_b] = (mean + kept - out).cpu()     # CSPA-like
@@ -434,7 +434,7 @@ class CopySuppressionDetector(Detector):
             part = {l: d.view(-1, n_b, n_pos, d.shape[-1])[:, j:j + n].flatten(0, 1) for l, d in deltas.items()}
             kls = kls + run_variants(model, run.tokens, [[hd] for hd in heads for _ in range(2)],
                                      mean_kl(run.logits, n_b * n_pos), AddToAttnOut(part, n), run=run,
-                                     max_rows=self.max_rows, description="CSPA ablations")
+                                     batch_size=self.batch_size, description="CSPA ablations")
             del run
         kls = kls.tolist()
         return [1 - kls[2 * i + 1] / kls[2 * i] if kls[2 * i] > 0 else float("nan") for i in range(len(heads))]
@@ -467,7 +467,7 @@ class CopySuppressionDetector(Detector):
                    "specificity": rise_on / (abs(rise_on) + abs(rise_off)) if rise_on or rise_off else float("nan")}
         heads = top_heads(score, p.effect_heads)
         # `on` reads the repeat positions only: the planner sizes the chunks by the logits there
-        total = sweep_heads(model, run.tokens, on, p.ablation, heads=heads, max_rows=self.max_rows, run=run)
+        total = sweep_heads(model, run.tokens, on, p.ablation, heads=heads, batch_size=self.batch_size, run=run)
         total = total - check.clean
         direct = self.direct_and_self_repair(model, run, on, total, "higher", check.clean, heads=heads)
         return check.to_dict(), control, {"total": total, **direct}

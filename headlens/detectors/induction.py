@@ -32,30 +32,12 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from .. import distributed
-from ..methods import clean_run, loss_metric, sweep_heads
-from ..methods.ablation import logits_at
+from ..methods import (FINAL_SCALE, clean_run, logits_at, loss_metric, pattern_name, repeated_tokens,
+                       sweep_heads, v_name)
 from ..methods.circuits import layer_weights, per_query_head, unembed_times_embedding
-from .base import Detector, DetectorResult, ReviewParams, effect_heads, head_frame
-
-
-def random_token_ids(model, n: int, length: int, generator: torch.Generator,
-                     id_range: tuple[float, float] = (0.01, 0.9)) -> torch.Tensor:
-    """``[n, length]`` random token ids, avoiding special tokens and (for real vocabularies) the
-    lowest and highest ids (BPE's bytes/most frequent merges and its rarest merges)."""
-    vocab = model.bridge.cfg.d_vocab
-    special = set(model.tokenizer.all_special_ids)
-    lo, hi = (int(vocab * id_range[0]), int(vocab * id_range[1])) if vocab >= 1000 else (0, vocab)
-    pool = torch.tensor([i for i in range(lo, hi) if i not in special])
-    return pool[torch.randint(len(pool), (n, length), generator=generator)]
-
-
-def repeated_tokens(model, n_seqs: int, seq_len: int, n_repeats: int, seed: int) -> torch.Tensor:
-    """BOS followed by a random sequence repeated ``n_repeats`` times: ``[n_seqs, 1 + seq_len*n_repeats]``."""
-    g = torch.Generator().manual_seed(seed)
-    seq = random_token_ids(model, n_seqs, seq_len, g)
-    bos = torch.full((n_seqs, 1), model.bos_token_id, dtype=torch.long)
-    return torch.cat([bos, seq.repeat(1, n_repeats)], dim=1)
+from ..results import DetectorResult, head_frame
+from ..runtime import each
+from .base import Detector, ReviewParams, effect_heads
 
 
 def induction_masks(tokens: torch.Tensor, first_repeat_end: int):
@@ -87,7 +69,7 @@ def ov_eigen_ratio(model) -> torch.Tensor:
         m = einsum(w_o, ue, w_v, "l h e d1, d1 d2, l h d2 f -> l h e f")
         lam = eigvals_cpu(m[0])
         return lam.sum(-1).real / lam.abs().sum(-1).clamp_min(1e-12)
-    return torch.stack(distributed.map(layer, range(model.n_layers), "OV eigenvalues"))
+    return torch.stack(each(layer, range(model.n_layers), "OV eigenvalues"))
 
 
 def eigvals_cpu(m: torch.Tensor) -> torch.Tensor:
@@ -118,7 +100,7 @@ def eigvals_cpu(m: torch.Tensor) -> torch.Tensor:
 
 class InductionDetector(Detector):
     name = "induction"
-    cost = 1.0   # share of a scan (relative; headlens.distributed.plan)
+    cost = 1.0   # share of a scan (relative; headlens.runtime.distributed.plan)
     summary = "attends to the token after an earlier copy of the current token and copies it (prefix matching + copying)"
     paper = "Olsson et al. 2022, In-context learning and induction heads"
 
@@ -137,15 +119,15 @@ class InductionDetector(Detector):
         model.check_length(1 + p.seq_len * p.n_repeats, "induction prompt (1 + seq_len * n_repeats)")
         tokens = repeated_tokens(model, p.n_seqs, p.seq_len, p.n_repeats, seed).to(model.device)
         after_copy, copy, queries = induction_masks(tokens.cpu(), 1 + p.seq_len)
-        names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)}
-        names |= {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
+        names = {pattern_name(l) for l in range(model.n_layers)}
+        names |= {v_name(l) for l in range(model.n_layers)} | {FINAL_SCALE}
         with logits_at(model, torch.tensor([tokens.shape[1] - 1])):  # the logits are not read: unembed one position
             _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
 
         def mean_over_queries(weights, q_mask):   # per sequence: [b, L, H]; each layer where its pattern is
             out = []
             for l in range(model.n_layers):
-                pattern = cache[f"blocks.{l}.attn.hook_pattern"]                # [b, H, q, k]
+                pattern = cache[pattern_name(l)]                # [b, H, q, k]
                 per_query = einsum(pattern.float(), weights.to(pattern.device, torch.float32), "b h q k, b q k -> b h q")
                 out.append(per_query[..., q_mask.to(pattern.device)].mean(-1).cpu())
             return torch.stack(out, 1)
@@ -199,12 +181,12 @@ class InductionDetector(Detector):
         key = pos - p.seq_len + 1                                             # attended positions
         target = tokens[:, key].cpu()                                         # [b, P] = tokens[:, pos + 1]
         other = (target + torch.randint(1, b.cfg.d_vocab, target.shape, generator=g)) % b.cfg.d_vocab
-        scale = cache["ln_final.hook_scale"][:, pos].float().to(model.device)  # [b, P, 1]
+        scale = cache[FINAL_SCALE][:, pos].float().to(model.device)  # [b, P, 1]
         w_u = b.W_U.float()
         kv = torch.tensor([model.kv_head(h) for h in range(model.n_heads)])
 
         def layer(l: int) -> tuple[torch.Tensor, torch.Tensor]:   # ([H] shares of the target, of another token)
-            v = cache[f"blocks.{l}.attn.hook_v"][:, key][:, :, kv].float().to(model.device)   # [b, P, H, dh]
+            v = cache[v_name(l)][:, key][:, :, kv].float().to(model.device)   # [b, P, H, dh]
             w_o = layer_weights(model, "W_O", [l])[0].float()   # one layer upcast (all: 21 GiB at 70B)
             resid = einsum(v, w_o, "b p h e, h e d -> b p h d") / scale[..., None]
             logits = resid @ w_u                                              # [b, P, H, vocab]
@@ -215,7 +197,7 @@ class InductionDetector(Detector):
                 idx = ids.to(raise_.device)[:, :, None, None].expand(-1, -1, model.n_heads, 1)
                 shares.append((raise_.gather(-1, idx)[..., 0] / total).mean((0, 1)).cpu())
             return shares[0], shares[1]
-        per_layer = distributed.map(layer, range(model.n_layers), "copying")
+        per_layer = each(layer, range(model.n_layers), "copying")
         out = torch.stack([o for o, _ in per_layer])
         chance = torch.stack([c for _, c in per_layer])
         return out, float(chance.mean())
@@ -229,5 +211,5 @@ class InductionDetector(Detector):
         metric = loss_metric(sweep_tokens, repeated)
         run = clean_run(model, sweep_tokens, positions=metric.positions)   # logits where the loss reads
         clean_loss = float(run.value(metric))
-        losses = sweep_heads(model, sweep_tokens, metric, p.ablation, max_rows=self.max_rows, run=run)
+        losses = sweep_heads(model, sweep_tokens, metric, p.ablation, batch_size=self.batch_size, run=run)
         return losses - clean_loss, run, metric

@@ -33,15 +33,17 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..checkpoint import digest
 from ..data import file_or_data
 from ..errors import HeadlensError
-from ..memory import plan_items
+from ..methods import clean_run
 from ..methods.generation import (PREFILL_CHUNK, context_supported, continuation_logits, encode_prompt,
                                   greedy_generate, kv_bytes_per_token, prefill, prefill_context, shared_length,
                                   stop_token_ids)
-from .base import Detector, DetectorResult, ReviewParams, head_frame
+from ..methods.metrics import positioned, token_logprobs
+from ..results import DetectorResult, head_frame
+from ..runtime import each
+from ..runtime.work import agreed_budget, plan
+from .base import Detector, ReviewParams, self_repair, top_heads
 
 MARKER = "\x00CONTEXT\x00"
 PAPER_LENGTHS = [round(1000 + i * (50000 - 1000) / 19) for i in range(20)]   # Wu et al.: 1k..50k, 20 steps
@@ -148,11 +150,11 @@ def grid(model, p, needles: list[dict], template: str, chat: bool) -> tuple[list
 
 
 def budget(model, max_bytes: int = 0, need: int = 0) -> int:
-    """Bytes a batch of needle runs may take (KV caches and activations): ``max_bytes``, else the
-    scan's working-memory budget (:func:`headlens.memory.resolve_budget`: ``--max-memory``, or what the
-    device has free; on the CPU 256 MiB unless one run (``need``) takes more)."""
-    from ..memory import resolve_budget
-    return int(max_bytes) if max_bytes else resolve_budget(None, model.device, model, need=need)
+    """Bytes a batch of needle runs may take (KV caches and activations), the same on every rank:
+    ``max_bytes``, else the scan's working-memory budget (:func:`headlens.runtime.work.agreed_budget`:
+    ``--max-memory``, or what the device has free; on the CPU 256 MiB unless one run (``need``) takes
+    more)."""
+    return int(max_bytes) if max_bytes else agreed_budget(model.device, model.weight_bytes(), need)
 
 
 def row_bytes(model, n_context: int, n_new: int, n_fill: int) -> int:
@@ -202,9 +204,9 @@ def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_by
 
     # Each batch is one item of the same plan on every rank (the budget is agreed by the caller), so a
     # distributed run decodes each batch exactly as one process does; finished batches are checkpointed.
-    key = digest("needle runs", [r.tokens for r in runs], max_new_tokens, sorted(stops), batches, n_prefix)
+    key = ([r.tokens for r in runs], max_new_tokens, sorted(stops), batches, n_prefix)
     out: list = [None] * len(runs)
-    for batch, decoded in zip(batches, distributed.map(decode, batches, "needle runs", key=key, resumable=True)):
+    for batch, decoded in zip(batches, each(decode, batches, "needle runs", key=key, resumable=True)):
         for j, (tokens, top1) in zip(batch, decoded):
             out[j] = (runs[j], tokens, top1)
     return out
@@ -212,7 +214,7 @@ def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_by
 
 class RetrievalDetector(Detector):
     name = "retrieval"
-    cost = 0.55   # share of a scan (relative; headlens.distributed.plan)
+    cost = 0.55   # share of a scan (relative; headlens.runtime.distributed.plan)
     summary = "copies the needle from a long context into the answer (needle-in-a-haystack copy-paste score)"
     paper = "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality"
 
@@ -250,8 +252,7 @@ class RetrievalDetector(Detector):
         # every rank plans the same batches: the smallest rank's budget
         longest = max(len(r.tokens) for r in runs)
         need = row_bytes(model, longest, p.max_new_tokens, longest)
-        results = decode_runs(model, runs, p.max_new_tokens, stops,
-                              distributed.agree_min(budget(model, p.max_bytes, need)))
+        results = decode_runs(model, runs, p.max_new_tokens, stops, budget(model, p.max_bytes, need))
         scores, recalls, retrieved, answers, retrieved_recall = [], [], [], [], []
         for run, generated, top1 in results:
             answer = model.tokenizer.decode(generated, skip_special_tokens=True)
@@ -290,9 +291,6 @@ class RetrievalDetector(Detector):
         answer is produced, as the causal check does) on the teacher-forced log-prob of the model's own
         answer, mean over ``runs``; NaN for the other heads. Total drop: every later layer reacts; direct
         drop: only the head's path to the logits carries it."""
-        from ..methods import clean_run
-        from ..methods.metrics import positioned, token_logprobs
-        from .base import self_repair, top_heads
         nan = torch.full((model.n_layers, model.n_heads), float("nan"))
         if not runs:
             return {"total": nan, "direct": nan, "self_repair": nan}
@@ -313,7 +311,7 @@ class RetrievalDetector(Detector):
                                 torch.arange(-(n + 1), -1))
             clean = clean_run(model, tokens, positions=metric.positions, keep_v=True)
             d = self.direct_and_self_repair(model, clean, metric, nan, "lower", float(clean.value(metric)),
-                                            heads=heads, max_rows=4)["direct"]
+                                            heads=heads, batch_size=4)["direct"]
             direct += d / len(runs)
         return {"total": total, "direct": direct, "self_repair": self_repair(direct, total)}
 
@@ -333,7 +331,7 @@ class RetrievalDetector(Detector):
         clean = [i for i in range(len(variants)) if i not in decode]      # taken from clean_recall
         deepest = max(runs, key=lambda r: r.span[0])
         kv = kv_bytes_per_token(model)
-        total = distributed.agree_min(budget(model, p.max_bytes))   # every rank plans the same items
+        total = budget(model, p.max_bytes)   # every rank plans the same items
         n_prefix = min(deepest.span[0], total // 2 // kv)
         shared = [shared_length(run.tokens, deepest.tokens[:n_prefix]) if n_prefix > 1 else 0 for run in runs]
         recall = torch.zeros(len(variants))
@@ -344,7 +342,7 @@ class RetrievalDetector(Detector):
         if p.ablate_prompt:
             one = kv * n_prefix + max(row_bytes(model, len(r.tokens), p.max_new_tokens, len(r.tokens) - n)
                                       for r, n in zip(runs, shared))
-            n = distributed.agree_min(plan_items(one, budget(model, p.max_bytes, one)))  # same plan everywhere
+            n = plan(one, room=budget(model, p.max_bytes, one))  # same plan everywhere
             items = [(list(range(len(runs))), decode[i:i + n]) for i in range(0, len(decode), n)]
         else:
             # groups of runs whose clean caches fit half the budget (runs of similar length after the
@@ -354,7 +352,7 @@ class RetrievalDetector(Detector):
                 if groups[-1] and kv * sum(len(runs[j].tokens) for j in groups[-1] + [r]) > total // 2:
                     groups.append([])
                 groups[-1].append(r)
-            n = plan_items(row_bytes(model, p.max_new_tokens + 1, p.max_new_tokens, 1), total // 2)
+            n = plan(row_bytes(model, p.max_new_tokens + 1, p.max_new_tokens, 1), room=total // 2)
             items = [(g, decode) for g in groups]       # each group's variants in chunks of n rows
 
         clean_prefix = prefill(model, deepest.tokens[:n_prefix]) if n_prefix > 1 and not p.ablate_prompt else None
@@ -384,7 +382,7 @@ class RetrievalDetector(Detector):
             return got
 
         sums = torch.zeros(len(variants))
-        for (group, batch), got in zip(items, distributed.map(one_item, items, "retrieval causal check")):
+        for (group, batch), got in zip(items, each(one_item, items, "retrieval causal check")):
             sums[batch] += got.sum(0)
         recall[decode] = sums[decode] / len(runs)
         return recall

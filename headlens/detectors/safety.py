@@ -37,7 +37,8 @@ from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods import clean_run, kl_metric, run_variants, sweep_heads
 from ..methods.generation import encode_prompt, greedy_generate, left_pad, stop_token_ids
-from .base import Detector, DetectorResult, ReviewParams, head_frame
+from ..results import DetectorResult, head_frame
+from .base import Detector, ReviewParams
 
 
 def read_lines(name: str) -> list[str]:
@@ -66,7 +67,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 class SafetyDetector(Detector):
     name = "safety"
-    cost = 0.12   # share of a scan (relative; headlens.distributed.plan)
+    cost = 0.12   # share of a scan (relative; headlens.runtime.distributed.plan)
     summary = "its attention carries the refusal of harmful requests (Ships: KL under uniform attention)"
     paper = "Zhou et al. 2025, On the Role of Attention Heads in LLM Safety"
 
@@ -193,7 +194,7 @@ class SafetyDetector(Detector):
         tokens, mask = tokens.to(model.device), mask.to(model.device)
         run = clean_run(model, tokens, mask)   # z kept for the direct effects
         kl = sweep_heads(model, tokens, kl_metric(run.logits, per_prompt=True), "uniform", attention_mask=mask,
-                         max_rows=self.max_rows, run=run)
+                         batch_size=self.batch_size, run=run)
         return kl.clamp_min(0), run
 
     def _greedy_group(self, model, ships, run) -> list[tuple[int, int]]:
@@ -208,7 +209,7 @@ class SafetyDetector(Detector):
             if not rest:
                 break
             values = run_variants(model, run.tokens, [group + [h] for h in rest], metric, "uniform",
-                                  run.attention_mask, self.max_rows, run, description="greedy safety group")
+                                  run.attention_mask, self.batch_size, run, description="greedy safety group")
             i = int(values.argmax())
             if float(values[i]) < best * (1 + p.min_gain):
                 break

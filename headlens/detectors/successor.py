@@ -39,11 +39,13 @@ from einops import einsum
 
 from ..data import data_path
 from ..errors import HeadlensError
-from ..methods import clean_run, sweep_heads
-from ..methods.ablation import logits_at
+from ..methods import FINAL_SCALE, clean_run, logits_at, sweep_heads, z_name
 from ..methods.circuits import effective_embedding, head_dla, normalise, ov_out
 from ..methods.metrics import PositionMetric, positioned
-from .base import Detector, DetectorResult, ReviewParams, effect_heads, head_frame
+from ..results import DetectorResult, head_frame
+from ..runtime import chunked
+from ..stats import bootstrap_means, percentile_interval
+from .base import Detector, ReviewParams, effect_heads
 
 
 @dataclass
@@ -119,16 +121,13 @@ def source_embedding(model, ids: torch.Tensor, embedding: str = "w_e_mlp0") -> t
     return normalise(model, x)
 
 
-def succession_logits(model, groups: list[Group], embedding: str = "w_e_mlp0",
-                      max_memory: str | int | None = None):
+def succession_logits(model, groups: list[Group], embedding: str = "w_e_mlp0"):
     """Per group: (``[L, H, n_pairs, n_candidates]`` OV logits of each source over the group's tokens,
     ``[n_pairs]`` index of each successor among the candidates). All heads of a piece of the layers at
     once: one effective-OV product for every source token, then one small unembedding product per task
-    variant. The pieces are as many layers as fit the working-memory budget (:mod:`headlens.memory`;
-    ``[layers, H, n_sources, d_model]`` in float32 is tens of GiB at 70B), all layers in one piece when
-    they fit."""
-    from ..memory import plan_pieces
-
+    variant. The pieces are as many layers as fit the working-memory budget
+    (:func:`headlens.runtime.chunked`; ``[layers, H, n_sources, d_model]`` in float32 is tens of GiB at
+    70B), all layers in one piece when they fit."""
     b = model.bridge
     sources = torch.tensor([s for g in groups for s, _ in g.pairs()])
     x = source_embedding(model, sources, embedding)                            # [n, d]
@@ -137,17 +136,20 @@ def succession_logits(model, groups: list[Group], embedding: str = "w_e_mlp0",
     # per layer: W_V (repeated per query head) and W_O in float32 and the model's dtype, v, and the OV image
     itemsize = b.W_U.element_size()
     per_layer = H * (2 * d * dh * (4 + itemsize) + 4 * n * (dh + d))
-    step = plan_pieces(model.n_layers, per_layer, x.device, model, max_memory)
-    parts: list[list[torch.Tensor]] = [[] for _ in groups]
-    for first in range(0, model.n_layers, step):
-        out = ov_out(model, x, range(first, min(first + step, model.n_layers)))   # [l, H, n, d]
-        start = 0
-        for k, g in enumerate(groups):
+
+    def piece(layers: range) -> list[torch.Tensor]:   # per group: [len(layers), H, n_pairs, n_candidates]
+        out = ov_out(model, x, layers)                 # [l, H, n, d]
+        logits, start = [], 0
+        for g in groups:
             pairs, cand = g.pairs(), g.candidates
-            logits = einsum(out[:, :, start:start + len(pairs)], w_u[:, cand], "l h n d, d c -> l h n c")
-            parts[k].append(logits.cpu())
+            logits.append(einsum(out[:, :, start:start + len(pairs)], w_u[:, cand],
+                                 "l h n d, d c -> l h n c").cpu())
             start += len(pairs)
-        del out
+        return logits
+    pieces = chunked(piece, range(model.n_layers), item_bytes=per_layer, device=x.device,
+                     weights=model.weight_bytes(), description="successor OV logits",
+                     key=(embedding, sources))
+    parts = [[p[k] for p in pieces] for k in range(len(groups))]
     return [(torch.cat(parts[k]) if len(parts[k]) > 1 else parts[k][0],
              torch.tensor([g.candidates.index(t) for _, t in g.pairs()])) for k, g in enumerate(groups)]
 
@@ -198,7 +200,7 @@ def null_scores(groups: list[Group], logits, n_draws: int, averaging: str, seed:
 
 
 def ordinal_prompts(model, groups: list[Group], n_items: int, max_prompts: int, seed: int):
-    """Start token (``model.bos_token_id``, the document start) + ``n_items`` consecutive leading-space items.
+    """Start token (``model.start_token_id``, the document start) + ``n_items`` consecutive leading-space items.
 
     Returns (tokens ``[b, 1 + n_items]``, next item ``[b]``, current item ``[b]``, the ids of each prompt's
     task variant ``[b, vocab]`` as a mask), or None when no variant has such a run of single tokens.
@@ -210,7 +212,7 @@ def ordinal_prompts(model, groups: list[Group], n_items: int, max_prompts: int, 
     if len(rows) > max_prompts:
         rows = [rows[i] for i in sorted(torch.randperm(len(rows), generator=g)[:max_prompts].tolist())]
     seq = torch.tensor([w for w, _ in rows])
-    bos = torch.full((len(rows), 1), model.bos_token_id, dtype=torch.long)
+    bos = torch.full((len(rows), 1), model.start_token_id, dtype=torch.long)
     cands = torch.zeros(len(rows), model.bridge.cfg.d_vocab, dtype=torch.bool)
     for i, (_, c) in enumerate(rows):
         cands[i, c] = True
@@ -234,7 +236,7 @@ def next_item_metric(target: torch.Tensor, candidates: torch.Tensor) -> Position
 
 class SuccessorDetector(Detector):
     name = "successor"
-    cost = 0.7   # share of a scan (relative; headlens.distributed.plan)
+    cost = 0.7   # share of a scan (relative; headlens.runtime.distributed.plan)
     summary = "OV circuit maps an ordinal token to its successor (Monday -> Tuesday, 3 -> 4, B -> C)"
     paper = "Gould, Ong, Ogden, Conmy 2024, Successor Heads: Recurring, Interpretable Attention Heads In The Wild"
 
@@ -301,7 +303,7 @@ class SuccessorDetector(Detector):
         """In-context successor-vs-current attribution per head, and the top-k vs random-k causal check."""
         p = self.params
         tokens = tokens.to(model.device)
-        names = {f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
+        names = {z_name(l) for l in range(model.n_layers)} | {FINAL_SCALE}
         with logits_at(model, torch.tensor([tokens.shape[1] - 1])):  # the logits are not read: unembed one position
             _, cache = model.bridge.run_with_cache(tokens, names_filter=lambda n: n in names)
         w_u = model.bridge.W_U.float()
@@ -324,7 +326,7 @@ class SuccessorDetector(Detector):
         # Direct vs total effect per head on the next item's log-prob (accuracy is too coarse for one head).
         logprob = positioned(lambda logits: metric.on_positions(logits)[2], metric.positions)
         clean_lp = float(values[0, 2])
-        total = clean_lp - sweep_heads(model, run.tokens, logprob, p.ablation, max_rows=self.max_rows, run=run)
+        total = clean_lp - sweep_heads(model, run.tokens, logprob, p.ablation, batch_size=self.batch_size, run=run)
         heads = effect_heads(score, total, p.effect_heads)
         effects = {"total": total, **self.direct_and_self_repair(model, run, logprob, total, "lower", clean_lp,
                                                                      heads=heads)}
@@ -333,7 +335,6 @@ class SuccessorDetector(Detector):
     def _interval(self, hits: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         """Bootstrap interval of the score, stratified by task: each task's pairs are resampled within
         the task (the score is a mean over a fixed set of tasks, each a mean over its pairs)."""
-        from ..stats import bootstrap_means, percentile_interval
         p = self.params
         if p.averaging == "pooled":   # one pool of pairs: resample the pairs
             pooled = torch.cat(list(hits.values()), -1).permute(2, 0, 1).float()

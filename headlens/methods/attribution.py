@@ -18,8 +18,10 @@ from typing import Sequence
 import torch
 
 from ..errors import HeadlensError
-from .ablation import Head, Metric, z_name
-from .patching import _check_pair, _final_norm_centres, patch_heads
+from ..models import HeadModel
+from .hooks import FINAL_SCALE, Head, mlp_out_name, z_name
+from .metrics import Metric
+from .patching import check_pair, final_norm_centres, patch_heads
 
 
 @dataclass
@@ -46,7 +48,7 @@ def _per_position(ids: torch.Tensor, batch: int, n_pos: int, what: str) -> torch
     return ids
 
 
-def direct_logit_attribution(model, tokens: torch.Tensor, target: torch.Tensor,
+def direct_logit_attribution(model: HeadModel, tokens: torch.Tensor, target: torch.Tensor,
                              wrong: torch.Tensor | None = None,
                              attention_mask: torch.Tensor | None = None) -> LogitAttribution:
     """Direct logit attribution of ``logit(target) [- logit(wrong)]`` at every position.
@@ -60,8 +62,8 @@ def direct_logit_attribution(model, tokens: torch.Tensor, target: torch.Tensor,
     tokens = tokens.to(model.device)
     batch, n_pos = tokens.shape
     L = model.n_layers
-    names = ({z_name(l) for l in range(L)} | {f"blocks.{l}.hook_mlp_out" for l in range(L)}
-             | {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"})
+    names = ({z_name(l) for l in range(L)} | {mlp_out_name(l) for l in range(L)}
+             | {"hook_embed", "hook_pos_embed", FINAL_SCALE})
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(tokens, attention_mask=attention_mask,
                                               names_filter=lambda n: n in names)
@@ -77,9 +79,9 @@ def direct_logit_attribution(model, tokens: torch.Tensor, target: torch.Tensor,
             real = real - logits.gather(-1, w[..., None])[..., 0]
             if b_U is not None:
                 bias = bias - b_U[w]
-        if _final_norm_centres(model):  # (x - mean x) . d == x . (d - mean d)
+        if final_norm_centres(model):  # (x - mean x) . d == x . (d - mean d)
             direction = direction - direction.mean(-1, keepdim=True)
-        direction = direction / cache["ln_final.hook_scale"]
+        direction = direction / cache[FINAL_SCALE]
 
         def project(x: torch.Tensor) -> torch.Tensor:
             return (x * direction).sum(-1)
@@ -91,7 +93,7 @@ def direct_logit_attribution(model, tokens: torch.Tensor, target: torch.Tensor,
         heads = torch.stack([
             torch.einsum("bphd,hdm,bpm->hbp", cache[z_name(l)], W_O[l], direction)
             for l in range(L)])
-        mlps = torch.stack([project(cache[f"blocks.{l}.hook_mlp_out"]) for l in range(L)])
+        mlps = torch.stack([project(cache[mlp_out_name(l)]) for l in range(L)])
         for l in range(L):
             b_O = getattr(bridge.blocks[l].attn, "b_O", None)
             if b_O is not None:
@@ -99,7 +101,7 @@ def direct_logit_attribution(model, tokens: torch.Tensor, target: torch.Tensor,
     return LogitAttribution(heads=heads, mlps=mlps, embed=embed, bias=bias, logits=real)
 
 
-def attribution_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
+def attribution_patching(model: HeadModel, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                          direction: str = "denoise", per_position: bool = False,
                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """First-order estimate of the change in ``metric`` from patching each head (one fwd + one bwd).
@@ -109,7 +111,7 @@ def attribution_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, me
     ``[n_layers, n_heads]`` (summed over positions) or ``[n_layers, n_heads, pos]``. ``metric`` must be
     differentiable and return one value per variant (the built-in metrics do).
     """
-    _check_pair(clean, corrupted, direction)
+    check_pair(clean, corrupted, direction)
     target, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     z_target, grads = _z_and_grads(model, target.to(model.device), metric, attention_mask)
     with torch.no_grad():
@@ -121,7 +123,7 @@ def attribution_patching(model, clean: torch.Tensor, corrupted: torch.Tensor, me
     return est if per_position else est.sum(-1)
 
 
-def _z_and_grads(model, tokens: torch.Tensor, metric: Metric, attention_mask=None):
+def _z_and_grads(model: HeadModel, tokens: torch.Tensor, metric: Metric, attention_mask=None):
     """Head outputs of a run and the gradient of ``metric`` with respect to each (one backward pass).
 
     Each ``hook_z`` gets a zero tensor that requires grad added to it; its gradient is the gradient
@@ -155,9 +157,9 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a @ b).item() / denom) if denom > 0 else float("nan")
 
 
-def attribution_vs_exact(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
+def attribution_vs_exact(model: HeadModel, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                          direction: str = "denoise", heads: Sequence[Head] | None = None,
-                         attention_mask: torch.Tensor | None = None, max_rows: int = 64) -> dict:
+                         attention_mask: torch.Tensor | None = None, batch_size: int | None = 64) -> dict:
     """Attribution patching next to exact patching: both as changes from the target run's metric.
 
     Returns ``{"attribution": [L, H], "exact": [L, H] (NaN for heads not asked), "pearson": r}``.
@@ -165,7 +167,7 @@ def attribution_vs_exact(model, clean: torch.Tensor, corrupted: torch.Tensor, me
     approx = attribution_patching(model, clean, corrupted, metric, direction,
                                   attention_mask=attention_mask)
     exact = patch_heads(model, clean, corrupted, metric, direction, heads,
-                        attention_mask=attention_mask, max_rows=max_rows)
+                        attention_mask=attention_mask, batch_size=batch_size)
     target = (corrupted if direction == "denoise" else clean).to(model.device)
     with torch.no_grad():
         base = metric(model.bridge(target, attention_mask=attention_mask))

@@ -20,8 +20,11 @@ from typing import Sequence
 import torch
 from einops import einsum
 
+from ..models import HeadModel
+from .hooks import FINAL_SCALE, z_name
 
-def effective_embedding(model, token_ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+
+def effective_embedding(model: HeadModel, token_ids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """``[n, d_model]``: each token's residual after block 0 with block 0's attention ablated."""
     bridge = model.bridge
 
@@ -39,7 +42,7 @@ def effective_embedding(model, token_ids: torch.Tensor, chunk: int = 4096) -> to
     return torch.cat(out).float()
 
 
-def unembed_times_embedding(model, chunk: int = 4096) -> torch.Tensor:
+def unembed_times_embedding(model: HeadModel, chunk: int = 4096) -> torch.Tensor:
     """``W_U @ normalise(W_EE)``, ``[d_model, d_model]`` in float32 on the unembedding's device: summed over
     the vocabulary ``chunk`` tokens at a time, so neither the effective embedding (``vocab x d_model``:
     0.67 GB in float32 for a 262k vocabulary) nor a float copy of ``W_U`` is ever held whole."""
@@ -52,7 +55,7 @@ def unembed_times_embedding(model, chunk: int = 4096) -> torch.Tensor:
     return out
 
 
-def normalise(model, x: torch.Tensor) -> torch.Tensor:
+def normalise(model: HeadModel, x: torch.Tensor) -> torch.Tensor:
     """``x`` as a folded LayerNorm/RMSNorm leaves it (centred for LN, divided by its RMS)."""
     x = x.float()
     if "LN" in str(getattr(model.bridge.cfg, "normalization_type", "LN")):
@@ -61,13 +64,13 @@ def normalise(model, x: torch.Tensor) -> torch.Tensor:
     return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
-def per_query_head(model, w: torch.Tensor) -> torch.Tensor:
+def per_query_head(model: HeadModel, w: torch.Tensor) -> torch.Tensor:
     """Expand a ``[L, n_kv_heads, ...]`` key/value weight to ``[L, n_heads, ...]`` (GQA)."""
     rep = model.n_heads // model.info.n_kv_heads
     return w.repeat_interleave(rep, dim=1) if rep > 1 else w
 
 
-def layer_weights(model, name: str, layers: Sequence[int], device=None) -> torch.Tensor:
+def layer_weights(model: HeadModel, name: str, layers: Sequence[int], device=None) -> torch.Tensor:
     """``W_Q``, ``W_K``, ``W_V`` or ``W_O`` of ``layers`` only, ``[len(layers), heads, ...]`` in the model's
     dtype on ``device`` (default the model's): what ``model.bridge.<name>[layers]`` holds, without the
     bridge stacking every layer (tens of GiB at 70B) or moving every layer to one GPU."""
@@ -75,7 +78,7 @@ def layer_weights(model, name: str, layers: Sequence[int], device=None) -> torch
     return torch.stack([getattr(model.bridge.blocks[l].attn, name).to(device) for l in layers])
 
 
-def ov_out(model, x: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+def ov_out(model: HeadModel, x: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
     """``[L, H, n, d_model]``: every head's OV image ``x . W_V . W_O`` of the rows of ``x`` (already
     normalised); with ``layers``, the heads of those layers only (``[len(layers), H, n, d_model]``)."""
     layers = range(model.n_layers) if layers is None else layers
@@ -85,7 +88,7 @@ def ov_out(model, x: torch.Tensor, layers: Sequence[int] | None = None) -> torch
     return einsum(v, layer_weights(model, "W_O", layers, x.device).float(), "l h n e, l h e d -> l h n d")
 
 
-def head_dla(model, cache, rows: torch.Tensor, positions: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+def head_dla(model: HeadModel, cache, rows: torch.Tensor, positions: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """``[L, H, n]``: each head's direct effect at ``(rows[i], positions[i])`` along ``directions[i]`` (d_model).
 
     The head's output ``z . W_O`` through the final norm's scale (from ``ln_final.hook_scale``), dotted
@@ -93,11 +96,11 @@ def head_dla(model, cache, rows: torch.Tensor, positions: torch.Tensor, directio
     """
     w_o = model.bridge.W_O.float()      # the bridge re-stacks W_O on every access: read it once
     home = model.device   # layers may sit on several GPUs: meet where the stacked weights are
-    scale = cache["ln_final.hook_scale"][rows, positions].float().reshape(-1).to(home)  # [n]
+    scale = cache[FINAL_SCALE][rows, positions].float().reshape(-1).to(home)  # [n]
     d = directions.float().to(scale.device)
     out = torch.zeros(model.n_layers, model.n_heads, len(positions))
     for l in range(model.n_layers):  # one layer at a time keeps memory small; all heads at once
-        z = cache[f"blocks.{l}.attn.hook_z"][rows, positions].float().to(home)          # [n, H, dh]
+        z = cache[z_name(l)][rows, positions].float().to(home)          # [n, H, dh]
         wd = einsum(w_o[l], d, "h e d, n d -> n h e")
         out[l] = (einsum(z, wd, "n h e, n h e -> h n") / scale).cpu()
     return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import HeadlensError
-from .ablation import Head, pattern_name, uniform_pattern
+from .hooks import Head, pattern_name, uniform_pattern
 
 PREFILL_CHUNK = 8192   # default tokens prefilled per forward pass: longer prompts go in chunks (bounds activations)
 _ACTIVE: contextvars.ContextVar["_State | None"] = contextvars.ContextVar("headlens_attention", default=None)
@@ -452,6 +453,12 @@ def _cache_tensors(cache) -> tuple[list[Tensor], list[Tensor]]:
     return [l.keys for l in cache.layers], [l.values for l in cache.layers]
 
 
+def _cache_argument(hf) -> str:
+    """The name the model's forward takes its KV cache under: ``cache`` in transformers >= 5.x releases
+    that renamed it (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
+
+
 def _forward(hf, state: _State, tokens: Tensor, cache, keep: int = 1) -> Tensor:
     """One forward pass of new ``tokens`` ``[batch, n]`` after ``cache``; logits of the last ``keep``
     positions ``[batch, keep, vocab]``."""
@@ -460,8 +467,8 @@ def _forward(hf, state: _State, tokens: Tensor, cache, keep: int = 1) -> Tensor:
     state.cache = cache
     token = _ACTIVE.set(state)
     try:
-        out = hf(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, past_key_values=cache,
-                 use_cache=True, logits_to_keep=keep)
+        out = hf(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, use_cache=True,
+                 logits_to_keep=keep, **{_cache_argument(hf): cache})
     finally:
         _ACTIVE.reset(token)
     return out.logits
@@ -506,7 +513,7 @@ def uses_native(model) -> bool:
     few tokens: next-token log-probabilities agree to 1e-4). True for Llama-like models, whose bridge
     keeps the processed weights in those modules; GPT-2's bridge keeps its split QKV weights to itself, so
     it decodes through the bridge with eager attention instead (full patterns)."""
-    if "_headlens_native" not in model.__dict__:
+    if "native" not in model.memo:
         x = torch.arange(1, 9, device=model.device)[None] % model.bridge.cfg.d_vocab
         with torch.no_grad():
             ref = torch.log_softmax(model.bridge(x)[:, -1].float(), -1)
@@ -514,8 +521,8 @@ def uses_native(model) -> bool:
                 state = _State(key_mask=torch.ones_like(x, dtype=torch.bool))
                 got = torch.log_softmax(_forward(hf, state, x, _cache(hf))[:, -1].float(), -1)
         tol = 1e-4 if ref.dtype == torch.float32 and model.info.dtype == "float32" else 5e-2
-        model.__dict__["_headlens_native"] = bool((got - ref).abs().max() <= tol * max(1.0, ref.abs().max()))
-    return model.__dict__["_headlens_native"]
+        model.memo["native"] = bool((got - ref).abs().max() <= tol * max(1.0, ref.abs().max()))
+    return model.memo["native"]
 
 
 def _decode(logits: Tensor, advance, positions, max_new_tokens: int, stops: set[int], batch: int,
@@ -809,7 +816,7 @@ def encode_prompt(model, user_text: str, chat: bool = True, marker: str | None =
         bos = []
     else:
         text = user_text
-        bos = [model.bos_token_id] if model.bos_token_id is not None else []
+        bos = [model.start_token_id] if model.start_token_id is not None else []
     parts = text.split(marker) if marker else [text]
     if marker and len(parts) != 2:
         raise HeadlensError(f"prompt template must contain the marker {marker!r} exactly once")

@@ -39,6 +39,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import HeadlensError
+from ..models import HeadModel
+from .forward import clean_run
+from .hooks import check_head, uniform_pattern
 
 
 @dataclass
@@ -135,15 +138,11 @@ class MeanAblation(Intervention):
         self._means: tuple[int, dict[int, Tensor]] | None = None
 
     def prepare(self, model):
-        from .ablation import clean_run, position_mean
-
         if self.over is not None and (self._means is None or self._means[0] != id(model)):
             ref = clean_run(model, self.over)
             self._means = (id(model), {l: position_mean(x) for l, x in ref.z.items()})
 
     def forward(self, z, site):
-        from .ablation import position_mean
-
         if self.over is not None:
             return self._means[1][site.layer]
         if site.run is None:
@@ -183,7 +182,6 @@ class Patch(Intervention):
 
     def prepare(self, model):
         if isinstance(self.source, Tensor):
-            from .ablation import clean_run
             self.source = clean_run(model, self.source)
 
     def forward(self, z, site):
@@ -203,13 +201,33 @@ class UniformAttention(PatternIntervention):
     name = "uniform"
 
     def forward(self, pattern, site):
-        from .ablation import uniform_pattern
-
         mask, n_key = site.attention_mask, pattern.shape[-1]
         key_mask = None
         if mask is not None and mask.shape[0] == pattern.shape[0] and mask.shape[1] >= n_key:
             key_mask = mask[:, -n_key:].to(pattern.device)
         return uniform_pattern(pattern.shape[-2], n_key, key_mask, pattern.device, pattern.dtype)
+
+
+def mean_weights(tokens_shape: tuple[int, int], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[batch, pos]`` weights of the positions a mean ablation averages over: every real token except
+    each prompt's first one (the start token, an attention sink whose output is unlike any other
+    position's), never padding. A prompt of one real token keeps it (there is nothing else)."""
+    b, n = tokens_shape
+    real = torch.ones(b, n) if attention_mask is None else attention_mask.detach().float().cpu()
+    first = (real.cumsum(1) == 1) & (real > 0)
+    w = real.masked_fill(first, 0.0)
+    single = w.sum(1) == 0
+    w[single] = real[single]
+    return w
+
+
+def position_mean(z: Float[Tensor, "batch pos head d_head"],
+                  attention_mask: torch.Tensor | None = None) -> Float[Tensor, "1 1 head d_head"]:
+    """The mean of ``z`` over prompts and positions weighted by :func:`mean_weights` (no start token,
+    no padding)."""
+    w = mean_weights(z.shape[:2], attention_mask).to(z.device, z.dtype)[:, :, None, None]
+    return ((z * w).sum((0, 1)) / w.sum((0, 1)).clamp_min(1e-12))[None, None]
+
 
 
 INTERVENTIONS: dict[str, type[Intervention]] = {
@@ -226,25 +244,14 @@ def as_intervention(intervention: str | Intervention) -> Intervention:
     return INTERVENTIONS[intervention]()
 
 
-def Ablation(kind: str = "mean", scale: float = 0.0, reference: Tensor | None = None,
-             source: dict[int, Tensor] | None = None, seed: int = 0) -> Intervention:
-    """Backwards-compatible spelling of the intervention classes: ``Ablation(kind="mean", ...)``."""
-    make = {"zero": ZeroAblation, "mean": lambda: MeanAblation(over=reference),
-            "resample": lambda: ResampleAblation(seed), "patch": lambda: Patch(source),
-            "scale": lambda: Scale(scale), "uniform": UniformAttention}
-    return make[kind]() if kind in make else as_intervention(kind)
-
-
 def head_masks(model, heads: Sequence[tuple[int, int]]) -> dict[int, Bool[Tensor, "1 1 head"]]:
     """Per layer, the mask ``[1, 1, n_heads]`` of the ``(layer, head)`` pairs in ``heads``."""
-    from .ablation import _check_head
-
     masks: dict[int, Tensor] = {}
     for entry in heads:
         if len(entry) != 2:
             raise HeadlensError(f"ablate() takes (layer, head) pairs, not {entry}; "
                                 "use run_variants for one position")
-        _check_head(model, entry, 1)
+        check_head(model, entry)
         layer, head = entry
         masks.setdefault(layer, torch.zeros(1, 1, model.n_heads, dtype=torch.bool))[0, 0, head] = True
     return masks
@@ -259,7 +266,7 @@ def hooks(intervention: Intervention, masks: dict[int, Tensor], site_of) -> list
 
 
 @contextlib.contextmanager
-def ablate(model, heads: Sequence[tuple[int, int]], intervention: str | Intervention = "zero",
+def ablate(model: HeadModel, heads: Sequence[tuple[int, int]], intervention: str | Intervention = "zero",
            attention_mask: Int[Tensor, "batch pos"] | None = None):
     """Put ``intervention`` in place for ``heads`` in every forward pass inside the block (generation
     included)::
@@ -282,4 +289,4 @@ def ablate(model, heads: Sequence[tuple[int, int]], intervention: str | Interven
 
 __all__ = ["Site", "Intervention", "PatternIntervention", "ZeroAblation", "MeanAblation",
            "ResampleAblation", "Patch", "Scale", "UniformAttention", "INTERVENTIONS", "as_intervention",
-           "Ablation", "ablate"]
+           "ablate", "mean_weights", "position_mean"]

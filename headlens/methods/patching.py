@@ -21,14 +21,21 @@ from typing import Sequence
 import torch
 
 from ..errors import HeadlensError
-from .ablation import CleanRun, Head, clean_run, per_variant, run_variants
+from ..models import HeadModel
+from ..runtime.work import chunked
+from .ablation import per_variant, run_variants
+from .forward import CleanRun, clean_run
+from .hooks import Head, v_name
 from .interventions import Intervention, Patch, Site, UniformAttention, as_intervention
 from .metrics import Metric, metric_positions
+
+__all__ = ["DIRECTIONS", "target_and_source", "patch_heads", "path_patch_logits", "direct_effects",
+           "uniform_z", "final_norm_centres", "check_pair"]
 
 DIRECTIONS = ("denoise", "noise")
 
 
-def _check_pair(clean: torch.Tensor, corrupted: torch.Tensor, direction: str) -> None:
+def check_pair(clean: torch.Tensor, corrupted: torch.Tensor, direction: str) -> None:
     if direction not in DIRECTIONS:
         raise HeadlensError(f"unknown patching direction '{direction}'; choose denoise or noise")
     if clean.shape != corrupted.shape:
@@ -36,10 +43,10 @@ def _check_pair(clean: torch.Tensor, corrupted: torch.Tensor, direction: str) ->
                             f"{tuple(clean.shape)} and {tuple(corrupted.shape)}")
 
 
-def target_and_source(model, clean: torch.Tensor, corrupted: torch.Tensor, direction: str,
+def target_and_source(model: HeadModel, clean: torch.Tensor, corrupted: torch.Tensor, direction: str,
                       attention_mask: torch.Tensor | None = None) -> tuple[CleanRun, CleanRun]:
     """The run that gets patched and the run patched from: (corrupted, clean) to denoise, else reversed."""
-    _check_pair(clean, corrupted, direction)
+    check_pair(clean, corrupted, direction)
     target, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     return clean_run(model, target, attention_mask), clean_run(model, source, attention_mask)
 
@@ -60,10 +67,10 @@ def _scatter(model, entries: list[tuple], values: torch.Tensor, per_position: bo
     return out
 
 
-def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
+def patch_heads(model: HeadModel, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                 direction: str = "denoise", heads: Sequence[Head] | None = None,
                 per_position: bool = False, attention_mask: torch.Tensor | None = None,
-                max_rows: int = 64) -> torch.Tensor:
+                batch_size: int | None = 64) -> torch.Tensor:
     """The metric with each head's output patched from the other prompt set, one head at a time.
 
     Returns ``[n_layers, n_heads, ...]``, or ``[n_layers, n_heads, pos, ...]`` with ``per_position``
@@ -74,20 +81,20 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
     n_pos = target.tokens.shape[1]
     entries = _head_entries(model, heads, per_position, n_pos)
     values = run_variants(model, target.tokens, [[e] for e in entries], metric,
-                          Patch(source=source), attention_mask, max_rows, target,
+                          Patch(source=source), attention_mask, batch_size, target,
                           description="patching heads")
     return _scatter(model, entries, values, per_position, n_pos)
 
 
-def _final_norm_centres(model) -> bool:
+def final_norm_centres(model) -> bool:
     """LayerNorm subtracts the mean before scaling; RMSNorm does not."""
     return str(getattr(model.bridge.cfg, "normalization_type", "LN")).upper().startswith("LN")
 
 
-def path_patch_logits(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
+def path_patch_logits(model: HeadModel, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                       direction: str = "noise", heads: Sequence[Head] | None = None,
                       per_position: bool = False, attention_mask: torch.Tensor | None = None,
-                      max_rows: int = 64) -> torch.Tensor:
+                      batch_size: int | None = 64) -> torch.Tensor:
     """The metric when only a head's direct path to the logits carries the patched value.
 
     logits' = target logits + norm(delta) @ W_U, with delta = (z_source - z_target)[h] @ W_O[l, h],
@@ -107,31 +114,25 @@ def path_patch_logits(model, clean: torch.Tensor, corrupted: torch.Tensor, metri
             keep[entry[2]] = 1
             d = d * keep[None, :, None]
         return d
-    values = _direct_path_values(model, target, entries, dz, metric, max_rows, key=(direction,),
+    values = _direct_path_values(model, target, entries, dz, metric, batch_size, key=(direction,),
                                  description="path patching")
     return _scatter(model, entries, values, per_position, n_pos)
 
 
 def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metric: Metric,
-                        max_rows: int | None, positions: slice = slice(None), key: tuple = (),
+                        batch_size: int | None, positions: slice = slice(None), key: tuple = (),
                         description: str = "direct effects") -> torch.Tensor:
     """``metric`` of the target logits plus, per entry, only the direct-path change
     ``norm(dz(entry) @ W_O[l, h]) @ W_U`` (the target run's final norm scale frozen): ``[n_entries, ...]``.
 
     Only the logits the metric reads are formed: at its declared ``positions`` (then it gets them
-    through ``on_positions``), else at the ``positions`` slice. Entries are taken in chunks sized in
-    bytes by the memory budget (:func:`headlens.memory.resolve_budget`), at most ``max_rows`` rows, and
-    planned the same way whatever the number of processes; with several (:mod:`headlens.distributed`)
-    each computes its share of the chunks, and in a checkpointed scan finished chunks are saved and
-    reused on resume (``key``: what else, beside the entries, tokens and chunking, identifies the
-    values, e.g. the ablation)."""
-    from .. import distributed
-    from ..checkpoint import digest
-    from ..memory import plan_items, resolve_budget
-
+    through ``on_positions``), else at the ``positions`` slice. Entries go through
+    :func:`headlens.runtime.work.chunked` (chunks planned in bytes, at most ``batch_size`` rows, shared
+    over ranks, resumable; ``key``: what else, beside the entries and tokens, identifies the values, e.g.
+    the ablation)."""
     batch, n_pos = target.tokens.shape
     W_U, W_O = model.bridge.W_U, model.bridge.W_O   # the bridge re-stacks weights on each access: read once
-    centre = _final_norm_centres(model)
+    centre = final_norm_centres(model)
     where = metric_positions(metric, n_pos)
     where, apply = (torch.arange(n_pos)[positions], metric) if where is None else (where, metric.on_positions)
     base = target.logits_at(where)
@@ -140,9 +141,6 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
     # where the unembedding's device or dtype differs), and the metric's float32 working copy
     item = base.element_size()
     per_entry = batch * len(where) * (2 * model.info.d_model * 4 + W_U.shape[-1] * (2 * item + 4))
-    budget = resolve_budget(None, W_U.device, model, need=per_entry)
-    per_chunk = distributed.agree_min(plan_items(per_entry, budget, max(1, max_rows // batch) if max_rows else None))
-    chunks = [entries[start:start + per_chunk] for start in range(0, len(entries), per_chunk)]
 
     def write(entry):   # the head's change of the residual stream, on the unembedding's device
         d = dz(entry)
@@ -159,27 +157,28 @@ def _direct_path_values(model, target: CleanRun, entries: list[tuple], dz, metri
         logits += base[None]   # the shifted logits, in place
         return per_variant(apply, logits.flatten(0, 1), len(chunk), batch)
 
-    work = digest(description, entries, target.tokens, per_chunk, where, *key)
-    results = distributed.map(one, chunks, description, key=work, resumable=True)
+    results = chunked(one, entries, item_bytes=per_entry, device=W_U.device, weights=model.weight_bytes(),
+                      cap=max(1, batch_size // batch) if batch_size else None, description=description,
+                      key=(entries, target.tokens, where, *key), resumable=True)
     home = target.logits.device
     return torch.cat([r.to(home) for r in results])
 
 
-def uniform_z(model, run: CleanRun) -> dict[int, torch.Tensor]:
+def uniform_z(model: HeadModel, run: CleanRun) -> dict[int, torch.Tensor]:
     """Per layer, every head's output ``z`` if its attention were uniform over the causal prefix (and
     over the run's unpadded keys): the running mean of its value vectors, ``[batch, pos, n_heads, d_head]``
     (from the run's kept values, ``clean_run(..., keep_v=True)``, else one more forward pass)."""
     if run.v:
-        cache = {f"blocks.{l}.attn.hook_v": run.v[l] for l in range(model.n_layers)}
+        cache = {v_name(l): run.v[l] for l in range(model.n_layers)}
     else:
-        names = {f"blocks.{l}.attn.hook_v" for l in range(model.n_layers)}
+        names = {v_name(l) for l in range(model.n_layers)}
         with torch.no_grad():
             _, cache = model.bridge.run_with_cache(run.tokens, attention_mask=run.attention_mask,
                                                    names_filter=lambda n: n in names)
     kv = torch.tensor([model.kv_head(h) for h in range(model.n_heads)])
     out = {}
     for l in range(model.n_layers):
-        v = cache[f"blocks.{l}.attn.hook_v"].float().to(model.device)        # [b, pos, kv, dh]
+        v = cache[v_name(l)].float().to(model.device)        # [b, pos, kv, dh]
         w = (torch.ones(v.shape[:2], device=v.device) if run.attention_mask is None
              else run.attention_mask.to(v.device).float())[..., None, None]
         z = (v * w).cumsum(1) / w.cumsum(1).clamp_min(1)
@@ -187,8 +186,8 @@ def uniform_z(model, run: CleanRun) -> dict[int, torch.Tensor]:
     return out
 
 
-def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Intervention = "mean",
-                   heads: Sequence[Head] | None = None, max_rows: int = 64,
+def direct_effects(model: HeadModel, run: CleanRun, metric: Metric, ablation: str | Intervention = "mean",
+                   heads: Sequence[Head] | None = None, batch_size: int | None = 64,
                    positions: slice = slice(None)) -> torch.Tensor:
     """The metric when a head is ablated along its *direct* path to the logits only, every head one at a
     time: ``[n_layers, n_heads, ...]`` (NaN for heads not asked).
@@ -215,6 +214,6 @@ def direct_effects(model, run: CleanRun, metric: Metric, ablation: str | Interve
         l, h = entry
         z = run.z[l][:, :, h]
         return ablated_z[l][..., h, :].to(z.device, z.dtype).expand_as(z) - z
-    values = _direct_path_values(model, run, entries, dz, metric, max_rows, positions,
+    values = _direct_path_values(model, run, entries, dz, metric, batch_size, positions,
                                  key=(ablation,))
     return _scatter(model, entries, values, False, run.tokens.shape[1])

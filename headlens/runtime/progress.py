@@ -5,19 +5,21 @@ where no bar is drawn) the same figures are printed as one line at most every ``
 seconds (default 30) per step. Steps run inside :func:`stage` are prefixed with the detector's name and
 their time is recorded (:func:`step_times`), so the JSON sidecar says where a scan's time went. In a
 distributed run only rank 0 turns bars on, so only rank 0 prints. Bars are rich's in a terminal and
-tqdm's in a notebook (widgets when ipywidgets is installed, text otherwise).
+tqdm's in a notebook (widgets when ipywidgets is installed, text otherwise). The display, the stage
+and the step times are the runtime's (:class:`headlens.runtime.Runtime`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import time
-from typing import Iterable, TypeVar
+from typing import Iterable, Iterator, TypeVar
+
+from .context import current, use
+
+__all__ = ["in_notebook", "active", "bars", "stage", "step_times", "progress", "note"]
 
 T = TypeVar("T")
-_active = None       # a rich.progress.Progress (or _Tqdm) while bars are shown
-_stage = ""          # the detector running now (prefix of step names)
-_steps: dict[str, dict[str, dict[str, float]]] = {}   # stage -> step -> {"seconds", "chunks"}
 
 
 def in_notebook() -> bool:
@@ -30,7 +32,8 @@ def in_notebook() -> bool:
 
 
 def active() -> bool:
-    return _active is not None
+    """Whether bars are shown now."""
+    return current().bars is not None
 
 
 class _Tqdm:
@@ -62,13 +65,9 @@ class _Tqdm:
 def bars(kind: str | None = "rich"):
     """Show a progress bar for every long step run inside this block: ``"rich"`` (a terminal),
     ``"tqdm"`` (a notebook), or None (none: silent, even inside another ``bars`` block)."""
-    global _active
     if kind != "rich":
-        old, _active = _active, (_Tqdm() if kind == "tqdm" else None)
-        try:
-            yield _active
-        finally:
-            _active = old
+        with use(bars=_Tqdm() if kind == "tqdm" else None) as rt:
+            yield rt.bars
         return
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -76,29 +75,21 @@ def bars(kind: str | None = "rich"):
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as p:
-        _active = p
-        try:
-            yield p
-        finally:
-            _active = None
+                  console=Console(stderr=True), transient=True) as p, use(bars=p):
+        yield p
 
 
 @contextlib.contextmanager
 def stage(name: str):
     """Name the steps run inside the block after ``name`` (a detector) and record their times."""
-    global _stage
-    old, _stage = _stage, name
-    _steps.setdefault(name, {})
-    try:
+    with use(stage=name) as rt:
+        rt.steps.setdefault(name, {})
         yield
-    finally:
-        _stage = old
 
 
 def step_times(name: str) -> dict[str, dict[str, float]]:
     """``{step: {"seconds": s, "chunks": n}}`` of the steps run inside ``stage(name)`` so far."""
-    return {k: dict(v) for k, v in _steps.get(name, {}).items()}
+    return {k: dict(v) for k, v in current().steps.get(name, {}).items()}
 
 
 def _clock(seconds: float) -> str:
@@ -106,13 +97,15 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
+def progress(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     """Iterate over ``items``, advancing a progress bar when one is active (and timing the step)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)
-    label = f"{_stage}: {description}" if _stage and description != "detectors" else description
-    record = _steps.get(_stage, {}).setdefault(description, {"seconds": 0.0, "chunks": 0}) if _stage else None
-    p = _active
+    rt = current()
+    name = rt.stage
+    label = f"{name}: {description}" if name and description != "detectors" else description
+    record = rt.steps.get(name, {}).setdefault(description, {"seconds": 0.0, "chunks": 0}) if name else None
+    p = rt.bars
     task = p.add_task(label, total=total) if p is not None else None
     to_log = p is not None and not p.console.is_terminal
     every = float(os.environ.get("HEADLENS_PROGRESS_EVERY", "30"))
@@ -140,5 +133,6 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
 
 def note(message: str) -> None:
     """Print one line above the bars (and in logs, where bars are not drawn) while bars are shown."""
-    if _active is not None and message:
-        _active.console.print(message, highlight=False)
+    p = current().bars
+    if p is not None and message:
+        p.console.print(message, highlight=False)

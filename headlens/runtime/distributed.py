@@ -12,20 +12,19 @@ shared at two levels, both computing every piece exactly as one process does:
 - **Sweeps.** Within a group, every rank runs the detector's code with the same seed and the batched
   sweeps split their work:
 
-  :func:`map` runs ``fn`` on this rank's share of ``items`` (round-robin: item ``i`` goes to rank
-  ``i % world``) and returns every result, in order, on every rank (``all_gather_object``). The items are
-  whole chunks planned identically on every rank, so each chunk is computed exactly as a one-process run
-  computes it, and the gathered results (hence the catalogue) are byte-identical to one process.
-  :func:`shard` / :func:`gather` are the two halves of :func:`map` for loops that want them apart.
+  :func:`shard` gives this rank its share of ``n`` items (round-robin: item ``i`` goes to rank
+  ``i % world``) and :func:`gather` returns every result, in order, on every rank (``all_gather_object``).
+  :func:`headlens.runtime.work.chunked` uses both: the items are whole chunks planned identically on
+  every rank, so each chunk is computed exactly as a one-process run computes it, and the gathered
+  results (hence the catalogue) are byte-identical to one process.
 
-A one-process run (``WORLD_SIZE`` unset or 1) never touches ``torch.distributed``: :func:`map` is then a
-plain loop. Backends: NCCL when the model is on a GPU, gloo on the CPU. Only rank 0 prints and writes
+The ranks sharing the work now are the runtime's (:attr:`headlens.runtime.Runtime.ranks`). A
+one-process run (``WORLD_SIZE`` unset or 1) never touches ``torch.distributed``. Backends: NCCL when the model is on a GPU, gloo on the CPU. Only rank 0 prints and writes
 (:func:`is_main`).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import datetime
 import os
 import subprocess
@@ -34,12 +33,11 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from .errors import HeadlensError
+from ..errors import HeadlensError
+from .context import current, use
 
 T = TypeVar("T")
-R = TypeVar("R")
-# The ranks (global numbers) sharing the work now, and their process group; None: all of them.
-_GROUP: contextvars.ContextVar = contextvars.ContextVar("headlens_rank_group", default=None)
+# The process group of each group of ranks (global numbers) made by make_groups.
 _PROCESS_GROUPS: dict[tuple[int, ...], Any] = {}
 
 
@@ -61,19 +59,19 @@ def global_rank() -> int:
 def active() -> bool:
     """True when several ranks share the work now (never in a plain one-process run, nor inside a group
     of one rank)."""
-    ranks = _GROUP.get()
+    ranks = current().ranks
     return _world() if ranks is None else len(ranks) > 1
 
 
 def rank() -> int:
     """This process's number among the ranks sharing the work now (the group's, inside :func:`group`)."""
-    ranks = _GROUP.get()
+    ranks = current().ranks
     return global_rank() if ranks is None else ranks.index(global_rank())
 
 
 def world_size() -> int:
     """How many ranks share the work now (the group's size inside :func:`group`)."""
-    ranks = _GROUP.get()
+    ranks = current().ranks
     if ranks is None:
         return _dist().get_world_size() if _world() else 1
     return len(ranks)
@@ -86,13 +84,13 @@ def is_main() -> bool:
 
 def _pg():
     """The process group of the ranks sharing the work now (None: the default, every rank)."""
-    ranks = _GROUP.get()
+    ranks = current().ranks
     return None if ranks is None else _PROCESS_GROUPS[ranks]
 
 
 def _src() -> int:
     """The global number of the first rank sharing the work now."""
-    ranks = _GROUP.get()
+    ranks = current().ranks
     return 0 if ranks is None else ranks[0]
 
 
@@ -232,36 +230,11 @@ def gather(local: dict[int, Any], n: int, key: str = "") -> list:
     _dist().all_gather_object(parts, (key, n, _to_cpu(local)), group=_pg())
     if any((k, m) != (key, n) for k, m, _ in parts):
         raise RuntimeError("the ranks planned different work (chunk plans differ); every rank must use "
-                           "the same plan, e.g. rank 0's broadcast with headlens.distributed.broadcast")
+                           "the same plan, as headlens.runtime.work.chunked plans them")
     merged: dict[int, Any] = {}
     for _, _, res in parts:
         merged.update(res)
     return [merged[i] for i in range(n)]
-
-
-def map(fn: Callable[[T], R], items: Sequence[T], description: str = "", key: str = "",
-        resumable: bool = False) -> list[R]:
-    """``[fn(item) for item in items]``, each rank computing its share; all results on every rank.
-
-    ``description`` names the progress bar (chunks done/total, ETA; rank 0 only). With ``resumable``
-    and a chunk checkpoint active (:func:`headlens.checkpoint.chunk_call`), finished items are saved
-    as the scan goes and skipped when a killed scan is resumed; ``key`` identifies the call's work
-    (same key, same items) so stale results are never reused.
-    """
-    from .checkpoint import chunk_call
-    from .progress import progress
-
-    call = chunk_call(key) if resumable else None
-    mine = shard(len(items))
-    local: dict[int, R] = {}
-    for i in progress(mine, description, total=len(mine)):
-        if call is not None and i in call.done:
-            local[i] = call.done[i]
-            continue
-        local[i] = fn(items[i])
-        if call is not None:
-            call.add(i, local[i])
-    return gather(local, len(items), key)
 
 
 # Work a detector repeats on every rank of its group (clean runs, caches, weight products, prompt building,
@@ -336,15 +309,12 @@ def make_groups(owners: Sequence[tuple[int, ...]]) -> None:
 @contextlib.contextmanager
 def group(ranks: Sequence[int]):
     """Inside the block, the ranks ``ranks`` (global numbers; this rank among them) share the work:
-    :func:`rank`, :func:`world_size`, :func:`map` and the collectives are theirs (one rank: plain loops)."""
+    :func:`rank`, :func:`world_size`, the chunked work and the collectives are theirs (one rank: plain loops)."""
     ranks = tuple(ranks)
     if global_rank() not in ranks:
         raise RuntimeError(f"rank {global_rank()} is not in the group {ranks}")
-    token = _GROUP.set(ranks)
-    try:
+    with use(ranks=ranks):
         yield
-    finally:
-        _GROUP.reset(token)
 
 
 _EXCHANGES = [0]

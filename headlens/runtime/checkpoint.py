@@ -8,7 +8,7 @@ Layout, next to the output ``<out>`` (e.g. ``cat.csv.ckpt/``)::
         call<n>.rank<r>.pt   {"key": ..., "results": {chunk index: result}} of its n-th batched sweep
 
 A resumed scan loads each finished detector instead of running it and, inside the detector that was
-running, reuses the saved chunks of each batched sweep (:func:`headlens.distributed.map` with
+running, reuses the saved chunks of each batched sweep (:func:`headlens.runtime.work.chunked` with
 ``resumable=True``; :func:`headlens.methods.run_variants` uses it). A sweep's ``key`` digests its work
 plan (variants, tokens, ablation, chunking), so a chunk is reused only for the very same work, and the
 catalogue comes out byte-identical to an uninterrupted run. The manifest and each detector's parameters
@@ -26,39 +26,23 @@ deterministic stand-in for a kill, used by tests/test_resume.py.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from . import __version__, distributed
-from .errors import HeadlensError
+from .._version import __version__
+from ..errors import HeadlensError
+from . import distributed
+from .context import use
 from .progress import note
 
-_store: "ChunkStore | None" = None   # the running detector's chunk store, when checkpointing
 _chunk_writes = 0                    # chunk-file writes so far (for the test hook)
-
-
-def digest(*parts: Any) -> str:
-    """A short hex digest of ``parts`` (tensors by their bytes, everything else by its repr)."""
-    h = hashlib.sha1()
-    for p in parts:
-        if p is None:
-            h.update(b"None")
-        elif isinstance(p, torch.Tensor):
-            t = p.detach().cpu().contiguous()
-            h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        else:
-            h.update(repr(p).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def checkpoint_dir(out_path: str | os.PathLike) -> Path:
@@ -67,13 +51,9 @@ def checkpoint_dir(out_path: str | os.PathLike) -> Path:
 
 
 def manifest(model, seed: int) -> dict[str, Any]:
-    """What a checkpoint must share with the run that resumes it."""
-    info = {k: v for k, v in model.info.as_dict().items() if "device" not in k}
-    try:  # a few embedding rows tell apart two models of the same name and shape
-        info["weights_digest"] = digest(model.bridge.W_E[:4].float())
-    except Exception:
-        pass
-    return {"model": info, "seed": seed, "headlens_version": __version__,
+    """What a checkpoint must share with the run that resumes it (``model``: anything with a
+    ``fingerprint()``, e.g. a :class:`headlens.HeadModel`)."""
+    return {"model": model.fingerprint(), "seed": seed, "headlens_version": __version__,
             "torch_version": torch.__version__}
 
 
@@ -135,13 +115,12 @@ class Checkpoint:
     def path(self, role: str) -> Path:
         return self.folder / f"{role}.pt"
 
-    def load(self, role: str, params: dict) -> Any | None:
-        """The checkpointed DetectorResult of ``role`` (None if not finished); refused if params differ.
+    def load(self, role: str, params: dict, build: Callable[..., Any]) -> Any | None:
+        """The checkpointed result of ``role`` (None if not finished), made by ``build(**saved)``;
+        refused if params differ.
 
         Rank 0 reads the file and every rank gets its answer, so all ranks skip or run it together.
         """
-        from .detectors import DetectorResult
-
         answer = None
         if distributed.is_main() and self.resume and self.path(role).is_file():
             path = self.path(role)
@@ -156,7 +135,7 @@ class Checkpoint:
         answer = distributed.broadcast(answer)
         if isinstance(answer, str):
             raise HeadlensError(answer)
-        return None if answer is None else DetectorResult(**answer)
+        return None if answer is None else build(**answer)
 
     def save(self, result) -> None:
         """Write a finished detector's result (the first rank of the ranks that ran it) and drop its chunk
@@ -171,15 +150,11 @@ class Checkpoint:
     @contextlib.contextmanager
     def detector(self, role: str):
         """Keep finished chunks of ``role``'s batched sweeps while the block runs."""
-        global _store
         if self.every_s is None:
             yield
             return
-        _store = ChunkStore(self.folder / f"{role}.chunks", self.every_s, load=self.resume)
-        try:
+        with use(chunks=ChunkStore(self.folder / f"{role}.chunks", self.every_s, load=self.resume)):
             yield
-        finally:
-            _store = None
 
     def finish(self) -> None:
         """The scan succeeded and its catalogue is written: remove the checkpoint folder."""
@@ -251,7 +226,7 @@ class ChunkStore:
 
 
 class ChunkCall:
-    """The saved and new results of one resumable :func:`headlens.distributed.map` call."""
+    """The saved and new results of one resumable :func:`headlens.runtime.work.chunked` call."""
 
     def __init__(self, store: ChunkStore, n: int, key: str, done: dict[int, Any]):
         self.store, self.n, self.key, self.done = store, n, key, done
@@ -273,11 +248,6 @@ class ChunkCall:
         self.dirty = False
         _chunk_writes += 1
         _die_if(f"chunks:{_chunk_writes}")
-
-
-def chunk_call(key: str) -> ChunkCall | None:
-    """The running detector's chunk checkpoint for a call with work ``key`` (None when not checkpointing)."""
-    return _store.call(key) if _store is not None else None
 
 
 def die_after(role: str) -> None:

@@ -1,0 +1,223 @@
+"""What detectors return, and what the catalogue, the checkpoints, the plots and the report read.
+
+- :class:`DetectorResult`: one role on one model: a tidy per-head frame (``<role>_score`` plus evidence),
+  the labelled heads, a status, the causal check, parameters and run information;
+- :class:`CausalCheck`: the top-k heads ablated together vs random draws of k heads, with its p-value;
+- :func:`head_frame`: per-head columns from ``[n_layers, n_heads]`` arrays;
+- ``OK`` / ``NOT_APPLICABLE``: the statuses.
+
+Plain data only (pandas, numpy, torch tensors): nothing here runs a model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .stats import empirical_p_value
+
+__all__ = ["OK", "NOT_APPLICABLE", "DetectorResult", "CausalCheck", "head_frame", "format_causal",
+           "as_causal_check", "head_names"]
+
+OK = "ok"
+NOT_APPLICABLE = "not_applicable"
+
+
+@dataclass
+class DetectorResult:
+    """What one detector found on one model."""
+    role: str
+    frame: pd.DataFrame          # one row per (layer, head): layer, head, <role>_score, <role>_<evidence>
+    labelled: list[tuple[int, int]]
+    status: str = OK             # ok | not_applicable
+    reason: str = ""             # why not applicable, or a note on a weak/absent role
+    causal: "CausalCheck | None" = None   # top-k vs random-k ablation (a sidecar dict is read into one)
+    params: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)     # timings, counts, sampled tokens...
+
+    def __post_init__(self):
+        if isinstance(self.causal, dict):
+            self.causal = CausalCheck.from_dict(self.causal) if self.causal else None
+
+    @property
+    def applies(self) -> bool:
+        """False when the role does not apply to the model (``status`` not_applicable, no scores)."""
+        return self.status == OK
+
+    @property
+    def evidence_columns(self) -> list[str]:
+        """The numeric per-head columns other than the score (``<role>_<evidence>``)."""
+        return [c for c in self.frame.columns if c.startswith(f"{self.role}_") and c != self.score_column
+                and self.frame[c].dtype.kind == "f"]
+
+    @property
+    def score_column(self) -> str:
+        return f"{self.role}_score"
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The k highest-scoring heads (scores first, NaN last): layer, head, head_id, score, evidence."""
+        top = self.frame.sort_values(self.score_column, ascending=False, na_position="last",
+                                     kind="stable").head(k)
+        if "head_id" not in top:
+            top.insert(2, "head_id", [f"L{l}H{h}" for l, h in zip(top["layer"], top["head"])])
+        return top
+
+    @property
+    def causal_check(self) -> "CausalCheck | None":
+        """The causal check (the same as ``causal``): readable ``print``, ``.p_value``; plot it with
+        ``hl.plot.causal_check``."""
+        return self.causal
+
+    def heads(self, k: int | None = None) -> list[tuple[int, int]]:
+        """``(layer, head)`` of the top ``k`` heads by score (all if None), NaN scores last."""
+        top = self.top(len(self.frame) if k is None else k)
+        return [(int(l), int(h)) for l, h in zip(top["layer"], top["head"])]
+
+    def summary(self) -> str:
+        """Status, labelled heads, time and causal check, one per line."""
+        lines = [f"{self.role}: {self.status}" + (f" ({self.reason})" if self.reason else ""),
+                 "labelled: " + (", ".join(head_names(self.labelled)) or "none")]
+        if "seconds" in self.info:
+            lines.append(f"ran in {self.info['seconds']} s")
+        if self.causal:
+            lines.append(f"causal check: {self.causal}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"DetectorResult({self.summary()})"
+
+    def _repr_html_(self) -> str:
+        import html
+        lines = "".join(f"<br>{html.escape(line)}" for line in self.summary().splitlines()[1:])
+        head = f"<b>{html.escape(self.role)}</b>: {html.escape(self.status)}"
+        reason = f" <i>{html.escape(self.reason)}</i>" if self.reason else ""
+        table = self.top(5).to_html(index=False, float_format=lambda x: f"{x:.4g}") if self.applies else ""
+        return f"<div>{head}{reason}{lines}{table}</div>"
+
+
+def head_frame(model, role: str, score: torch.Tensor | np.ndarray,
+               evidence: dict[str, torch.Tensor | np.ndarray] | None = None) -> pd.DataFrame:
+    """Tidy per-head columns from ``[n_layers, n_heads]`` arrays: layer, head, <role>_score, evidence."""
+    L, H = model.n_layers, model.n_heads
+    layer, head = np.divmod(np.arange(L * H), H)
+    cols: dict[str, Any] = {"layer": layer, "head": head}
+
+    def flat(x, name):
+        a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, float)
+        if a.shape != (L, H):
+            raise ValueError(f"{name}: expected shape {(L, H)}, got {a.shape}")
+        return a.reshape(-1)
+
+    cols[f"{role}_score"] = flat(score, "score")
+    for name, value in (evidence or {}).items():
+        cols[f"{role}_{name}"] = flat(value, name)
+    return pd.DataFrame(cols)
+
+
+def head_names(heads) -> list[str]:
+    return [h if isinstance(h, str) else f"L{h[0]}H{h[1]}" for h in heads]
+
+
+
+@dataclass
+class CausalCheck:
+    """Top-k heads ablated together vs ``n_random`` draws of k random heads (other than those).
+
+    ``worse`` says which way the metric moves when the ablated heads matter more (``higher``: e.g. a loss;
+    ``lower``: e.g. an accuracy). ``p_value`` = (1 + #random draws at least as extreme as the top-k
+    ablation, in that direction) / (1 + n_draws): its minimum is 1 / (n_draws + 1).
+    """
+    metric: str
+    top_heads: list[str]
+    clean: float
+    top_k_ablated: float
+    random_k_ablated: list[float]
+    random_draws: list[list[str]]
+    worse: str = "higher"
+    ablation: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)     # detector-specific figures, kept in to_dict
+    raw: Any = field(default=None, repr=False, compare=False)  # every variant's full metric (not saved)
+
+    @property
+    def k(self) -> int:
+        return len(self.top_heads)
+
+    @property
+    def n_random(self) -> int:
+        return len(self.random_k_ablated)
+
+    @property
+    def random_mean(self) -> float:
+        return float(np.mean(self.random_k_ablated)) if self.random_k_ablated else float("nan")
+
+    @property
+    def random_std(self) -> float:
+        r = self.random_k_ablated
+        return float(np.std(r, ddof=1)) if len(r) > 1 else 0.0
+
+    @property
+    def n_as_extreme(self) -> int:
+        r = np.asarray(self.random_k_ablated, float)
+        extreme = (r >= self.top_k_ablated) if self.worse == "higher" else (r <= self.top_k_ablated)
+        return int((extreme | np.isnan(r)).sum())            # as in the p-value: NaN draws count
+
+    @property
+    def p_value(self) -> float:
+        return empirical_p_value(self.top_k_ablated, self.random_k_ablated, self.worse == "higher")
+
+    def format(self) -> str:
+        """One line for the CLI, the report and the notebooks."""
+        return (f"{self.metric}: clean {self.clean:.4g}; top-{self.k} ablated {self.top_k_ablated:.4g}; "
+                f"random {self.k} ablated {self.random_mean:.4g} ± {self.random_std:.2g} "
+                f"({self.n_random} draws; {self.n_as_extreme} as extreme); "
+                f"p = {self.p_value:.3g} ({self.worse} = the heads matter more)")
+
+    __str__ = format
+
+    def __repr__(self) -> str:
+        return f"CausalCheck({self.format()})"
+
+    def _repr_html_(self) -> str:
+        import html
+        rows = [("clean", self.clean), (f"top-{self.k} ablated ({', '.join(self.top_heads)})", self.top_k_ablated),
+                (f"random {self.k} ablated, mean ± sd of {self.n_random}",
+                 f"{self.random_mean:.4g} ± {self.random_std:.2g}"), ("p-value", self.p_value)]
+        cells = "".join(f"<tr><td>{html.escape(a)}</td><td>{b:.4g}</td></tr>" if isinstance(b, float)
+                        else f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows)
+        return (f"<div><b>causal check</b>: {html.escape(self.metric)} ({self.worse} = the heads matter "
+                f"more)<table>{cells}</table></div>")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar record: the keys of earlier catalogues plus ``p_value``, ``worse``, ``ablation``..."""
+        return {"metric": self.metric, "k": self.k, "top_heads": list(self.top_heads),
+                "clean": float(self.clean), "top_k_ablated": float(self.top_k_ablated),
+                "random_k_ablated_mean": self.random_mean, "random_k_ablated_std": self.random_std,
+                "random_k_ablated": [float(x) for x in self.random_k_ablated],
+                "random_draws": [list(d) for d in self.random_draws],
+                "n_random": self.n_random, "worse": self.worse, "ablation": self.ablation,
+                "n_as_extreme": self.n_as_extreme, "p_value": self.p_value, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CausalCheck":
+        """Read a sidecar record (older ones lack ``worse``: then ``higher`` is assumed)."""
+        own = {"metric", "k", "top_heads", "clean", "top_k_ablated", "random_k_ablated_mean",
+               "random_k_ablated_std", "random_k_ablated", "random_draws", "n_random", "worse",
+               "ablation", "n_as_extreme", "p_value"}
+        return cls(metric=d["metric"], top_heads=list(d.get("top_heads", [])), clean=d["clean"],
+                   top_k_ablated=d["top_k_ablated"], random_k_ablated=list(d.get("random_k_ablated", [])),
+                   random_draws=[list(x) for x in d.get("random_draws", [])],
+                   worse=d.get("worse", "higher"), ablation=d.get("ablation", ""),
+                   extra={k: v for k, v in d.items() if k not in own})
+
+
+def format_causal(causal: dict[str, Any] | CausalCheck) -> str:
+    """The one-line causal check of a sidecar record (or a CausalCheck)."""
+    return str(as_causal_check(causal))
+
+
+def as_causal_check(causal: dict[str, Any] | CausalCheck | None) -> CausalCheck | None:
+    """A CausalCheck from a sidecar record (None for an empty one)."""
+    return causal if isinstance(causal, CausalCheck) or not causal else CausalCheck.from_dict(causal)
