@@ -262,7 +262,7 @@ def builtin_gguf(name: str) -> Path:
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF once into a safetensors folder in the cache; return that folder.
 
-    Later loads read the safetensors (about half a second) instead of dequantising (about 30 s).
+    Later loads read the safetensors instead of dequantising again.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

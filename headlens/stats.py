@@ -6,6 +6,7 @@
   and the cost is one matrix product.
 - :func:`bootstrap_ci`: its ``level`` percentile interval (default 95%, 1000 resamples).
 - :func:`empirical_p_value`: ``(1 + #null draws at least as extreme) / (1 + n_draws)``.
+- :func:`wilson_interval`: the Wilson score interval of a binomial proportion.
 """
 from __future__ import annotations
 
@@ -58,3 +59,23 @@ def empirical_p_value(observed: float, null: Tensor | list[float], higher_is_ext
         return float("nan")
     extreme = (null >= observed if higher_is_extreme else null <= observed) | null.isnan()
     return float((1 + int(extreme.sum())) / (1 + null.numel()))
+
+
+def wilson_interval(frac, n: int, z: float = 1.96):
+    """The Wilson score interval ``(lo, hi)`` of a proportion ``frac`` out of ``n`` (95% by default),
+    clipped to [0, 1]: floats for a number, tensors (elementwise) for a tensor; NaN when ``n`` is 0.
+
+    >>> lo, hi = wilson_interval(7 / 24, 24)
+    >>> round(lo, 3), round(hi, 3)
+    (0.149, 0.492)
+    """
+    scalar = not isinstance(frac, torch.Tensor)
+    f = torch.as_tensor(frac, dtype=torch.float64) if scalar else frac
+    if n == 0:
+        nan = torch.full_like(f, float("nan"))
+        return (float(nan), float(nan)) if scalar else (nan, nan)
+    centre = f + z * z / (2 * n)
+    half = z * torch.sqrt(f * (1 - f) / n + z * z / (4 * n * n))
+    lo = ((centre - half) / (1 + z * z / n)).clamp(min=0.0)
+    hi = ((centre + half) / (1 + z * z / n)).clamp(max=1.0)
+    return (float(lo), float(hi)) if scalar else (lo, hi)

@@ -56,6 +56,7 @@ from ..results import DetectorResult, head_frame
 from ..runtime import each
 from ..runtime.memory import release
 from ..runtime.work import plan
+from ..stats import wilson_interval
 from .base import Detector, ReviewParams, top_heads
 
 
@@ -203,10 +204,8 @@ def _attention_to(pattern: torch.Tensor, keys: torch.Tensor, queries: torch.Tens
 
 
 def wilson_lower(frac: torch.Tensor, n: int, z: float = 1.96) -> torch.Tensor:
-    """Lower end of the Wilson score interval of a binomial proportion ``frac`` out of ``n``."""
-    centre = frac + z * z / (2 * n)
-    half = z * torch.sqrt(frac * (1 - frac) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n)
+    """Lower end of the Wilson score interval (:func:`headlens.stats.wilson_interval`) of ``frac`` out of ``n``."""
+    return wilson_interval(frac, n, z)[0]
 
 
 def prose_tokens(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:

@@ -74,8 +74,8 @@ def ov_eigen_ratio(model) -> torch.Tensor:
 
 def eigvals_cpu(m: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of a stack of small square matrices ``[n, d, d]`` on the CPU: LAPACK on one thread per
-    matrix (CUDA's eigvals of small matrices takes seconds per layer, and so does multithreaded LAPACK: 10 s
-    for an 8B model on 32 cores), the matrices spread over threads, one per core of this process's share
+    matrix (CUDA's eigvals of small matrices is slow, and so is multithreaded LAPACK on them), the
+    matrices spread over threads, one per core of this process's share
     of the host (LAPACK releases the GIL). Each matrix is computed as if alone, so the result does not
     depend on the split."""
     import os

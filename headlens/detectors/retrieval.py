@@ -157,7 +157,7 @@ def budget(model, max_bytes: int = 0, need: int = 0) -> int:
     return int(max_bytes) if max_bytes else agreed_budget(model.device, model.weight_bytes(), need)
 
 
-def row_bytes(model, n_context: int, n_new: int, n_fill: int) -> int:
+def needle_run_bytes(model, n_context: int, n_new: int, n_fill: int) -> int:
     """Memory of one needle run in a batch: its KV cache for ``n_context + n_new`` tokens, activations
     for the tokens it prefills in one forward pass (``n_fill``, at most :data:`PREFILL_CHUNK`), and
     their attention mask."""
@@ -191,7 +191,7 @@ def decode_runs(model, runs: list[NeedleRun], max_new_tokens: int, stops, max_by
                 break
             rows = batch + [order[i + len(batch)]]
             n = max(len(runs[j].tokens) for j in rows)
-            if len(rows) * row_bytes(model, n, max_new_tokens, n - nxt.span[0]) > rest:
+            if len(rows) * needle_run_bytes(model, n, max_new_tokens, n - nxt.span[0]) > rest:
                 break
             batch = rows
         batches.append(batch)
@@ -234,7 +234,7 @@ class RetrievalDetector(Detector):
         threshold: float = 0.1          # label rule (paper: 0.1)
         ablation: str = "uniform"       # the causal check makes attention uniform (the only kind here)
         ablate_prompt: bool = False     # causal check: heads uniform while prefilling the prompt too, not only
-                                        # while answering (Wu et al.'s masking); about 12x the cost
+                                        # while answering (Wu et al.'s masking); much costlier
         top_k: int = 10                 # causal check: top-k heads vs k random heads
         causal_runs: int = 6            # retrieved runs used for the causal check
         effect_runs: int = 2            # retrieved runs for the top-k heads' direct vs total effect (0 = none)
@@ -251,7 +251,7 @@ class RetrievalDetector(Detector):
         stops = stop_token_ids(model)
         # every rank plans the same batches: the smallest rank's budget
         longest = max(len(r.tokens) for r in runs)
-        need = row_bytes(model, longest, p.max_new_tokens, longest)
+        need = needle_run_bytes(model, longest, p.max_new_tokens, longest)
         results = decode_runs(model, runs, p.max_new_tokens, stops, budget(model, p.max_bytes, need))
         scores, recalls, retrieved, answers, retrieved_recall = [], [], [], [], []
         for run, generated, top1 in results:
@@ -340,7 +340,7 @@ class RetrievalDetector(Detector):
         if not decode:
             return recall
         if p.ablate_prompt:
-            one = kv * n_prefix + max(row_bytes(model, len(r.tokens), p.max_new_tokens, len(r.tokens) - n)
+            one = kv * n_prefix + max(needle_run_bytes(model, len(r.tokens), p.max_new_tokens, len(r.tokens) - n)
                                       for r, n in zip(runs, shared))
             n = plan(one, room=budget(model, p.max_bytes, one))  # same plan everywhere
             items = [(list(range(len(runs))), decode[i:i + n]) for i in range(0, len(decode), n)]
@@ -352,7 +352,7 @@ class RetrievalDetector(Detector):
                 if groups[-1] and kv * sum(len(runs[j].tokens) for j in groups[-1] + [r]) > total // 2:
                     groups.append([])
                 groups[-1].append(r)
-            n = plan(row_bytes(model, p.max_new_tokens + 1, p.max_new_tokens, 1), room=total // 2)
+            n = plan(needle_run_bytes(model, p.max_new_tokens + 1, p.max_new_tokens, 1), room=total // 2)
             items = [(g, decode) for g in groups]       # each group's variants in chunks of n rows
 
         clean_prefix = prefill(model, deepest.tokens[:n_prefix]) if n_prefix > 1 and not p.ablate_prompt else None

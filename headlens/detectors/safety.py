@@ -38,6 +38,7 @@ from ..errors import HeadlensError
 from ..methods import clean_run, kl_metric, run_variants, sweep_heads
 from ..methods.generation import encode_prompt, greedy_generate, left_pad, stop_token_ids
 from ..results import DetectorResult, head_frame
+from ..stats import wilson_interval
 from .base import Detector, ReviewParams
 
 
@@ -58,11 +59,7 @@ def is_refusal(text: str, phrases: list[str], window: int = 100) -> bool:
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of the proportion k / n (95% by default); (nan, nan) when n = 0."""
-    if n == 0:
-        return float("nan"), float("nan")
-    f = k / n
-    centre, half = f + z * z / (2 * n), z * math.sqrt(f * (1 - f) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+    return wilson_interval(k / n if n else 0.0, n, z)
 
 
 class SafetyDetector(Detector):

@@ -829,7 +829,7 @@ def stop_token_ids(model) -> set[int]:
     """Token ids that end a generation: EOS and, for chat models, the end-of-turn token."""
     tok = model.tokenizer
     stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    vocab = tok.get_vocab()                   # built anew at every call (0.1 s for a large vocabulary)
+    vocab = tok.get_vocab()                   # built anew at every call (slow for a large vocabulary)
     for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
         i = tok.convert_tokens_to_ids(name) if name in vocab else None
         if i is not None:

@@ -238,8 +238,8 @@ def gather(local: dict[int, Any], n: int, key: str = "") -> list:
 
 
 # Work a detector repeats on every rank of its group (clean runs, caches, weight products, prompt building,
-# its refusal decoding), in head-sweep equivalents: at Llama-3.1-8B shape (1,024 heads) about 17% of a
-# five-role scan was not shared by the sweeps (5.3 of 31.4 s, docs/scale.md), i.e. the sweeps of ~170 heads.
+# its refusal decoding), in head-sweep equivalents: the share of an 8B scan the sweeps did not share,
+# measured in docs/scale.md, as a number of heads' sweeps.
 LOCAL_HEADS = 170
 SPLITS = ("auto", "detectors", "sweeps")
 
