@@ -28,3 +28,11 @@ def planted_induction(tmp_path_factory):
 
     folder = induction_model(tmp_path_factory.mktemp("planted_induction"))
     return load_model(str(folder))
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the real model (through the ``smollm`` fixture) is marked ``real`` without saying so,
+    so ``-m "not real"`` runs exactly the fast tests (tiny models only)."""
+    for item in items:
+        if "smollm" in item.fixturenames and not item.get_closest_marker("real"):
+            item.add_marker(pytest.mark.real)

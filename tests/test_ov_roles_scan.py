@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from headlens.cli import app
 
+pytestmark = pytest.mark.real   # every test reads one scan of the embedded SmolLM2
+
 PARAMS = ["successor.causal_prompts=48", "successor.n_random=6",
           "copy_suppression.n_tokens=64", "copy_suppression.n_seqs=4", "copy_suppression.cspa_seqs=2",
           "copy_suppression.causal_seqs=2", "copy_suppression.n_random=6"]

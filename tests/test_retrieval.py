@@ -10,7 +10,7 @@ from headlens import HeadlensError, data_path, load_model
 from headlens.detectors import get_detector
 from headlens.detectors.retrieval import (NeedleRun, copy_scores, decode_runs, grid, load_needles, needle_prompts,
                                          rouge1_recall)
-from headlens.methods import ablated
+from headlens.methods import ablate
 from headlens.methods.generation import (continuation_logits, encode_prompt, greedy_generate, prefill, prefill_context,
                                          stop_token_ids, uses_native)
 from test_cli import headlens
@@ -183,7 +183,7 @@ def plain_decode(model, ids, n, heads=(), start=None):
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)]
     top1 = []
     hooks = [] if start is None else uniform_from(model, heads, start)
-    with ablated(model, heads if start is None else (), "uniform"), model.bridge.hooks(fwd_hooks=hooks):
+    with ablate(model, heads if start is None else (), "uniform"), model.bridge.hooks(fwd_hooks=hooks):
         for _ in range(n):
             logits, cache = model.bridge.run_with_cache(x, names_filter=lambda name: name in names)
             top1.append(torch.stack([cache[name][0, :, -1].argmax(-1) for name in names]))

@@ -8,7 +8,7 @@ import torch
 from headlens import load_model
 from headlens.detectors import get_detector
 from headlens.detectors.safety import is_refusal, read_lines, wilson
-from headlens.methods import ablated, clean_run, kl_metric, sweep_heads
+from headlens.methods import ablate, clean_run, kl_metric, sweep_heads
 from headlens.methods.generation import encode_prompt, left_pad
 from test_cli import headlens
 from planted import SAFETY_HEAD, safety_model
@@ -113,13 +113,13 @@ def test_few_refusals_still_scored_on_the_refused_prompts(planted, tmp_path):
 
 
 def one_at_a_time_kl(model, prompts, heads):
-    """Reference Ships: each prompt unpadded, each head ablated on its own with ablated()."""
+    """Reference Ships: each prompt unpadded, each head ablated on its own with ablate()."""
     out = torch.zeros(len(heads))
     for ids in prompts:
         x = torch.tensor([ids])
         clean = torch.log_softmax(model.bridge(x)[0, -1], -1)
         for i, head in enumerate(heads):
-            with ablated(model, [head], "uniform"):
+            with ablate(model, [head], "uniform"):
                 abl = torch.log_softmax(model.bridge(x)[0, -1], -1)
             out[i] += (clean.exp() * (clean - abl)).sum() / len(prompts)
     return out

@@ -4,7 +4,7 @@ import torch
 
 from headlens.detectors import get_detector
 from headlens.detectors.induction import repeated_tokens
-from headlens.methods import ablated, clean_run, direct_effects, direct_logit_attribution, loss_metric
+from headlens.methods import ablate, clean_run, direct_effects, direct_logit_attribution, loss_metric
 from headlens.methods.metrics import logit_diff_metric
 from headlens.methods.patching import uniform_z
 from planted import INDUCTION_HEAD
@@ -91,7 +91,7 @@ def test_uniform_z_matches_the_ablated_forward_pass(smollm):
     assert all(torch.equal(kept[l], uz[l]) for l in uz)
     for layer, head in [(3, 4), (17, 8)]:
         seen = {}
-        with ablated(smollm, [(layer, head)], "uniform"):
+        with ablate(smollm, [(layer, head)], "uniform"):
             smollm.bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z",
                                                              lambda z, hook: seen.setdefault("z", z.clone()))])
         torch.testing.assert_close(uz[layer][:, :, head].float(), seen["z"][:, :, head].float(),
