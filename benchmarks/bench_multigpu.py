@@ -4,7 +4,8 @@
 tokenizer) is saved to ``--workdir`` once, then ``headlens scan`` runs the five-role scan on 1 GPU and on
 N GPUs (``--gpus N``, i.e. torchrun), compares the catalogue bytes and reports the speed-up (the scan's
 wall time on rank 0 without model loading, ``scan_s`` of the sidecar, and the command's wall time).
-``--splits auto,sweeps`` also runs each rank count > 1 with ``--split sweeps`` (every sweep shared). ``--ranks 1`` and ``--ranks 2`` may run as separate calls on the
+``--splits auto,sweeps`` also runs each rank count > 1 with ``--split sweeps`` (every sweep shared).
+``--ranks 1`` and ``--ranks 2`` may run as separate calls on the
 same machine (the JSON collects both; the comparison is made once both are there). The first scan after a
 machine starts is slower, so by default the first rank count runs once untimed (``--warmup 0`` skips it):
 without it the 1-GPU baseline of a fresh machine ran 20-55% slower than on a warm one and flattered the
@@ -86,7 +87,7 @@ def init_random(module, device, generator, std: float = 0.02) -> None:
     """Give a module built on the meta device real storage on ``device`` with random weights (seeded)."""
     module.to_empty(device=device)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for _, p in module.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)            # RMSNorm gains
             else:
@@ -295,7 +296,8 @@ def main() -> None:
     dp.add_argument("--splits", default="auto", help="comma-separated --split values for the runs on several "
                     "ranks (auto, detectors, sweeps); runs other than auto are named e.g. '2 sweeps'")
     dp.add_argument("--warmup", type=int, default=1, choices=(0, 1),
-                    help="run the first rank count once untimed first (default 1: a fresh machine's first scan is slow)")
+                    help="run the first rank count once untimed first "
+                         "(default 1: a fresh machine's first scan is slow)")
     dp.add_argument("--detectors", default="induction,successor,copy_suppression,retrieval,safety")
     dp.add_argument("--batch-size", type=int, default=0, help="cap on sequences per pass (0: the detectors' defaults)")
     dp.add_argument("--param", "-p", action="append", default=[], help="detector parameter ROLE.NAME=VALUE")

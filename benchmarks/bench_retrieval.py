@@ -28,8 +28,15 @@ import torch  # noqa: E402
 
 import headlens  # noqa: E402
 from headlens.detectors import get_detector  # noqa: E402
-from headlens.detectors.retrieval import (MARKER, budget, copy_scores, decode_runs, load_needles,  # noqa: E402
-                                          needle_prompts, rouge1_recall)
+from headlens.detectors.retrieval import (  # noqa: E402
+    MARKER,
+    budget,
+    copy_scores,
+    decode_runs,
+    load_needles,
+    needle_prompts,
+    rouge1_recall,
+)
 from headlens.methods.generation import encode_prompt, greedy_generate, stop_token_ids  # noqa: E402
 
 

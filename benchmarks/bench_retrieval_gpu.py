@@ -109,7 +109,8 @@ def main() -> None:
     model = wrap_hf_model(hf, tok, name="llama-3.1-8b-shape-random" if not a.tiny else "tiny-llama",
                           device=device)
     sync(device)
-    result = {"native_fast_path": None, "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor()
+    result = {"native_fast_path": None, "device": name,
               "platform": platform.platform(), "torch": torch.__version__, "model": model.info.as_dict(),
               "weight_bytes": weight_bytes, "build_s": build_s, "wrap_s": time.perf_counter() - t0,
               "wrap_peak_bytes": peak(device), "steps": a.steps, "runs": []}

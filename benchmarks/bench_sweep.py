@@ -30,8 +30,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import headlens  # noqa: E402
-from headlens.methods import (as_intervention, attribution_patching, clean_run, loss_metric,  # noqa: E402
-                              patch_heads, pearson, sweep_heads)
+from headlens.methods import (  # noqa: E402
+    as_intervention,
+    attribution_patching,
+    clean_run,
+    loss_metric,
+    patch_heads,
+    pearson,
+    sweep_heads,
+)
 from headlens.methods.interventions import position_mean  # noqa: E402
 
 SHAPES = {

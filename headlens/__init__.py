@@ -11,18 +11,39 @@ The layers, from the bottom (each imports only those below it; ``docs/architectu
 ``errors`` -> ``runtime`` -> ``data``, ``stats``, ``models`` -> ``results`` -> ``methods`` ->
 ``detectors`` -> ``catalogue`` -> ``plots`` -> ``report`` -> ``cli``.
 """
-from . import detectors, methods, runtime
-from . import plots
+from . import detectors, methods, plots, runtime
 from . import plots as plot
 from ._version import __version__
 from .catalogue import Catalogue, read_catalogue, scan
 from .data import data_path
 from .detectors import REGISTRY, Detector, get_detector
 from .errors import HeadlensError
-from .methods import (CleanRun, Intervention, MeanAblation, Patch, PatternIntervention, ResampleAblation, Scale,
-                      UniformAttention, ZeroAblation, ablate, ablate_group, as_intervention, attribution_patching,
-                      clean_run, direct_logit_attribution, interventions, kl_metric, logit_diff_metric,
-                      loss_metric, patch_heads, path_patch_logits, random_baseline, run_variants, sweep_heads)
+from .methods import (
+                      CleanRun,
+                      Intervention,
+                      MeanAblation,
+                      Patch,
+                      PatternIntervention,
+                      ResampleAblation,
+                      Scale,
+                      UniformAttention,
+                      ZeroAblation,
+                      ablate,
+                      ablate_group,
+                      as_intervention,
+                      attribution_patching,
+                      clean_run,
+                      direct_logit_attribution,
+                      interventions,
+                      kl_metric,
+                      logit_diff_metric,
+                      loss_metric,
+                      patch_heads,
+                      path_patch_logits,
+                      random_baseline,
+                      run_variants,
+                      sweep_heads,
+)
 from .models import HeadModel, ModelInfo, load_model
 from .results import CausalCheck, DetectorResult, format_causal
 from .runtime import Runtime

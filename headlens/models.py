@@ -329,7 +329,8 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = "cpu",
     or a hub id (needs network access to the hub). The weights are read straight onto ``device``
     (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: layers spread over every visible GPU by accelerate,
     at most ``max_memory`` per device, e.g. ``{0: "70GiB", 1: "70GiB"}``; without a GPU ``auto`` is
-    the CPU) in ``dtype``, and processed in place (see :func:`process_weights_in_place`). ``start_token`` overrides the start
+    the CPU) in ``dtype``, and processed in place (see :func:`process_weights_in_place`).
+    ``start_token`` overrides the start
     token of plain-text prompts (a token string or an id; see :func:`choose_start_token`).
     """
     torch_dtype = _resolve_dtype(dtype)

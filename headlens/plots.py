@@ -92,7 +92,8 @@ def attention_patterns(tokens: Sequence[str], patterns, names: Sequence[str],
 
     >>> attention_patterns(["<s>", " A", " B"], pattern[None], ["L1H2"])   # doctest: +SKIP
     """
-    pats = patterns.detach().float().cpu().numpy() if isinstance(patterns, torch.Tensor) else np.asarray(patterns, float)
+    pats = (patterns.detach().float().cpu().numpy() if isinstance(patterns, torch.Tensor)
+            else np.asarray(patterns, float))
     if pats.ndim != 3 or pats.shape[0] != len(names) or pats.shape[2] != len(tokens):
         raise HeadlensError(f"patterns must be [n_heads={len(names)}, n_query, n_key={len(tokens)}], "
                             f"got {list(pats.shape)}")

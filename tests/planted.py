@@ -347,7 +347,7 @@ def blank_llama(space: LlamaSpace, n_layer: int = 2, rope_theta: float = 1e6):
                       num_key_value_heads=space.n_kv, head_dim=space.d_head, max_position_embeddings=128,
                       rope_theta=rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=True,
                       bos_token_id=0, eos_token_id=0, pad_token_id=0, attention_bias=False, mlp_bias=False)
-    if hasattr(cfg, "rope_parameters") and isinstance(getattr(cfg, "rope_parameters"), dict):
+    if hasattr(cfg, "rope_parameters") and isinstance(cfg.rope_parameters, dict):
         cfg.rope_parameters["rope_theta"] = rope_theta
     model = LlamaForCausalLM(cfg).eval()
     g = (3.0 / space.d_model) ** 0.5          # RMSNorm of ~3 unit one-hots in d_model dims -> ~1 each

@@ -5,6 +5,7 @@ import pandas as pd
 import torch
 
 import headlens as hl
+
 from planted import INDUCTION_HEAD
 
 

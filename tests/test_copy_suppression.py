@@ -64,7 +64,7 @@ def test_planted_behaviour_and_cspa(planted_result):
 
 
 def test_planted_causal_check_raises_repeat_logprob(planted_result):
-    c = planted_result.causal
+    c = planted_result.causal.to_dict()
     assert c["top_heads"] == ["L1H2"]
     assert c["top_k_ablated"] > c["clean"] + 0.1             # removing suppression -> overconfidence
     assert c["top_k_ablated"] > max(c["random_k_ablated"]) + 0.1
@@ -79,8 +79,7 @@ def test_repeat_metric_and_cspa_kl_match_plain_versions(planted_cs):
     """The repeat log-prob metric (several masks, read at their positions, a sum over prompts) equals a
     plain log-softmax over full logits, whole or a few prompts at a time; the CSPA's chunked KL equals
     a plain KL."""
-    from headlens.detectors.copy_suppression import (mean_kl, prose_tokens, repeat_logprob_metric,
-                                                     repeated_predictions)
+    from headlens.detectors.copy_suppression import mean_kl, prose_tokens, repeat_logprob_metric, repeated_predictions
     from headlens.methods import clean_run, run_variants
 
     model, text = planted_cs
@@ -239,7 +238,7 @@ def test_planted_llama_cs_head_first(planted_llama):
     assert cs["copy_suppression_qk_top1pct"] == 1.0 and cs["copy_suppression_ov_bottom1pct"] == 1.0
     assert cp["copy_suppression_qk_top1pct"] == 1.0 and cp["copy_suppression_score"] == -1.0
     assert cs["copy_suppression_dla_seen"] < 0 < cp["copy_suppression_dla_seen"]
-    assert res.causal["top_k_ablated"] > res.causal["clean"] + 0.1
+    assert res.causal.top_k_ablated > res.causal.clean + 0.1
 
 
 def test_wilson_label_margin():

@@ -203,7 +203,7 @@ def test_ranks_finishing_far_apart_outwait_the_collective_timeout(tiny, tmp_path
 
 def test_two_ranks_padded_safety_prompts_same_bytes(tmp_path):
     folder = safety_model(tmp_path / "safety")
-    from test_safety import HARMFUL, HARMLESS   # 8 padded pairs: enough refusals (min_refused=5)
+    from test_safety import HARMFUL, HARMLESS  # 8 padded pairs: enough refusals (min_refused=5)
 
     (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL) + "\n")
     (tmp_path / "harmless.txt").write_text("\n".join(HARMLESS) + "\n")

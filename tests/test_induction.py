@@ -5,6 +5,7 @@ import torch
 from headlens.catalogue import scan
 from headlens.detectors import get_detector
 from headlens.detectors.induction import induction_masks
+
 from planted import INDUCTION_HEAD, PREV_TOKEN_HEAD
 
 

@@ -8,20 +8,25 @@ import torch
 from headlens import HeadlensError, load_model
 from headlens.catalogue import scan
 from headlens.detectors import get_detector
+from headlens.methods import clean_run, kl_metric, logit_diff_metric, loss_metric, run_variants, sweep_heads
 from headlens.methods.forward import clean_run_bytes, row_bytes
+from headlens.methods.metrics import positioned
 from headlens.runtime import use
 from headlens.runtime.memory import parse_bytes
 from headlens.runtime.work import plan
-from headlens.methods import (clean_run, kl_metric, logit_diff_metric, loss_metric, run_variants,
-                              sweep_heads)
-from headlens.methods.metrics import positioned
 
 VOCAB = 48
 
 
 def _tiny_hf(kind):
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     if kind == "gpt2":
@@ -139,7 +144,6 @@ def test_logits_only_at_the_metric_positions(planted_induction):
     m = planted_induction
     tokens = torch.randint(1, 32, (3, 12), generator=torch.Generator().manual_seed(0))
     run = clean_run(m, tokens)
-    heads = m.heads()
     correct, wrong = tokens[:, -1], tokens[:, 0]
     for metric in (kl_metric(run.logits), logit_diff_metric(correct, wrong)):
         calls, handle = _unembed_calls(m)

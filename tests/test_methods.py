@@ -12,9 +12,23 @@ import torch
 
 from headlens import load_model
 from headlens.errors import HeadlensError
-from headlens.methods import (MeanAblation, Patch, Scale, ablate_group, as_intervention, attribution_patching,
-                              attribution_vs_exact, clean_run, direct_logit_attribution, loss_metric,
-                              patch_heads, path_patch_logits, random_baseline, run_variants, sweep_heads)
+from headlens.methods import (
+    MeanAblation,
+    Patch,
+    Scale,
+    ablate_group,
+    as_intervention,
+    attribution_patching,
+    attribution_vs_exact,
+    clean_run,
+    direct_logit_attribution,
+    loss_metric,
+    patch_heads,
+    path_patch_logits,
+    random_baseline,
+    run_variants,
+    sweep_heads,
+)
 
 
 def make(kind: str, scale: float):

@@ -69,8 +69,9 @@ def test_successor_causal_margin_on_smollm(scanned):
 
 
 def test_copy_suppression_label_rule_and_rank_columns(scanned):
-    from headlens.detectors.copy_suppression import wilson_lower
     import torch
+
+    from headlens.detectors.copy_suppression import wilson_lower
 
     frame, meta, _ = scanned
     d = meta["detectors"]["copy_suppression"]

@@ -9,8 +9,14 @@ import torch
 from headlens.catalogue import scan
 from headlens.detectors import get_detector
 from headlens.errors import HeadlensError
-from headlens.plots import (attention_pattern, causal_check, compare_catalogues, head_logit_attribution,
-                            head_heatmap, logit_attribution_bars)
+from headlens.plots import (
+    attention_pattern,
+    causal_check,
+    compare_catalogues,
+    head_heatmap,
+    head_logit_attribution,
+    logit_attribution_bars,
+)
 
 # BOS t3 t7 t5 t9 | t3 t7 t5 t9: the second copy's tokens sit 4 positions after the first.
 REPEATED = "t3 t7 t5 t9 t3 t7 t5 t9"

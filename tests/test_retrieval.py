@@ -2,19 +2,35 @@
 (SDPA prefill, explicit last rows, uniform attention as a running mean, prefix KV reuse, batches) checked
 against the bridge's eager attention re-running the whole context per token; presets; the causal check."""
 import json
+
 import pandas as pd
 import pytest
 import torch
 
 from headlens import HeadlensError, data_path, load_model
 from headlens.detectors import get_detector
-from headlens.detectors.retrieval import (NeedleRun, copy_scores, decode_runs, grid, load_needles, needle_prompts,
-                                         rouge1_recall)
+from headlens.detectors.retrieval import (
+    NeedleRun,
+    copy_scores,
+    decode_runs,
+    grid,
+    load_needles,
+    needle_prompts,
+    rouge1_recall,
+)
 from headlens.methods import ablate
-from headlens.methods.generation import (continuation_logits, encode_prompt, greedy_generate, prefill, prefill_context,
-                                         stop_token_ids, uses_native)
-from test_cli import headlens
+from headlens.methods.generation import (
+    continuation_logits,
+    encode_prompt,
+    greedy_generate,
+    prefill,
+    prefill_context,
+    stop_token_ids,
+    uses_native,
+)
+
 from planted import RETRIEVAL_HEAD, retrieval_model
+from test_cli import headlens
 
 NEEDLE = "t20 t21 t22 t23 t24"
 
@@ -103,7 +119,7 @@ def test_planted_retrieval_head_found_and_causal(planted):
     assert (top["layer"].iloc[0], top["head"].iloc[0]) == RETRIEVAL_HEAD
     assert top.retrieval_score.iloc[0] == pytest.approx(4 / 5)   # copies t21..t24 of the 5-token needle
     assert top.retrieval_score.iloc[1] == 0
-    c = res.causal
+    c = res.causal.to_dict()
     assert c["clean"] == pytest.approx(0.8) and c["top_k_ablated"] < 0.3
     assert c["random_k_ablated_mean"] > c["top_k_ablated"] + 0.4
     # Heads uniform while answering (Wu et al.): no random draw breaks retrieval, not even one with the
@@ -112,7 +128,7 @@ def test_planted_retrieval_head_found_and_causal(planted):
     assert with_prev and c["worse"] == "lower" and c["n_as_extreme"] == 0
     assert c["p_value"] == pytest.approx(1 / 6)
     # Uniform over the prompt too: the draws with L0H1 break it as much, and p counts them.
-    c2 = planted_detector(folder, ablate_prompt=True).run(model, seed=0).causal
+    c2 = planted_detector(folder, ablate_prompt=True).run(model, seed=0).causal.to_dict()
     assert c2["top_k_ablated"] == c["top_k_ablated"] and c2["random_draws"] == c["random_draws"]
     assert c2["n_as_extreme"] == with_prev and c2["p_value"] == pytest.approx((1 + with_prev) / 6)
     row = top.iloc[0]

@@ -1,6 +1,7 @@
 """Safety heads: Ships on a planted refusal head, batched-with-padding Ships checked against one head and
 one prompt at a time, and SmolLM2-135M-Instruct, which does not refuse (the role is not applicable)."""
 import json
+
 import pandas as pd
 import pytest
 import torch
@@ -10,8 +11,9 @@ from headlens.detectors import get_detector
 from headlens.detectors.safety import is_refusal, read_lines, wilson
 from headlens.methods import ablate, clean_run, kl_metric, sweep_heads
 from headlens.methods.generation import encode_prompt, left_pad
-from test_cli import headlens
+
 from planted import SAFETY_HEAD, safety_model
+from test_cli import headlens
 
 HARMFUL = ["t7 t8 harm t9", "harm t3 t4", "t2 t10 t11 harm t12 t13", "t4 harm t4 t9",
            "t9 harm t2", "t3 t3 harm t8 t1", "t12 t13 t14 harm t12", "t11 t10 t9 harm t7"]
@@ -71,7 +73,7 @@ def test_planted_safety_head_found_and_causal(planted):
     assert (top["layer"].iloc[0], top["head"].iloc[0]) == SAFETY_HEAD
     assert top.safety_score.iloc[0] > 0.01 and top.safety_score.iloc[1] == 0
     assert top.safety_harmless_kl.iloc[0] < 1e-3
-    c = res.causal
+    c = res.causal.to_dict()
     assert c["clean"] == 1.0 and c["top_k_ablated"] == 0.0 and c["random_k_ablated_mean"] == 1.0
 
 

@@ -4,9 +4,10 @@ import torch
 
 from headlens.detectors import get_detector
 from headlens.detectors.induction import repeated_tokens
-from headlens.methods import ablate, clean_run, direct_effects, direct_logit_attribution, loss_metric
+from headlens.methods import ablate, clean_run, direct_effects, direct_logit_attribution, loss_metric, z_name
 from headlens.methods.metrics import logit_diff_metric
 from headlens.methods.patching import uniform_z
+
 from planted import INDUCTION_HEAD
 
 
@@ -92,7 +93,7 @@ def test_uniform_z_matches_the_ablated_forward_pass(smollm):
     for layer, head in [(3, 4), (17, 8)]:
         seen = {}
         with ablate(smollm, [(layer, head)], "uniform"):
-            smollm.bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z",
-                                                             lambda z, hook: seen.setdefault("z", z.clone()))])
+            keep = lambda z, hook, seen=seen: seen.setdefault("z", z.clone())   # noqa: E731
+            smollm.bridge.run_with_hooks(tokens, fwd_hooks=[(z_name(layer), keep)])
         torch.testing.assert_close(uz[layer][:, :, head].float(), seen["z"][:, :, head].float(),
                                    atol=1e-4, rtol=1e-4)

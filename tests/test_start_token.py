@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import torch
 
 from headlens.errors import HeadlensError
 from headlens.models import choose_start_token

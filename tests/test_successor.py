@@ -48,7 +48,7 @@ def test_planted_behaviour_separates_successor_from_copying(planted_result):
 
 
 def test_planted_causal_check(planted_result):
-    c = planted_result.causal
+    c = planted_result.causal.to_dict()
     assert c["top_heads"] == ["L1H1"]
     assert c["clean"] == 1.0 and c["top_k_ablated"] == 0.0
     assert min(c["random_k_ablated"]) == 1.0                 # other heads do not carry succession
@@ -123,6 +123,7 @@ def test_planted_llama_successor_head_first_and_significant(planted_llama):
     alone labelled, with the smallest possible p-value against the shuffled-successor null."""
     from headlens.detectors.successor import source_embedding
     from headlens.methods.circuits import ov_out
+
     from planted import LLAMA_SUCCESSOR_COPY_HEAD, LLAMA_SUCCESSOR_HEAD
 
     model, res = planted_llama

@@ -10,7 +10,7 @@ API of :mod:`headlens.methods` (and of :mod:`headlens.runtime` for chunked work)
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np

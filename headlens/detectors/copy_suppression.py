@@ -48,8 +48,18 @@ from einops import einsum
 
 from ..data import file_or_data
 from ..errors import HeadlensError
-from ..methods import (FINAL_SCALE, Intervention, clean_run, pattern_name, random_token_ids, row_bytes,
-                       run_variants, sweep_heads, v_name, z_name)
+from ..methods import (
+    FINAL_SCALE,
+    Intervention,
+    clean_run,
+    pattern_name,
+    random_token_ids,
+    row_bytes,
+    run_variants,
+    sweep_heads,
+    v_name,
+    z_name,
+)
 from ..methods.circuits import effective_embedding, head_dla, layer_weights, normalise, per_query_head
 from ..methods.metrics import summed, token_logprobs
 from ..results import DetectorResult, head_frame
@@ -58,7 +68,6 @@ from ..runtime.memory import release
 from ..runtime.work import plan
 from ..stats import wilson_interval
 from .base import Detector, ReviewParams, top_heads
-
 
 PIECE = 1 << 23   # float32 elements of one piece of the weight circuits' logits or scores (32 MB)
 

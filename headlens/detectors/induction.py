@@ -32,8 +32,7 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from ..methods import (FINAL_SCALE, clean_run, logits_at, loss_metric, pattern_name, repeated_tokens,
-                       sweep_heads, v_name)
+from ..methods import FINAL_SCALE, clean_run, logits_at, loss_metric, pattern_name, repeated_tokens, sweep_heads, v_name
 from ..methods.circuits import layer_weights, per_query_head, unembed_times_embedding
 from ..results import DetectorResult, head_frame
 from ..runtime import each
@@ -101,7 +100,8 @@ def eigvals_cpu(m: torch.Tensor) -> torch.Tensor:
 class InductionDetector(Detector):
     name = "induction"
     cost = 1.0   # share of a scan (relative; headlens.runtime.distributed.plan)
-    summary = "attends to the token after an earlier copy of the current token and copies it (prefix matching + copying)"
+    summary = ("attends to the token after an earlier copy of the current token and copies it "
+               "(prefix matching + copying)")
     paper = "Olsson et al. 2022, In-context learning and induction heads"
 
     @dataclass
@@ -128,7 +128,8 @@ class InductionDetector(Detector):
             out = []
             for l in range(model.n_layers):
                 pattern = cache[pattern_name(l)]                # [b, H, q, k]
-                per_query = einsum(pattern.float(), weights.to(pattern.device, torch.float32), "b h q k, b q k -> b h q")
+                per_query = einsum(pattern.float(), weights.to(pattern.device, torch.float32),
+                                   "b h q k, b q k -> b h q")
                 out.append(per_query[..., q_mask.to(pattern.device)].mean(-1).cpu())
             return torch.stack(out, 1)
 

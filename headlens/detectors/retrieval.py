@@ -36,9 +36,18 @@ import torch
 from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods import clean_run
-from ..methods.generation import (PREFILL_CHUNK, context_supported, continuation_logits, encode_prompt,
-                                  greedy_generate, kv_bytes_per_token, prefill, prefill_context, shared_length,
-                                  stop_token_ids)
+from ..methods.generation import (
+    PREFILL_CHUNK,
+    context_supported,
+    continuation_logits,
+    encode_prompt,
+    greedy_generate,
+    kv_bytes_per_token,
+    prefill,
+    prefill_context,
+    shared_length,
+    stop_token_ids,
+)
 from ..methods.metrics import positioned, token_logprobs
 from ..results import DetectorResult, head_frame
 from ..runtime import each
@@ -382,7 +391,7 @@ class RetrievalDetector(Detector):
             return got
 
         sums = torch.zeros(len(variants))
-        for (group, batch), got in zip(items, each(one_item, items, "retrieval causal check")):
+        for (_, batch), got in zip(items, each(one_item, items, "retrieval causal check")):
             sums[batch] += got.sum(0)
         recall[decode] = sums[decode] / len(runs)
         return recall

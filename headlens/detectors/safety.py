@@ -27,7 +27,6 @@ refusal rate on the refused requests with the group ablated (clean: 1) vs as man
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 

@@ -191,7 +191,8 @@ def null_scores(groups: list[Group], logits, n_draws: int, averaging: str, seed:
     for grp, (lg, target) in zip(groups, logits):
         top2 = lg.topk(min(2, lg.shape[-1]), dim=-1)
         winner = top2.indices[..., 0]                                          # [L, H, n]
-        unique = top2.values[..., 0] > top2.values[..., 1] if lg.shape[-1] > 1 else torch.ones_like(winner, dtype=torch.bool)
+        unique = (top2.values[..., 0] > top2.values[..., 1] if lg.shape[-1] > 1
+                  else torch.ones_like(winner, dtype=torch.bool))
         perms = torch.stack([torch.randperm(lg.shape[-1], generator=g) for _ in range(n_draws)])
         shuffled = perms[:, target]                                            # [D, n]
         hits.setdefault(grp.task, []).append((winner[None] == shuffled[:, None, None, :]) & unique[None])

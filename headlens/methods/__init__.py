@@ -1,17 +1,27 @@
 """Causal methods every detector builds on: the forward-pass machinery, interventions, ablation (batched
 over heads), patching, attribution, weight circuits and generation. Detectors use this public API only."""
+from . import interventions as interventions
 from .ablation import KINDS, ablate_group, random_baseline, random_head_sets, run_variants, sweep_heads
-from .attribution import (LogitAttribution, attribution_patching, attribution_vs_exact,
-                          direct_logit_attribution, pearson)
+from .attribution import LogitAttribution, attribution_patching, attribution_vs_exact, direct_logit_attribution, pearson
 from .forward import CleanRun, clean_run, forward_from, logits_at, row_bytes
 from .hooks import FINAL_SCALE, Head, mlp_out_name, pattern_name, resid_name, uniform_pattern, v_name, z_name
-from .prompts import random_token_ids, repeated_tokens
-from .interventions import (INTERVENTIONS, Intervention, MeanAblation, Patch, PatternIntervention,
-                            ResampleAblation, Scale, Site, UniformAttention, ZeroAblation, ablate,
-                            as_intervention)
-from . import interventions
+from .interventions import (
+                          INTERVENTIONS,
+                          Intervention,
+                          MeanAblation,
+                          Patch,
+                          PatternIntervention,
+                          ResampleAblation,
+                          Scale,
+                          Site,
+                          UniformAttention,
+                          ZeroAblation,
+                          ablate,
+                          as_intervention,
+)
 from .metrics import kl_metric, logit_diff_metric, loss_metric
 from .patching import direct_effects, patch_heads, path_patch_logits, target_and_source
+from .prompts import random_token_ids, repeated_tokens
 
 __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "logits_at", "row_bytes",
            "random_baseline", "random_head_sets", "run_variants", "sweep_heads", "uniform_pattern",

@@ -114,9 +114,9 @@ def run_variants(model: HeadModel, tokens: torch.Tensor, variants: Sequence[Iter
             mask = None
             if run.attention_mask is not None:
                 mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
+            ids = torch.tensor([v for v, _ in chunk])
             fwd = hooks(ablation, {l: m[variant_of_row] for l, m in masks.items()},
-                        lambda layer: Site(model, layer, run, prompt_of_row, mask,
-                                           torch.tensor([v for v, _ in chunk])))
+                        lambda layer, rows=prompt_of_row, mask=mask, ids=ids: Site(model, layer, run, rows, mask, ids))
             logits = forward_from(model, resid, first, mask, fwd, index, run.block_returns_tuple)
             del resid
             j = 0

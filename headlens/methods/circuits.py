@@ -88,7 +88,8 @@ def ov_out(model: HeadModel, x: torch.Tensor, layers: Sequence[int] | None = Non
     return einsum(v, layer_weights(model, "W_O", layers, x.device).float(), "l h n e, l h e d -> l h n d")
 
 
-def head_dla(model: HeadModel, cache, rows: torch.Tensor, positions: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+def head_dla(model: HeadModel, cache, rows: torch.Tensor, positions: torch.Tensor,
+             directions: torch.Tensor) -> torch.Tensor:
     """``[L, H, n]``: each head's direct effect at ``(rows[i], positions[i])`` along ``directions[i]`` (d_model).
 
     The head's output ``z . W_O`` through the final norm's scale (from ``ln_final.hook_scale``), dotted

@@ -144,7 +144,7 @@ def _attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor
     return out, None
 
 
-def _context_attention(query, key, value, layer: "_Layer", attention_mask, scaling, softcap):
+def _context_attention(query, key, value, layer, attention_mask, scaling, softcap):
     """Attention of rows over their shared context's keys (read in place, each context row by all the
     rows that continue it) followed by their own ``key``: explicit weights ``[batch, heads, q, n]``
     (columns: context, then own) and outputs ``[batch, q, heads, d]``."""
@@ -171,7 +171,7 @@ def _context_attention(query, key, value, layer: "_Layer", attention_mask, scali
 
 def _uniform(out: Float[Tensor, "batch q head d"], value: Float[Tensor, "batch kv k d"],
              key_mask: Bool[Tensor, "batch k"], ablate: Bool[Tensor, "batch head"], q_len: int,
-             shared: "_Layer | None" = None) -> Float[Tensor, "batch q head d"]:
+             shared=None) -> Float[Tensor, "batch q head d"]:
     """Put the mean of the values over each query's causal prefix (real tokens only; a running mean over
     a prompt, a plain mean at a decoding step) in place of the output of the ablated heads: uniform
     attention without a pattern. ``value`` holds the last ``value.shape[2]`` key columns; a shared
@@ -781,7 +781,8 @@ def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, 
 
     layers = set(masks) | (set(range(model.n_layers)) if record_top1 else set())
     bridge = model.bridge
-    with torch.no_grad(), kv_cache_fix(model), bridge.hooks(fwd_hooks=[(pattern_name(l), hook) for l in sorted(layers)]):
+    fwd_hooks = [(pattern_name(l), hook) for l in sorted(layers)]
+    with torch.no_grad(), kv_cache_fix(model), bridge.hooks(fwd_hooks=fwd_hooks):
         logits, cache = bridge(tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
 
         def advance(nxt):

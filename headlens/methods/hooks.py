@@ -3,8 +3,10 @@
 TransformerLens names each activation by a hook point; the methods, detectors and plots name them
 through these functions only (never inline strings):
 
->>> z_name(3), pattern_name(3), v_name(3), resid_name(3), mlp_out_name(3)
-('blocks.3.attn.hook_z', 'blocks.3.attn.hook_pattern', 'blocks.3.attn.hook_v', 'blocks.3.hook_resid_pre', 'blocks.3.hook_mlp_out')
+>>> z_name(3), pattern_name(3), v_name(3)
+('blocks.3.attn.hook_z', 'blocks.3.attn.hook_pattern', 'blocks.3.attn.hook_v')
+>>> resid_name(3), mlp_out_name(3)
+('blocks.3.hook_resid_pre', 'blocks.3.hook_mlp_out')
 """
 from __future__ import annotations
 

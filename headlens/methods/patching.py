@@ -196,7 +196,8 @@ def direct_effects(model: HeadModel, run: CleanRun, metric: Metric, ablation: st
     and read through the clean run's final norm scale and ``W_U``; later layers and the norm scale are
     frozen (they still see the clean head). This is the direct effect of the Hydra-effect literature
     (McGrath et al. 2023); the ordinary ablation (:func:`sweep_heads`) is the total effect. Any head-output
-    intervention works, and :class:`UniformAttention` (a forward pass for the value vectors). ``positions`` limits the logits formed (and passed to ``metric``) to a slice, e.g.
+    intervention works, and :class:`UniformAttention` (a forward pass for the value vectors).
+    ``positions`` limits the logits formed (and passed to ``metric``) to a slice, e.g.
     ``slice(-1, None)`` for a last-position metric. Checked against a one-head-at-a-time version in
     ``tests/test_self_repair.py``.
     """

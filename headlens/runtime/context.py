@@ -62,7 +62,8 @@ class Runtime:
         return {"batch_size": self.batch_size, "max_memory": self.max_memory}
 
 
-_CURRENT: contextvars.ContextVar[Runtime] = contextvars.ContextVar("headlens_runtime", default=Runtime())
+_DEFAULT = Runtime()    # frozen; its record of step times is the only state it shares
+_CURRENT: contextvars.ContextVar[Runtime] = contextvars.ContextVar("headlens_runtime", default=_DEFAULT)  # noqa: B039
 
 
 def current() -> Runtime:

@@ -19,7 +19,8 @@ shared at two levels, both computing every piece exactly as one process does:
   results (hence the catalogue) are byte-identical to one process.
 
 The ranks sharing the work now are the runtime's (:attr:`headlens.runtime.Runtime.ranks`). A
-one-process run (``WORLD_SIZE`` unset or 1) never touches ``torch.distributed``. Backends: NCCL when the model is on a GPU, gloo on the CPU. Only rank 0 prints and writes
+one-process run (``WORLD_SIZE`` unset or 1) never touches ``torch.distributed``. Backends: NCCL when the
+model is on a GPU, gloo on the CPU. Only rank 0 prints and writes
 (:func:`is_main`).
 """
 from __future__ import annotations
