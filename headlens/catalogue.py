@@ -269,9 +269,8 @@ def _plan(model, todo: list, split: str):
 
 
 def _scan(model, detectors, seed: int, checkpoint, runtime: dict, split: str = "auto") -> Catalogue:
-    from . import checkpoint as ckpt
     from . import distributed, memory
-    from .detectors import as_detectors
+    from .detectors import DetectorResult, as_detectors
     from .progress import stage, step_times
 
     t_scan = time.perf_counter()
@@ -279,7 +278,8 @@ def _scan(model, detectors, seed: int, checkpoint, runtime: dict, split: str = "
     done: dict[str, tuple] = {}          # role -> (result, seconds, steps)
     resumed = []
     for det in detectors:
-        res = checkpoint.load(det.name, det.param_dict()) if checkpoint is not None else None
+        res = (checkpoint.load(det.name, det.param_dict(), DetectorResult.from_state)
+               if checkpoint is not None else None)
         if res is not None:
             resumed.append(det.name)
             note(f"{det.name}: taken from the checkpoint (it ran in {res.info.get('seconds')} s)")
@@ -300,7 +300,6 @@ def _scan(model, detectors, seed: int, checkpoint, runtime: dict, split: str = "
             memory.release()        # the next detector starts from the weights, not from this one's peak
             if checkpoint is not None:
                 checkpoint.save(res)
-                ckpt.die_after(det.name)
             if distributed.rank() == 0:     # the first rank of the group hands the result to the others
                 mine[det.name] = (res, seconds, step_times(det.name))
     done.update(distributed.exchange(mine))     # every rank gets every detector's result
