@@ -26,7 +26,7 @@ from .errors import HeadlensError
 from .models import HeadModel
 from .results import DetectorResult
 from .runtime import Runtime, current, distributed, use
-from .runtime.checkpoint import Checkpoint, die_after
+from .runtime.checkpoint import Checkpoint
 from .runtime.memory import release
 from .runtime.progress import active, bars, in_notebook, note, progress, stage, step_times
 
@@ -279,7 +279,8 @@ def _scan(model: HeadModel, detectors, seed: int, checkpoint: Checkpoint | None,
     done: dict[str, tuple] = {}          # role -> (result, seconds, steps)
     resumed = []
     for det in detectors:
-        res = checkpoint.load(det.name, det.param_dict(), DetectorResult) if checkpoint is not None else None
+        res = (checkpoint.load(det.name, det.param_dict(), DetectorResult.from_state)
+               if checkpoint is not None else None)
         if res is not None:
             resumed.append(det.name)
             note(f"{det.name}: taken from the checkpoint (it ran in {res.info.get('seconds')} s)")
@@ -300,7 +301,6 @@ def _scan(model: HeadModel, detectors, seed: int, checkpoint: Checkpoint | None,
             release()               # the next detector starts from the weights, not from this one's peak
             if checkpoint is not None:
                 checkpoint.save(res)
-                die_after(det.name)
             if distributed.rank() == 0:     # the first rank of the group hands the result to the others
                 mine[det.name] = (res, seconds, step_times(det.name))
     done.update(distributed.exchange(mine))     # every rank gets every detector's result

@@ -89,6 +89,27 @@ class DetectorResult:
     def __repr__(self) -> str:
         return f"DetectorResult({self.summary()})"
 
+    def to_state(self) -> dict[str, Any]:
+        """This result as tensors and plain data (dict, list, tuple, str, int, float, bool, None), which
+        ``torch.load(..., weights_only=True)`` reads back: what a checkpoint holds (:meth:`from_state`).
+        The frame's columns keep their order and dtypes exactly; numpy scalars in ``params``/``info``
+        become Python ones, and other objects their text (as the JSON sidecar writes them)."""
+        c = self.causal
+        return {"role": self.role, "frame": _frame_state(self.frame), "labelled": _plain(list(self.labelled)),
+                "status": self.status, "reason": self.reason, "causal": None if c is None else _plain(c.to_dict()),
+                "causal_raw": None if c is None else _plain(c.raw), "params": _plain(self.params),
+                "info": _plain(self.info)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "DetectorResult":
+        """The result that :meth:`to_state` gave ``state``."""
+        causal = CausalCheck.from_dict(state["causal"]) if state["causal"] is not None else None
+        if causal is not None:
+            causal.raw = state["causal_raw"]
+        return cls(role=state["role"], frame=_frame_from_state(state["frame"]), labelled=list(state["labelled"]),
+                   status=state["status"], reason=state["reason"], causal=causal, params=dict(state["params"]),
+                   info=dict(state["info"]))
+
     def _repr_html_(self) -> str:
         import html
         lines = "".join(f"<br>{html.escape(line)}" for line in self.summary().splitlines()[1:])
@@ -96,6 +117,52 @@ class DetectorResult:
         reason = f" <i>{html.escape(self.reason)}</i>" if self.reason else ""
         table = self.top(5).to_html(index=False, float_format=lambda x: f"{x:.4g}") if self.applies else ""
         return f"<div>{head}{reason}{lines}{table}</div>"
+
+
+_TENSOR_DTYPES = {np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32",
+                                          "float64")}
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as tensors and plain data (see :meth:`DetectorResult.to_state`)."""
+    if x is None or type(x) in (bool, int, float, str):
+        return x
+    if x is pd.NA:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, (np.generic, np.ndarray)):
+        return _plain(x.tolist())
+    if isinstance(x, dict):
+        return {_plain(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return (tuple if isinstance(x, tuple) else list)(_plain(v) for v in x)
+    for kind in (bool, int, float, str):     # subclasses (IntEnum, np.float64...)
+        if isinstance(x, kind):
+            return kind(x)
+    return str(x)
+
+
+def _frame_state(frame: pd.DataFrame) -> dict[str, Any]:
+    """A frame as plain data: numeric and bool columns as tensors (bit for bit, NaN kept), others as
+    lists, each with its dtype's name; the index only when it is not 0..n-1."""
+    cols = []
+    for _, col in frame.items():
+        values = (torch.from_numpy(col.to_numpy(copy=True)) if col.dtype in _TENSOR_DTYPES
+                  else _plain(col.tolist()))
+        cols.append((str(col.dtype), values))
+    index = None if frame.index.equals(pd.RangeIndex(len(frame))) else _plain(frame.index.tolist())
+    return {"columns": _plain(list(frame.columns)), "values": cols, "rows": len(frame), "index": index}
+
+
+def _frame_from_state(state: dict[str, Any]) -> pd.DataFrame:
+    cols = {i: pd.Series(v.numpy() if isinstance(v, torch.Tensor) else v, dtype=dtype)
+            for i, (dtype, v) in enumerate(state["values"])}
+    frame = pd.DataFrame(cols, index=pd.RangeIndex(state["rows"]))
+    frame.columns = state["columns"]
+    if state["index"] is not None:
+        frame.index = state["index"]
+    return frame
 
 
 def head_frame(model, role: str, score: torch.Tensor | np.ndarray,

@@ -45,15 +45,17 @@ def random_llama(folder: Path) -> Path:
     return folder
 
 
-def headlens(*args, ranks: int = 1, env: dict | None = None, cwd=None):
-    """``python -m headlens ARGS`` (ranks=1) or ``torchrun --nproc-per-node RANKS -m headlens ARGS``."""
+def headlens(*args, ranks: int = 1, env: dict | None = None, cwd=None, die_after: str | None = None):
+    """``python -m headlens ARGS`` (ranks=1) or ``torchrun --nproc-per-node RANKS -m headlens ARGS``;
+    with ``die_after`` the process ends right after that checkpoint write (tests/die_after.py)."""
     root = str(Path(__file__).resolve().parents[1])
     full = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", OMP_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **(env or {}))
     full.pop("WORLD_SIZE", None)
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
                 if ranks > 1 else [sys.executable])
-    return subprocess.run([*launcher, "-m", "headlens", *map(str, args)], capture_output=True, text=True,
+    entry = [str(Path(__file__).with_name("die_after.py")), die_after] if die_after else ["-m", "headlens"]
+    return subprocess.run([*launcher, *entry, *map(str, args)], capture_output=True, text=True,
                           env=full, cwd=cwd, timeout=600)
 
 

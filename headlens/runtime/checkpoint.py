@@ -3,9 +3,9 @@
 Layout, next to the output ``<out>`` (e.g. ``cat.csv.ckpt/``)::
 
     manifest.json          model (name, source, shape, dtype), seed, headlens and torch versions
-    <role>.pt              a finished detector's DetectorResult (torch.save, written atomically)
+    <role>.pt              a finished detector's result, as plain data (torch.save, written atomically)
     <role>.chunks/         finished chunks of the detector running now (see below); removed when it ends
-        call<n>.rank<r>.pt   {"key": ..., "results": {chunk index: result}} of its n-th batched sweep
+        call<n>.rank<r>.pt   {"format", "key": ..., "results": {chunk index: result}} of its n-th batched sweep
 
 A resumed scan loads each finished detector instead of running it and, inside the detector that was
 running, reuses the saved chunks of each batched sweep (:func:`headlens.runtime.work.chunked` with
@@ -19,18 +19,23 @@ ranks that ran a detector writes its file (rank 0 reads them when resuming); eve
 chunk files (on several nodes, files reach the next run only where the output folder is shared; the rest
 are recomputed). On success the folder is removed.
 
-Test hook: ``HEADLENS_TEST_DIE_AFTER=<role>`` ends the process (``os._exit(75)``) right after ``<role>``'s
-checkpoint is written, and ``HEADLENS_TEST_DIE_AFTER=chunks:<k>`` after the k-th chunk-file write: a
-deterministic stand-in for a kill, used by tests/test_resume.py.
+Files hold tensors and plain data only (dict, list, tuple, str, int, float, bool, None: a detector's
+result goes in through its ``to_state()`` and comes out through the caller's ``from_state``) and are read
+with ``torch.load(..., weights_only=True)``, so a file planted in a shared folder cannot run code. A file
+that is damaged (a kill mid-copy, a full disk), foreign or holds anything else is never loaded: one line
+says so and that part is recomputed (a damaged manifest: the scan starts afresh).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +47,7 @@ from . import distributed
 from .context import use
 from .progress import note
 
-_chunk_writes = 0                    # chunk-file writes so far (for the test hook)
+FORMAT = "headlens checkpoint 1"     # in every .pt file: anything else is not ours
 
 
 def checkpoint_dir(out_path: str | os.PathLike) -> Path:
@@ -70,29 +75,50 @@ def _save(obj: Any, path: Path) -> None:
         raise
 
 
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own files only
+class Damaged(Exception):
+    """A checkpoint file that cannot be used (damaged, foreign, or holding more than plain data)."""
+
+
+def _load(path: Path) -> dict:
+    """A checkpoint file's content: tensors and plain data only (``weights_only=True``), else Damaged."""
+    try:
+        with warnings.catch_warnings():      # the unpickler warns about files of other pickle protocols
+            warnings.simplefilter("ignore")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise Damaged(_why(exc)) from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise Damaged("not a headlens checkpoint file")
+    return saved
+
+
+def _why(exc: Exception) -> str:
+    """A short reason for a file torch.load refused (its messages run to several lines)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        return f"it holds {found.group(1) if found else 'objects'}, not only tensors and plain data"
+    text = str(exc).strip().split("\n")[0].split(". ")[0]
+    return text[:200] or type(exc).__name__
 
 
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=repr)
 
 
-def _die_if(event: str) -> None:
-    """The test hook: exit hard (no cleanup, like a kill) when HEADLENS_TEST_DIE_AFTER names ``event``."""
-    if os.environ.get("HEADLENS_TEST_DIE_AFTER") == event:
-        os._exit(75)
-
-
 class Checkpoint:
-    """A scan's checkpoint folder: load finished detectors, save each as it finishes, keep chunks."""
+    """A scan's checkpoint folder: load finished detectors, save each as it finishes, keep chunks.
 
-    def __init__(self, folder: Path, meta: dict, resume: bool, every_s: float | None = 300.0):
+    ``on_write(event)``, if given, is called after each write: ``event`` is the detector's role after its
+    file, ``chunks:<k>`` after the scan's k-th chunk-file write (tests end the process there, as a kill)."""
+
+    def __init__(self, folder: Path, meta: dict, resume: bool, every_s: float | None = 300.0,
+                 on_write: Callable[[str], Any] | None = None):
         self.folder, self.meta, self.resume, self.every_s = folder, meta, resume, every_s
+        self.on_write, self.chunk_writes = on_write, 0
 
     @classmethod
     def open(cls, out_path: str | os.PathLike, model, seed: int, resume: bool = False,
-             every_s: float | None = 300.0) -> "Checkpoint":
+             every_s: float | None = 300.0, on_write: Callable[[str], Any] | None = None) -> "Checkpoint":
         """The checkpoint beside ``out_path``: checked against this run (``resume``) or started afresh.
 
         ``every_s``: save finished chunks of a running detector at most every this many seconds
@@ -110,42 +136,51 @@ class Checkpoint:
         if isinstance(answer, HeadlensError):
             raise HeadlensError(str(answer))
         note(answer)
-        return cls(folder, meta, resume, every_s)
+        return cls(folder, meta, resume, every_s, on_write)
 
     def path(self, role: str) -> Path:
         return self.folder / f"{role}.pt"
 
-    def load(self, role: str, params: dict, build: Callable[..., Any]) -> Any | None:
-        """The checkpointed result of ``role`` (None if not finished), made by ``build(**saved)``;
-        refused if params differ.
+    def load(self, role: str, params: dict, from_state: Callable[[dict], Any]) -> Any | None:
+        """``role``'s finished result, ``from_state(state)`` of the state its ``to_state()`` saved (None if
+        not finished, or if its file is damaged or foreign: then it runs again); refused if params differ.
 
         Rank 0 reads the file and every rank gets its answer, so all ranks skip or run it together.
         """
         answer = None
         if distributed.is_main() and self.resume and self.path(role).is_file():
             path = self.path(role)
-            saved = _load(path)
-            if _canonical(saved["params"]) != _canonical(params):
-                changed = sorted(k for k in set(saved["params"]) | set(params)
-                                 if _canonical(saved["params"].get(k)) != _canonical(params.get(k)))
-                answer = (f"checkpoint {path} was made with other {role} parameters "
-                          f"({', '.join(changed)}); rerun without --resume to start afresh")
-            else:
-                answer = saved
+            try:
+                saved = _load(path)
+                state = saved.get("state")
+                if saved.get("role") != role or not isinstance(state, dict):
+                    raise Damaged(f"it holds the result of {saved.get('role')!r}")
+                if _canonical(state["params"]) != _canonical(params):
+                    changed = sorted(k for k in set(state["params"]) | set(params)
+                                     if _canonical(state["params"].get(k)) != _canonical(params.get(k)))
+                    answer = (f"checkpoint {path} was made with other {role} parameters "
+                              f"({', '.join(changed)}); rerun without --resume to start afresh")
+                else:
+                    answer = from_state(state)
+            except Exception as exc:    # damaged, foreign, or a state from_state cannot read
+                why = str(exc) if isinstance(exc, Damaged) else f"{type(exc).__name__}: {exc}"
+                note(f"{path} is damaged or foreign, not loaded ({why}); running {role} again")
+                answer = None
         answer = distributed.broadcast(answer)
         if isinstance(answer, str):
             raise HeadlensError(answer)
-        return None if answer is None else build(**answer)
+        return answer
 
     def save(self, result) -> None:
-        """Write a finished detector's result (the first rank of the ranks that ran it) and drop its chunk
-        files."""
+        """Write a finished detector's result (any object with ``role`` and ``to_state()``: the first rank of
+        the ranks that ran it) and drop its chunk files."""
         distributed.barrier()   # every rank is done with its chunk files
         if distributed.rank() == 0:
-            fields = ("role", "frame", "labelled", "status", "reason", "causal", "params", "info")
-            _save({f: getattr(result, f) for f in fields}, self.path(result.role))
+            _save({"format": FORMAT, "role": result.role, "state": result.to_state()}, self.path(result.role))
             shutil.rmtree(self.folder / f"{result.role}.chunks", ignore_errors=True)
         distributed.barrier()
+        if self.on_write is not None:
+            self.on_write(result.role)
 
     @contextlib.contextmanager
     def detector(self, role: str):
@@ -153,8 +188,15 @@ class Checkpoint:
         if self.every_s is None:
             yield
             return
-        with use(chunks=ChunkStore(self.folder / f"{role}.chunks", self.every_s, load=self.resume)):
+        store = ChunkStore(self.folder / f"{role}.chunks", self.every_s, load=self.resume,
+                           wrote=self._chunks_written)
+        with use(chunks=store):
             yield
+
+    def _chunks_written(self) -> None:
+        self.chunk_writes += 1
+        if self.on_write is not None:
+            self.on_write(f"chunks:{self.chunk_writes}")
 
     def finish(self) -> None:
         """The scan succeeded and its catalogue is written: remove the checkpoint folder."""
@@ -165,11 +207,22 @@ class Checkpoint:
 
 def _prepare(folder: Path, meta: dict, resume: bool) -> str:
     """Check the checkpoint to resume, or start a fresh one (rank 0); return the line to print."""
+    damaged = None
     if resume and (folder / "manifest.json").is_file():
-        _check(json.loads((folder / "manifest.json").read_text()), meta, folder)
-        done = sorted(p.stem for p in folder.glob("*.pt"))
-        return f"resuming from {folder}: finished detectors {', '.join(done) or 'none'}"
-    if folder.exists():
+        try:
+            saved = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict)
+                    and {"seed", "headlens_version", "torch_version"} <= set(saved)):
+                raise ValueError("not a headlens manifest")
+        except (OSError, ValueError) as exc:      # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            damaged = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        else:
+            _check(saved, meta, folder)
+            done = sorted(p.stem for p in folder.glob("*.pt"))
+            return f"resuming from {folder}: finished detectors {', '.join(done) or 'none'}"
+    if damaged:
+        line = f"the checkpoint {folder} is damaged (manifest.json: {damaged}); starting afresh"
+    elif folder.exists():
         line = f"ignoring the old checkpoint {folder} (pass --resume to continue it); starting afresh"
     elif resume:
         line = f"no checkpoint in {folder}; starting from the beginning"
@@ -199,8 +252,8 @@ def _check(saved: dict, meta: dict, folder: Path) -> None:
 class ChunkStore:
     """One detector's finished chunks, saved every ``every_s`` seconds; its n-th call is ``call<n>``."""
 
-    def __init__(self, folder: Path, every_s: float, load: bool):
-        self.folder, self.every_s, self.load = folder, every_s, load
+    def __init__(self, folder: Path, every_s: float, load: bool, wrote: Callable[[], None] | None = None):
+        self.folder, self.every_s, self.load, self.wrote = folder, every_s, load, wrote
         self.calls: list[ChunkCall] = []
         self.last = time.monotonic()
 
@@ -209,9 +262,16 @@ class ChunkStore:
         done: dict[int, Any] = {}
         if self.load:
             for path in sorted(self.folder.glob(f"call{n}.rank*.pt")):
-                saved = _load(path)
-                if saved["key"] == key:
-                    done.update(saved["results"])
+                try:
+                    saved = _load(path)
+                    results = saved.get("results")
+                    if not (isinstance(results, dict) and all(type(i) is int for i in results)):
+                        raise Damaged("not a headlens chunk file")
+                except Damaged as exc:
+                    note(f"{path} is damaged or foreign, not loaded ({exc}); recomputing its chunks")
+                    continue
+                if saved.get("key") == key:
+                    done.update(results)
         if done:
             note(f"reusing {len(done)} finished chunks from {self.folder}")
         call = ChunkCall(self, n, key, done)
@@ -239,17 +299,11 @@ class ChunkCall:
         self.store.tick()
 
     def flush(self) -> None:
-        global _chunk_writes
         if not self.dirty:
             return
         self.store.folder.mkdir(parents=True, exist_ok=True)
-        _save({"key": self.key, "results": self.results},
+        _save({"format": FORMAT, "key": self.key, "results": self.results},
               self.store.folder / f"call{self.n}.rank{distributed.rank()}.pt")
         self.dirty = False
-        _chunk_writes += 1
-        _die_if(f"chunks:{_chunk_writes}")
-
-
-def die_after(role: str) -> None:
-    """The test hook after a detector's checkpoint (see the module docstring)."""
-    _die_if(role)
+        if self.store.wrote is not None:
+            self.store.wrote()

@@ -138,7 +138,8 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
 
 
 def note(message: str) -> None:
-    """Print one line above the bars (and in logs, where bars are not drawn) while bars are shown."""
+    """Print one line above the bars (and in logs, where bars are not drawn) while bars are shown: never
+    wrapped by rich (a terminal folds a long one itself) nor read as markup."""
     p = current().bars
     if p is not None and message:
-        p.console.print(message, highlight=False)
+        p.console.print(message, highlight=False, markup=False, soft_wrap=True)
