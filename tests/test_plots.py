@@ -70,7 +70,7 @@ def test_attention_pattern_shows_the_planted_induction(planted_induction):
         assert int(np.nanargmax(z[q])) == q - 3
     prev = np.asarray(attention_pattern(planted_induction, [0, 3, 7, 5], 0, 1).data[0].z, float)
     assert [int(np.nanargmax(prev[q])) for q in range(1, 4)] == [0, 1, 2]
-    with pytest.raises(HeadlensError, match="L2H0 does not exist"):
+    with pytest.raises(HeadlensError, match="no head L2H0 in"):
         attention_pattern(planted_induction, REPEATED, 2, 0)
     with pytest.raises(HeadlensError, match="context of 64 tokens"):
         attention_pattern(planted_induction, " ".join(["t3"] * 80), 1, 2)
