@@ -6,18 +6,18 @@ from .attribution import LogitAttribution, attribution_patching, attribution_vs_
 from .forward import CleanRun, clean_run, forward_from, logits_at, row_bytes
 from .hooks import FINAL_SCALE, Head, mlp_out_name, pattern_name, resid_name, uniform_pattern, v_name, z_name
 from .interventions import (
-                          INTERVENTIONS,
-                          Intervention,
-                          MeanAblation,
-                          Patch,
-                          PatternIntervention,
-                          ResampleAblation,
-                          Scale,
-                          Site,
-                          UniformAttention,
-                          ZeroAblation,
-                          ablate,
-                          as_intervention,
+    INTERVENTIONS,
+    Intervention,
+    MeanAblation,
+    Patch,
+    PatternIntervention,
+    ResampleAblation,
+    Scale,
+    Site,
+    UniformAttention,
+    ZeroAblation,
+    ablate,
+    as_intervention,
 )
 from .metrics import kl_metric, logit_diff_metric, loss_metric
 from .patching import direct_effects, patch_heads, path_patch_logits, target_and_source
