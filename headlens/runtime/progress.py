@@ -57,7 +57,7 @@ class _Tqdm:
     def remove_task(self, task) -> None:
         task.close()
 
-    def print(self, message: str, highlight: bool = False) -> None:
+    def print(self, message: str, **_options) -> None:   # rich's styling options mean nothing here
         self.tqdm.write(message)
 
 
