@@ -48,7 +48,7 @@ def test_last_layer_direct_effect_equals_total_with_the_final_norm_frozen(plante
     scale frozen at the clean value, a last-layer head's total ablation effect IS its direct effect."""
     m = planted_induction
     run, metric = planted_run
-    direct = direct_effects(m, run, metric, "mean", max_rows=8)
+    direct = direct_effects(m, run, metric, "mean", batch_size=8)
     last = m.n_layers - 1
     for head in range(m.n_heads):
         mean = run.z[last][:, 1:, head].mean((0, 1))    # mean ablation leaves the start position out
