@@ -10,7 +10,7 @@ anything. They come from a real scan, made by this script (never edited by hand)
 - ``induction_attention.png``: the attention pattern of the top induction head on a prompt that repeats
   (``hl.plot.attention``).
 
-Run it from the repository root (on a 2-core CPU: about 5 minutes with the scan, 30 s without):
+Run it from the repository root (quiet 2-core CPU: about 5 minutes with the scan, under a minute without):
 
     python3 -m pip install -e '.[docs]'                  # kaleido, plotly's PNG export
     apt-get install -y chromium                          # the browser kaleido renders with
