@@ -52,9 +52,17 @@ def main() -> None:
     roles = {}
     for role, res in cat.results.items():
         check = res.causal_check
-        roles[role] = {"status": res.status, "labelled": [f"L{l}H{h}" for l, h in res.labelled],
+        roles[role] = {"status": res.status, "reason": res.reason,
+                       "labelled": [f"L{l}H{h}" for l, h in res.labelled],
                        "top10": [f"L{l}H{h}" for l, h in res.heads(10)],
                        "p_value": check.p_value if check else None}
+        if check is not None:
+            d = check.to_dict()
+            roles[role]["check"] = {k: d.get(k) for k in ("tested", "top_heads", "clean", "top_k_ablated",
+                                                          "random_k_ablated_mean", "random_k_ablated_std",
+                                                          "n_random", "n_as_extreme", "matched", "alpha",
+                                                          "significant", "z", "n_units", "floor", "effect",
+                                                          "effect_lo", "effect_hi")}
     result = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores; load average before {before}, after {loadavg()}",
         "command": " ".join(["headlens", *cmd[3:]]).replace(str(out), "catalogue.csv"),

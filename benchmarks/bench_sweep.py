@@ -116,13 +116,17 @@ def timed(fn, device: str):
 def naive_sweep(model, tokens, heads, metric, kind: str):
     """One ``run_with_hooks`` per head: the plain TransformerLens way."""
     run = clean_run(model, tokens)
-    # the library's mean ablation: over prompts and positions, each prompt's start token left out
+    # the library's mean ablation: over prompts and positions, each prompt's start token left out of the
+    # mean and keeping its own output (MeanAblation's default keep_start)
     means = {l: position_mean(z)[0, 0] for l, z in run.z.items()}
     values = []
     for l, h in heads:
         def hook(z, hook, l=l, h=h):
             z = z.clone()
-            z[:, :, h] = 0 if kind == "zero" else means[l][h]
+            if kind == "zero":
+                z[:, :, h] = 0
+            else:
+                z[:, 1:, h] = means[l][h]
             return z
         with torch.no_grad():
             logits = model.bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook)])

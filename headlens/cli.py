@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+import pandas as pd
 import torch
 import typer
 from rich.console import Console
@@ -50,19 +53,65 @@ def _params(values: list[str]) -> dict[str, dict]:
     return result
 
 
+def _cell(value) -> str:
+    """One table cell: numbers to 3 significant digits (trailing zeros kept, so columns line up), NaN as
+    NaN, booleans as yes / no."""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        return "NaN" if math.isnan(value) else f"{value:#.3g}"
+    return str(value)
+
+
+def key_columns(catalogue: Catalogue, role: str) -> list[str]:
+    """The role's key evidence columns for the terminal table: the detector's ``key_columns`` that the
+    catalogue has (none for a role that is not registered: score and label only)."""
+    try:
+        keys = detector_class(role).key_columns
+    except HeadlensError:
+        keys = ()
+    return [f"{role}_{c}" for c in keys if f"{role}_{c}" in catalogue.frame]
+
+
 def top_table(catalogue: Catalogue, role: str, k: int) -> Table | str:
-    """The role's top heads as a table; one line instead when the role could not be scored."""
+    """The role's top heads as a short table: head, score with its interval, the role's key evidence
+    columns, the label (yes / no), and ``<role>_stability`` where the catalogue has it; everything else
+    stays in the CSV, the sidecar and the report. One line instead when the role could not be scored."""
     status = catalogue.frame[f"{role}_status"].iloc[0] if f"{role}_status" in catalogue.frame else "ok"
     if status != "ok":
         kind, _, reason = str(status).partition(": ")
         return f"[yellow]{role}: {kind.replace('_', ' ')}: {reason}[/yellow]"
     frame = catalogue.top(role, k)
+    score, lo, hi = f"{role}_score", f"{role}_score_lo", f"{role}_score_hi"
+    interval = lo in frame and hi in frame
+    level = ((catalogue.meta.get("detectors") or {}).get(role) or {}).get("params", {}).get("ci_level")
+    header = "score" + ((f" [{level:.0%} interval]" if level else " [interval]") if interval else "")
+    # (header, column, cell reader) in the table's order
+    columns = [("head", "head_id", str), (header, score, None)]
+    columns += [(c.removeprefix(f"{role}_"), c, _cell) for c in key_columns(catalogue, role)]
+    columns += [("label", c, lambda v: _cell(_as_bool(v))) for c in [f"{role}_label"] if c in frame]
+    columns += [("stability", c, _cell) for c in [f"{role}_stability"] if c in frame]
     table = Table(title=f"{role}: top {k} heads")
-    for col in frame.columns:
-        table.add_column(col.removeprefix(f"{role}_"), justify="left" if col == "head_id" else "right")
+    for name, col, _ in columns:
+        table.add_column(name, justify="left" if col == "head_id" else "right")
     for _, row in frame.iterrows():
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        cells = []
+        for _, col, read in columns:
+            if col != score:
+                cells.append(read(row[col]))
+            elif interval and not (pd.isna(row[lo]) and pd.isna(row[hi])):
+                cells.append(f"{_cell(row[score])} [{_cell(row[lo])}, {_cell(row[hi])}]")
+            else:
+                cells.append(_cell(row[score]))
+        table.add_row(*cells)
     return table
+
+
+def _as_bool(value) -> bool | str:
+    """A label cell as read from a frame or a CSV (bool, or a 'True' / 'False' string)."""
+    if isinstance(value, str):
+        return {"true": True, "false": False}.get(value.strip().lower(), value)
+    return value if pd.isna(value) else bool(value)
 
 
 @app.command()

@@ -22,7 +22,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from .errors import HeadlensError
 from .runtime.work import digest
 
 __all__ = ["HeadModel", "ModelInfo", "load_model", "wrap_hf_model", "DEFAULT_MODEL", "BUILTIN_MODELS",
-           "cache_dir", "choose_start_token"]
+           "cache_dir", "choose_start_token", "left_pad", "kv_cache_fix"]
 
 BUILTIN_MODELS = {
     # name: (python package holding the file, file name inside it)
@@ -114,21 +114,49 @@ class HeadModel:
             pass
         return info
 
-    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
-        """``[batch, pos]`` token ids of a prompt (or prompts), the start token prepended."""
-        return self.bridge.to_tokens(text, truncate=False).to(self.device)
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a plain-text prompt: the start token (:attr:`start_token_id`; nothing when the
+        model has none), then ``text`` tokenised without the tokenizer's own special tokens."""
+        start = [] if self.start_token_id is None else [int(self.start_token_id)]
+        return start + list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def to_str_tokens(self, text: str) -> list[str]:
-        return self.bridge.to_str_tokens(text)
+    def pad_id(self) -> int:
+        """The tokenizer's padding id (0 when it has none: padded positions are masked anyway)."""
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
 
-    def generate(self, prompt: str, max_new_tokens: int = 20, **kwargs) -> str:
-        """Greedy text continuation of ``prompt`` (hooks, e.g. :func:`headlens.ablate`, apply)."""
+    def to_tokens(self, text: str | list[str], return_mask: bool = False):
+        """``[batch, pos]`` token ids of a prompt (or prompts), each after the model's start token
+        (:meth:`encode`), not the tokenizer's BOS. Prompts of different lengths are left-padded, as every
+        batch headlens builds is; ``return_mask=True`` returns ``(tokens, attention_mask)``, the mask
+        (1 on real tokens) to pass on as ``attention_mask=`` (``sweep_heads``, ``clean_run``, ...)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise HeadlensError("to_tokens needs at least one prompt")
+        tokens, mask = left_pad([self.encode(t) for t in texts], self.pad_id())
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        return (tokens, mask) if return_mask else tokens
+
+    def to_str_tokens(self, text: str | torch.Tensor | list[int]) -> list[str]:
+        """Each token of a prompt as text (the start token first, as :meth:`to_tokens` puts it), or of
+        one sequence of token ids."""
+        ids = self.encode(text) if isinstance(text, str) else torch.as_tensor(text).reshape(-1).tolist()
+        return [self.tokenizer.decode([int(t)]) for t in ids]
+
+    def generate(self, prompt: str | torch.Tensor, max_new_tokens: int = 20, **kwargs) -> str:
+        """The prompt and its greedy continuation as text (special tokens and the start token left out).
+        A plain-text prompt gets the start token, as :meth:`to_tokens`; ``[1, pos]`` token ids are used
+        as they are. Hooks, e.g. :func:`headlens.ablate`, apply; the KV cache is used (:func:`kv_cache_fix`)."""
         kwargs.setdefault("do_sample", False)
-        with warnings.catch_warnings():
-            # TransformerLens's generate passes the KV cache to transformers as ``past_key_values``,
-            # which transformers >= 5.2x flags as deprecated on every step; the call is theirs, not ours
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-            return self.bridge.generate(prompt, max_new_tokens=max_new_tokens, verbose=False, **kwargs)
+        text = isinstance(prompt, str)
+        tokens = self.to_tokens(prompt) if text else torch.as_tensor(prompt).to(self.device)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        with kv_cache_fix(self):
+            out = self.bridge.generate(tokens, max_new_tokens=max_new_tokens, verbose=False,
+                                       return_type="tokens", **kwargs)
+        skip = 1 if text and self.start_token_id is not None else 0   # the start token we put there
+        return self.tokenizer.decode(out[0, skip:], skip_special_tokens=True)
 
     def __call__(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
         """Logits ``[batch, pos, vocab]``."""
@@ -146,6 +174,44 @@ class HeadModel:
             raise HeadlensError(
                 f"{what} is {n_tokens} tokens long but {self.info.name} has a context of "
                 f"{self.info.n_ctx} tokens; use shorter prompts or settings")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``tokens`` and ``attention_mask`` (both ``[batch, max_len]``)."""
+    n = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), n), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, n - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, n - len(p):] = 1
+    return tokens, mask
+
+
+@contextlib.contextmanager
+def kv_cache_fix(model: HeadModel):
+    """Make the bridge's attention components extend the HF cache during decoding.
+
+    TransformerLens 4.3 attention bridges look for the cache under ``past_key_values`` while
+    transformers 5.x passes it as ``cache``; without this, every decoding step would attend to itself
+    alone. The mapping is installed on the model's attention components for the block only.
+    """
+    mods = [m for m in model.bridge.modules() if hasattr(type(m), "_update_kv_cache")]
+    for m in mods:
+        def update(k, v, _orig=m._update_kv_cache, **kwargs):
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _orig(k, v, **kwargs)
+        m._update_kv_cache = update
+    try:
+        with warnings.catch_warnings():
+            # the bridge passes the KV cache to transformers as ``past_key_values``, which transformers
+            # >= 5.2x flags as deprecated on every step; the call is theirs, not ours
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            yield
+    finally:
+        for m in mods:
+            m.__dict__.pop("_update_kv_cache", None)
 
 
 DOCUMENT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")

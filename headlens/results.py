@@ -191,11 +191,20 @@ def head_names(heads) -> list[str]:
 
 @dataclass
 class CausalCheck:
-    """Top-k heads ablated together vs ``n_random`` draws of k random heads (other than those).
+    """A role's confirmation check: the tested heads ablated together vs ``n_random`` draws of as many
+    random heads (other than those; from the same layers when ``matched``), on confirmation prompts that
+    were not used to choose the heads.
 
     ``worse`` says which way the metric moves when the ablated heads matter more (``higher``: e.g. a loss;
-    ``lower``: e.g. an accuracy). ``p_value`` = (1 + #random draws at least as extreme as the top-k
-    ablation, in that direction) / (1 + n_draws): its minimum is 1 / (n_draws + 1).
+    ``lower``: e.g. an accuracy). ``p_value`` = (1 + #random draws at least as extreme as the tested
+    heads' ablation, in that direction) / (1 + n_draws): its minimum is 1 / (n_draws + 1). ``tested`` says
+    which heads were tested: ``"claimed"`` (the heads that pass the role's score rule, the set a label
+    would claim) or ``"best candidates"`` (none passes: the top-k by score, for the evidence only).
+    ``effect``: the fraction of the clean behaviour the ablation removes, ``(tested - clean) / (floor -
+    clean)`` where ``floor`` is the metric's level without the behaviour (NaN where a role has none), with
+    its bootstrap interval over the confirmation units (``effect_lo``, ``effect_hi``). ``z``: the tested
+    heads' ablation in standard deviations of the random draws, signed so that positive = the heads
+    matter more (a scale shared by every role).
     """
     metric: str
     top_heads: list[str]
@@ -205,6 +214,14 @@ class CausalCheck:
     random_draws: list[list[str]]
     worse: str = "higher"
     ablation: str = ""
+    tested: str = "top-k"          # "claimed" | "best candidates" ("top-k": records of older versions)
+    matched: bool = False          # random heads drawn from the tested heads' layers
+    alpha: float = float("nan")    # the level a label needs the p-value to reach
+    n_units: int = 0               # confirmation units (prompts, sequences, runs) the metric averages
+    floor: float = float("nan")    # the metric without the behaviour (for the effect's fraction)
+    effect: float = float("nan")
+    effect_lo: float = float("nan")
+    effect_hi: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)     # detector-specific figures, kept in to_dict
     raw: Any = field(default=None, repr=False, compare=False)  # every variant's full metric (not saved)
 
@@ -235,12 +252,27 @@ class CausalCheck:
     def p_value(self) -> float:
         return empirical_p_value(self.top_k_ablated, self.random_k_ablated, self.worse == "higher")
 
+    @property
+    def significant(self) -> bool:
+        """Whether ``p_value <= alpha`` (False when either is NaN)."""
+        return bool(self.p_value <= self.alpha)
+
+    @property
+    def z(self) -> float:
+        """(tested - random mean) / random sd, positive = the tested heads matter more."""
+        sd = self.random_std
+        diff = (self.top_k_ablated - self.random_mean) * (1 if self.worse == "higher" else -1)
+        return float(diff / sd) if sd > 0 else float("nan")
+
     def format(self) -> str:
         """One line for the CLI, the report and the notebooks."""
-        return (f"{self.metric}: clean {self.clean:.4g}; top-{self.k} ablated {self.top_k_ablated:.4g}; "
-                f"random {self.k} ablated {self.random_mean:.4g} ± {self.random_std:.2g} "
-                f"({self.n_random} draws; {self.n_as_extreme} as extreme); "
-                f"p = {self.p_value:.3g} ({self.worse} = the heads matter more)")
+        effect = (f"; removes {self.effect:.0%} of the behaviour [{self.effect_lo:.0%}, {self.effect_hi:.0%}]"
+                  if self.effect == self.effect else "")
+        control = "layer-matched " if self.matched else ""
+        return (f"{self.metric}: clean {self.clean:.4g}; {self.tested} {self.k} ablated "
+                f"{self.top_k_ablated:.4g}; {control}random {self.k} ablated {self.random_mean:.4g} "
+                f"± {self.random_std:.2g} ({self.n_random} draws; {self.n_as_extreme} as extreme); "
+                f"p = {self.p_value:.3g}{effect} ({self.worse} = the heads matter more)")
 
     __str__ = format
 
@@ -265,19 +297,33 @@ class CausalCheck:
                 "random_k_ablated": [float(x) for x in self.random_k_ablated],
                 "random_draws": [list(d) for d in self.random_draws],
                 "n_random": self.n_random, "worse": self.worse, "ablation": self.ablation,
-                "n_as_extreme": self.n_as_extreme, "p_value": self.p_value, **self.extra}
+                "n_as_extreme": self.n_as_extreme, "p_value": self.p_value, "tested": self.tested,
+                "matched": self.matched, "alpha": self.alpha, "significant": self.significant,
+                "z": self.z, "n_units": self.n_units, "floor": self.floor, "effect": self.effect,
+                "effect_lo": self.effect_lo, "effect_hi": self.effect_hi, **self.extra}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CausalCheck":
         """Read a sidecar record (older ones lack ``worse``: then ``higher`` is assumed)."""
         own = {"metric", "k", "top_heads", "clean", "top_k_ablated", "random_k_ablated_mean",
                "random_k_ablated_std", "random_k_ablated", "random_draws", "n_random", "worse",
-               "ablation", "n_as_extreme", "p_value"}
+               "ablation", "n_as_extreme", "p_value", "tested", "matched", "alpha", "significant", "z",
+               "n_units", "floor", "effect", "effect_lo", "effect_hi"}
+        nan = float("nan")
         return cls(metric=d["metric"], top_heads=list(d.get("top_heads", [])), clean=d["clean"],
                    top_k_ablated=d["top_k_ablated"], random_k_ablated=list(d.get("random_k_ablated", [])),
                    random_draws=[list(x) for x in d.get("random_draws", [])],
                    worse=d.get("worse", "higher"), ablation=d.get("ablation", ""),
+                   tested=d.get("tested", "top-k"), matched=bool(d.get("matched", False)),
+                   alpha=_num(d.get("alpha", nan)), n_units=int(d.get("n_units", 0)),
+                   floor=_num(d.get("floor", nan)), effect=_num(d.get("effect", nan)),
+                   effect_lo=_num(d.get("effect_lo", nan)), effect_hi=_num(d.get("effect_hi", nan)),
                    extra={k: v for k, v in d.items() if k not in own})
+
+
+def _num(x) -> float:
+    """A sidecar number (JSON writes NaN as NaN, or null from other writers) as a float."""
+    return float("nan") if x is None else float(x)
 
 
 def format_causal(causal: dict[str, Any] | CausalCheck) -> str:

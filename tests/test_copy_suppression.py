@@ -31,7 +31,7 @@ def planted_cs(tmp_path_factory):
 def planted_result(planted_cs):
     model, text = planted_cs
     det = get_detector("copy_suppression", corpus=text, seq_len=24, n_seqs=4, cspa_seqs=2,
-                       causal_seqs=2, top_k=1, n_random=4, cspa_heads=2)
+                       causal_seqs=2, confirm_seqs=2, top_k=1, n_random=99, cspa_heads=2)
     return det.run(model, seed=0)
 
 
@@ -61,6 +61,7 @@ def test_planted_behaviour_and_cspa(planted_result):
     assert cs["copy_suppression_neg_share"] > 0.95           # all its negative effect is on repeats
     assert cs["copy_suppression_cspa"] > 0.6                 # the suppression-only output keeps most effect
     assert planted_result.info["n_tokens_sampled"] == 31
+    assert planted_result.info["interval_unit"] == "sampled token" and planted_result.info["interval_units"] == 31
 
 
 def test_planted_causal_check_raises_repeat_logprob(planted_result):
@@ -68,10 +69,17 @@ def test_planted_causal_check_raises_repeat_logprob(planted_result):
     assert c["top_heads"] == ["L1H2"]
     assert c["top_k_ablated"] > c["clean"] + 0.1             # removing suppression -> overconfidence
     assert c["top_k_ablated"] > max(c["random_k_ablated"]) + 0.1
-    assert c["worse"] == "higher" and c["p_value"] == pytest.approx(1 / 5)   # the minimum with 4 draws
+    assert c["worse"] == "higher" and c["p_value"] == pytest.approx(1 / 100)   # the minimum with 99 draws
+    assert c["tested"] == "claimed" and c["matched"] and c["n_units"] == 2     # two held-out chunks
+    assert c["effect"] != c["effect"] and c["z"] > 0    # no floor for this metric: z is the scale
     cs = planted_result.frame.set_index(["layer", "head"]).loc[COPY_SUPPRESSION_HEAD]
     # Its ablation raises the repeat log-prob, directly and in total (last layer: nothing to repair it).
     assert cs.copy_suppression_direct > 0.1 and cs.copy_suppression_total > 0.1
+    # Same signs and a large direct effect: a self-repair share (the final norm's rescaling makes up for
+    # part of it; the direct path keeps the norm's clean scale), and compensation = direct - total.
+    assert 0 < cs.copy_suppression_self_repair < 1
+    assert cs.copy_suppression_self_repair == pytest.approx(1 - cs.copy_suppression_total / cs.copy_suppression_direct)
+    assert cs.copy_suppression_compensation == pytest.approx(cs.copy_suppression_direct - cs.copy_suppression_total)
     assert cs.copy_suppression_score_lo <= cs.copy_suppression_score <= cs.copy_suppression_score_hi
 
 
@@ -220,7 +228,7 @@ def planted_llama(tmp_path_factory, planted_cs):
 
     model = load_model(str(llama_copy_suppression_model(tmp_path_factory.mktemp("llama_cs"))))
     det = get_detector("copy_suppression", corpus=planted_cs[1], seq_len=24, n_seqs=4, cspa_seqs=2,
-                       causal_seqs=2, top_k=1, n_random=4, cspa_heads=2)
+                       causal_seqs=2, confirm_seqs=2, top_k=1, n_random=99, cspa_heads=2)
     return det.run(model, seed=0)
 
 

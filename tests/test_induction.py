@@ -1,4 +1,6 @@
 """Induction detector: planted ground truth, and SmolLM2-135M with its causal check."""
+import math
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ def test_masks_on_a_small_example():
 
 @pytest.fixture(scope="module")
 def planted_result(planted_induction):
-    det = get_detector("induction", seq_len=10, top_k=1, n_random=6)
+    det = get_detector("induction", seq_len=10, top_k=1, n_random=99)
     return scan(planted_induction, [det]).frame, det
 
 
@@ -38,6 +40,17 @@ def test_planted_heads_are_found(planted_result, planted_induction):
     assert row.induction_loss_rise > 0.3
     off = frame[~frame.head_id.isin(["L1H2", "L0H1"])]
     assert off.induction_loss_rise.abs().max() < 1e-5
+    # Direct vs total. The induction head (last layer) acts through its own path: direct ~ total, little
+    # repair. The previous-token head has no direct path at all (it acts through the induction head's
+    # keys): no self-repair share (|direct| under the floors), and its compensation (direct - total) is
+    # minus its whole loss rise: amplified downstream, never a NaN.
+    assert row.induction_direct > 0.3 and abs(row.induction_self_repair) < 0.2
+    assert row.induction_self_repair == pytest.approx(1 - row.induction_loss_rise / row.induction_direct)
+    prev_row = frame[frame.head_id == "L0H1"].iloc[0]
+    assert abs(prev_row.induction_direct) < 1e-4 and math.isnan(prev_row.induction_self_repair)
+    assert prev_row.induction_compensation == pytest.approx(-prev_row.induction_loss_rise, abs=1e-4)
+    assert prev_row.induction_compensation < -0.3
+    assert (frame.induction_compensation - (frame.induction_direct - frame.induction_loss_rise)).abs().max() < 1e-5
 
 
 def test_batched_loss_rise_equals_one_head_at_a_time(planted_induction, planted_result):
@@ -58,7 +71,7 @@ def test_batched_loss_rise_equals_one_head_at_a_time(planted_induction, planted_
         mean = cache[f"blocks.{layer}.attn.hook_z"][:, 1:, head].mean((0, 1))   # start token left out
 
         def hook(z, hook, head=head, mean=mean):
-            z[:, :, head] = mean
+            z[:, 1:, head] = mean                                                # the start keeps its own
             return z
         logits = m.bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", hook)])
         naive = float(metric(logits) - clean)
@@ -90,18 +103,24 @@ def test_smollm2_top_induction_heads_direct_and_total_effects(smollm_induction):
     """Direct vs total effect on the repeated-part loss. The strongest induction head hurts the loss
     both through its own path to the logits and in total; but the prefix-matching heads act mostly
     through later components (their total effect is far larger than their direct one), so the direct
-    path alone would badly understate them. Self-repair is 1 - total / direct where the direct effect is
-    not negligible (>= 10% of the largest), NaN elsewhere; each score has a bootstrap interval."""
+    path alone would badly understate them. Self-repair is 1 - total / direct where the two effects share
+    a sign and the direct effect is not negligible (>= 10% of the largest and >= 0.01 nats), NaN
+    elsewhere; compensation (direct - total) wherever the direct effect was measured; each score has a
+    bootstrap interval."""
     f = smollm_induction.frame
     top = f.sort_values("induction_score", ascending=False).head(5)
     best = top.iloc[0]
     assert best.induction_direct > 0 and best.induction_loss_rise > 0
     assert top.induction_loss_rise.sum() > 2 * top.induction_direct.sum()
-    floor = 0.1 * f.induction_direct.abs().max()
-    defined = f.induction_direct.abs() >= floor
+    p = smollm_induction.meta["detectors"]["induction"]["params"]
+    floor = max(p["repair_min_share"] * f.induction_direct.abs().max(), p["repair_min_direct"])
+    defined = (f.induction_direct.abs() >= floor) & (f.induction_direct * f.induction_loss_rise >= 0)
     assert f.induction_self_repair[defined].notna().all() and f.induction_self_repair[~defined].isna().all()
     d = f[defined]
     assert ((1 - d.induction_loss_rise / d.induction_direct - d.induction_self_repair).abs() < 1e-3).all()
+    assert (d.induction_self_repair <= 1).all()
+    measured = f.induction_direct.notna()
+    assert f.induction_compensation[measured].notna().all() and f.induction_compensation[~measured].isna().all()
     assert ((top.induction_score_lo <= top.induction_score) & (top.induction_score <= top.induction_score_hi)).all()
     assert (top.induction_score_hi - top.induction_score_lo < 0.3).all()
 
@@ -136,7 +155,7 @@ def planted_llama(tmp_path_factory):
     from planted import llama_induction_model
 
     model = load_model(str(llama_induction_model(tmp_path_factory.mktemp("llama_induction"))))
-    return model, get_detector("induction", seq_len=10, top_k=1, n_random=6).run(model, seed=0)
+    return model, get_detector("induction", seq_len=10, top_k=1, n_random=99).run(model, seed=0)
 
 
 def test_planted_llama_induction_head_ranked_first(planted_llama):
@@ -152,21 +171,62 @@ def test_planted_llama_induction_head_ranked_first(planted_llama):
     row = f.loc[LLAMA_INDUCTION_HEAD]
     assert row.induction_score > 0.9 and row.induction_ov_eigen > 0.9 and row.induction_loss_rise > 0.3
     # The head shares its key/value head with L1H3, whose query and output are zero: nothing there.
-    assert f.loc[(1, 3)].induction_score < 0.2 and f.loc[(1, 3)].induction_copying == 0
+    assert f.loc[(1, 3)].induction_score < 0.2 and f.loc[(1, 3)].induction_copying < 0.1
     assert f.induction_prev_token.idxmax() == LLAMA_PREV_TOKEN_HEAD
 
 
 def test_copying_column_against_its_chance_level(planted_result, planted_llama):
-    """Olsson et al.'s copying share: 1 for a pure copying head, at its recorded chance level for heads
-    that copy nothing (planted zero heads: nothing is raised at all)."""
+    """Rank-based copying: near 1 for a pure copying head, with a q-value far below alpha; heads that copy
+    nothing (planted zero heads: every logit ties, and ties count against the token) sit at the bottom,
+    never significant; chance is 0.5 (a random token's median rank is half the vocabulary)."""
     for frame, info in ((planted_result[0], None), (planted_llama[1].frame, planted_llama[1].info)):
         f = frame.set_index(["layer", "head"])
-        assert f.loc[(1, 2)].induction_copying > 0.9
+        assert f.loc[(1, 2)].induction_copying > 0.9 and f.loc[(1, 2)].induction_copying_q < 1e-6
+        assert f.loc[(1, 2)].induction_copying_top1pct > 0.5 or len(f) < 200
         off = f.drop([(1, 2)])
-        assert off.induction_copying.max() < 0.2          # zero heads: 0; rounding noise stays near 1/vocab
+        assert off.induction_copying.max() < 0.5 and off.induction_copying_q.min() > 0.01
         if info is not None:
-            assert 0 <= info["copying_chance"] < 0.5 * f.loc[(1, 2)].induction_copying
-            assert info["copying_uniform"] == pytest.approx(1 / 32)
+            assert info["copying_chance"] == 0.5 and info["copying_top1pct_chance"] == 0.01
+
+
+def test_a_failed_confirmation_labels_nothing(planted_induction):
+    """The planted head passes the score rule, but a confirmation check that cannot reach alpha (6 random
+    draws: p >= 1/7) labels nothing and says why; the candidates still show."""
+    res = get_detector("induction", seq_len=10, top_k=1, n_random=6).run(planted_induction, seed=0)
+    assert res.labelled == [] and "not significant" in res.reason
+    assert res.info["claimed"] == ["L1H2"] and res.causal.tested == "claimed"
+    assert res.causal.p_value == pytest.approx(1 / 7) and not res.causal.significant
+    assert res.heads(1) == [(1, 2)]
+
+
+def test_a_decoy_with_the_same_score_and_no_causal_role_is_not_labelled(tmp_path):
+    """L1H3 attends exactly as the planted induction head (the same prefix score) but writes where nothing
+    reads: the planted head is labelled, the decoy is not (it copies nothing; ablating it changes no loss)."""
+    from headlens import load_model
+
+    from planted import DECOY_HEAD, induction_model
+
+    model = load_model(str(induction_model(tmp_path / "decoy", decoy=True)))
+    res = get_detector("induction", seq_len=10, top_k=1, n_random=99).run(model, seed=0)
+    f = res.frame.set_index(["layer", "head"])
+    assert f.loc[DECOY_HEAD].induction_score == pytest.approx(f.loc[INDUCTION_HEAD].induction_score, abs=1e-5)
+    assert res.labelled == [INDUCTION_HEAD] and res.causal.significant
+    assert f.loc[DECOY_HEAD].induction_copying_q > 0.01 and abs(f.loc[DECOY_HEAD].induction_loss_rise) < 1e-4
+
+
+def test_confirmation_runs_on_held_out_sequences(planted_induction):
+    """The confirmation check's sequences are not the discovery ones; its random heads come from the
+    claimed heads' layers; the effect is a fraction of the first-occurrence loss gap, with an interval."""
+    res = get_detector("induction", seq_len=10, top_k=1, n_random=99).run(planted_induction, seed=0)
+    c = res.causal
+    assert c.matched and all(d[0].startswith("L1H") for d in c.random_draws)   # layer 1, like L1H2
+    assert c.n_units == 4 and c.clean < c.top_k_ablated and c.significant
+    assert 0.3 < c.effect <= 1.2 and c.effect_lo <= c.effect <= c.effect_hi
+    from headlens.detectors.induction import repeated_tokens
+    p = get_detector("induction", seq_len=10).params
+    discovery = repeated_tokens(planted_induction, p.n_seqs, 10, p.n_repeats, 0)[:, 1:11]
+    confirm = repeated_tokens(planted_induction, p.confirm_seqs, 10, p.confirm_repeats, 7919)[:, 1:11]
+    assert not any(torch.equal(a, b) for a in discovery for b in confirm)
 
 
 def test_eigenvalues_in_threads_equal_one_matrix_at_a_time(monkeypatch):

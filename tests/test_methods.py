@@ -76,10 +76,12 @@ def logits_metric(logits):
 # ---- naive references: one run_with_hooks per head --------------------------------------------------
 
 def naive_logits(model, tokens, heads, kind="zero", scale=0.0, source=None, ref=None, seed=0, z=None,
-                 ref_z=None):
+                 ref_z=None, keep_start=True):
     """Logits with ``heads`` ((l, h) or (l, h, pos)) ablated, hooking the full forward pass.
 
-    ``z``: the prompts' own clean head outputs, if already computed (to keep the loop cheap)."""
+    ``z``: the prompts' own clean head outputs, if already computed (to keep the loop cheap). Mean
+    ablation: the mean over every prompt's positions but the first, written everywhere but position 0
+    (the start token keeps its own output) unless ``keep_start=False``."""
     clean_z = z if z is not None else clean_run(model, tokens).z
     if ref_z is None:
         ref_z = clean_run(model, ref).z if ref is not None else clean_z
@@ -111,7 +113,10 @@ def naive_logits(model, tokens, heads, kind="zero", scale=0.0, source=None, ref=
 
         def hook(z, hook, h=h, pos=pos, new=new):
             z = z.clone()
+            start = z[:, 0, h].clone()
             z[:, pos, h] = z[:, pos, h] * scale if new is None else new[:, pos]
+            if kind == "mean" and keep_start:
+                z[:, 0, h] = start
             return z
         hooks.append((f"blocks.{l}.attn.hook_z", hook))
     with torch.no_grad():
@@ -166,13 +171,74 @@ def test_sweep_matches_naive(tiny, kind):
     close(batched.flatten(0, 1), naive)
 
 
-def test_mean_over_reference_batch(tiny):
+@pytest.mark.parametrize("keep_start", [True, False])
+def test_mean_over_reference_batch(tiny, keep_start):
     clean, corrupted = induction_pair(VOCAB, 3, 5)
     heads = [(0, 1), (2, 3)]
     batched = run_variants(tiny, clean, [[h] for h in heads], logits_metric,
-                           MeanAblation(over=corrupted))
+                           MeanAblation(over=corrupted, keep_start=keep_start))
     close(batched, naive_values(tiny, clean, [[h] for h in heads], logits_metric, kind="mean",
-                                ref=corrupted))
+                                ref=corrupted, keep_start=keep_start))
+
+
+def test_mean_ablation_leaves_the_start_position_alone(tiny):
+    """By default each prompt's start position keeps the head's own output (the attention sink stays
+    clean); ``keep_start=False`` writes the mean there too. In ``ablate`` and in the batched sweeps, with
+    left padding (the first unpadded position is the start), and on the direct path."""
+    from headlens.methods import ablate
+
+    clean, _ = induction_pair(VOCAB, 3, 5)
+    l, h = 1, 2
+    run = clean_run(tiny, clean)
+    mean = run.z[l][:, 1:, h].mean((0, 1))
+    seen = {}
+    for keep in (True, False):
+        capture = [(f"blocks.{l}.attn.hook_z", lambda z, hook: seen.update(z=z[:, :, h].clone()))]
+        with ablate(tiny, [(l, h)], MeanAblation(over=clean, keep_start=keep)), tiny.bridge.hooks(fwd_hooks=capture):
+            logits = tiny(clean)
+        z = seen["z"]
+        close(z[:, 1:], mean.expand_as(z[:, 1:]))
+        assert torch.equal(z[:, 0], run.z[l][:, 0, h]) == keep
+        if not keep:
+            close(z[:, 0], mean.expand_as(z[:, 0]))
+        assert torch.allclose(logits[:, 0], run.logits[:, 0], atol=1e-5) == keep
+    # left padding: row 0 starts at position 3; the start's logits stay clean only under the default
+    mask = torch.ones_like(clean)
+    mask[0, :3] = 0
+    padded = clean_run(tiny, clean, mask)
+    first = torch.tensor([3, 0, 0])
+    rows = torch.arange(3)
+    for keep in (True, False):
+        out = run_variants(tiny, clean, [[(l, h)], [(0, 0), (2, 3)]], lambda x: x,
+                           MeanAblation(keep_start=keep), mask, run=padded)
+        starts = out[:, rows, first]
+        assert torch.allclose(starts, padded.logits[None, rows, first].expand_as(starts), atol=1e-5) == keep
+        later = out[:, rows, first + 1]
+        assert not torch.allclose(later, padded.logits[None, rows, first + 1].expand_as(later), atol=1e-5)
+    # the direct path: the start position's direct effect is nil under the default
+    from headlens.methods import direct_effects
+
+    at = lambda p: (lambda x: x[:, p].flatten())
+    for keep in (True, False):
+        d0 = direct_effects(tiny, run, at(0), MeanAblation(keep_start=keep), heads=[(l, h)])[l, h]
+        assert torch.allclose(d0, run.logits[:, 0].flatten(), atol=1e-5) == keep
+
+
+def test_ablate_in_cached_decoding_finds_the_new_positions(tiny):
+    """A decoding step with a KV cache runs its new position alone (offset = keys - queries, read off
+    the pattern): it is ablated like the same position of a full forward pass, not taken for a start."""
+    from headlens.methods import ablate
+    from headlens.models import kv_cache_fix
+
+    clean, _ = induction_pair(VOCAB, 2, 5)
+    seq = clean[:1]
+    for iv in (MeanAblation(over=clean), MeanAblation(over=clean, keep_start=False)):
+        with torch.no_grad(), kv_cache_fix(tiny), ablate(tiny, [(1, 2), (2, 0)], iv):
+            full = tiny.bridge(seq)[:, -1]
+            _, cache = tiny.bridge(seq[:, :-1], return_type="logits_and_cache", use_cache=True)
+            step, _ = tiny.bridge(seq[:, -1:], past_key_values=cache, return_type="logits_and_cache")
+        close(step[:, -1], full)
+        assert not torch.allclose(full, tiny.bridge(seq)[:, -1], atol=1e-4)
 
 
 def test_group_and_random_baseline(tiny):

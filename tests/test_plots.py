@@ -103,7 +103,7 @@ def _layer_sums_match_attn_out(model, prompt, target_id):
     layer's attention output from the bridge, projected the same way (the plain, unsplit version)."""
     b = model.bridge
     dla = head_logit_attribution(model, prompt, target_id)
-    tokens = b.to_tokens(prompt)
+    tokens = model.to_tokens(prompt)
     names = {f"blocks.{l}.hook_attn_out" for l in range(model.n_layers)} | {"ln_final.hook_scale"}
     _, cache = b.run_with_cache(tokens, names_filter=lambda n: n in names)
     scale = cache["ln_final.hook_scale"][0, -1].float()
@@ -131,7 +131,7 @@ def test_plots_on_smollm(smollm):
     assert len(fig.data[0].x) == 270
     assert fig.data[0].y[0] == pytest.approx(float(dla.flatten()[dla.abs().flatten().argmax()]), rel=1e-4)
     att = attention_pattern(smollm, prompt, 5, 3)
-    tokens = smollm.bridge.to_tokens(prompt)[0]
+    tokens = smollm.to_tokens(prompt)[0]
     assert len(att.data[0].x) == len(tokens)
     assert all(repr(smollm.tokenizer.decode([int(t)]))[:10] in lab for t, lab in zip(tokens, att.data[0].x))
     assert np.allclose(np.nansum(np.asarray(att.data[0].z, float), 1), 1, atol=1e-3)

@@ -33,13 +33,15 @@ from planted import RETRIEVAL_HEAD, retrieval_model
 from test_cli import headlens
 
 NEEDLE = "t20 t21 t22 t23 t24"
+HELD_OUT = "t25 t26 t27 t28 t29"     # a second needle: one is held out for the confirmation check
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("planted_retrieval")
     model = load_model(str(retrieval_model(folder / "model")))
-    (folder / "needles.json").write_text(json.dumps([{"needle": NEEDLE, "question": "t20"}]))
+    (folder / "needles.json").write_text(json.dumps([{"needle": NEEDLE, "question": "t20"},
+                                                     {"needle": HELD_OUT, "question": "t25"}]))
     (folder / "hay.txt").write_text(" ".join(f"t{1 + (i * 7) % 15}" for i in range(60)))
     return model, folder
 
@@ -100,7 +102,7 @@ def test_needle_prompts_place_the_needle(planted):
     model, folder = planted
     det = planted_detector(folder)
     from headlens.detectors.retrieval import load_needles
-    runs = needle_prompts(model, load_needles(str(folder / "needles.json")), (folder / "hay.txt").read_text(),
+    runs = needle_prompts(model, load_needles(str(folder / "needles.json"))[:1], (folder / "hay.txt").read_text(),
                           [30, 50], [0.0, 0.5, 1.0], False, det.params.plain_template)
     assert len(runs) == 6
     for run in runs:
@@ -112,8 +114,10 @@ def test_needle_prompts_place_the_needle(planted):
 
 def test_planted_retrieval_head_found_and_causal(planted):
     model, folder = planted
-    res = planted_detector(folder).run(model, seed=0)
-    assert res.status == "ok" and res.info["n_retrieved"] == res.info["n_runs"] == 6
+    res = planted_detector(folder, n_random=99, matched=False).run(model, seed=0)
+    assert res.status == "ok" and res.info["n_retrieved"] == res.info["n_runs"] == 12
+    assert res.info["n_discovery_runs"] == res.info["n_confirmation_runs"] == 6   # one needle each
+    assert len(res.info["confirmation_needles"]) == 1
     assert res.labelled == [RETRIEVAL_HEAD]
     top = res.top(2)
     assert (top["layer"].iloc[0], top["head"].iloc[0]) == RETRIEVAL_HEAD
@@ -126,18 +130,25 @@ def test_planted_retrieval_head_found_and_causal(planted):
     # circuit's previous-token head (L0H1), whose work is in the needle's keys, prefilled clean.
     with_prev = sum("L0H1" in d for d in c["random_draws"])
     assert with_prev and c["worse"] == "lower" and c["n_as_extreme"] == 0
-    assert c["p_value"] == pytest.approx(1 / 6)
+    assert c["p_value"] == pytest.approx(1 / 100) and c["significant"] and c["effect"] > 0.6
     # Uniform over the prompt too: the draws with L0H1 break it as much, and p counts them.
-    c2 = planted_detector(folder, ablate_prompt=True).run(model, seed=0).causal.to_dict()
+    c2 = planted_detector(folder, ablate_prompt=True, n_random=99, matched=False).run(model, seed=0)
+    assert c2.labelled == []            # the same heads, but the check is not significant: no label
+    c2 = c2.causal.to_dict()
     assert c2["top_k_ablated"] == c["top_k_ablated"] and c2["random_draws"] == c["random_draws"]
-    assert c2["n_as_extreme"] == with_prev and c2["p_value"] == pytest.approx((1 + with_prev) / 6)
+    assert c2["n_as_extreme"] == with_prev and c2["p_value"] == pytest.approx((1 + with_prev) / 100)
     row = top.iloc[0]
-    assert row.retrieval_score_lo <= row.retrieval_score <= row.retrieval_score_hi
+    # The interval's unit is the needle (its runs at every length and depth drawn together): one needle
+    # gives no spread to measure, so no interval (resampling its 6 runs would claim one).
+    assert res.info["interval_unit"] == "needle" and res.info["interval_units"] == 1
+    assert res.frame.retrieval_score_lo.isna().all() and res.frame.retrieval_score_hi.isna().all()
     # Direct vs total effect on the answer's log-prob: the planted head matters through its own path
     # (it sits in the last layer: nothing downstream can repair it); heads outside the top-k are NaN.
     assert row.retrieval_direct > 0.5 and row.retrieval_total > 0.5
     assert abs(row.retrieval_self_repair) < 0.2
-    assert res.frame.retrieval_direct.isna().sum() == len(res.frame) - 1
+    assert row.retrieval_compensation == pytest.approx(row.retrieval_direct - row.retrieval_total)
+    for col in ("direct", "total", "compensation", "self_repair"):       # measured for the top-k (1) only
+        assert res.frame[f"retrieval_{col}"].isna().sum() == len(res.frame) - 1
     assert res.frame.equals(planted_detector(folder).run(model, seed=0).frame)   # deterministic
 
 

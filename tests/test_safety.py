@@ -8,7 +8,7 @@ import torch
 
 from headlens import load_model
 from headlens.detectors import get_detector
-from headlens.detectors.safety import is_refusal, read_lines, wilson
+from headlens.detectors.safety import is_degenerate, is_refusal, read_lines, reply_outcome, wilson
 from headlens.methods import ablate, clean_run, kl_metric, sweep_heads
 from headlens.methods.generation import encode_prompt, left_pad
 
@@ -47,6 +47,43 @@ def test_refusal_phrases():
     assert is_refusal("  I'm sorry, but I can't help with that. Instead", phrases)
 
 
+def test_refusals_with_typographic_quotes_and_other_forms():
+    """Llama, Gemma and Qwen write typographic apostrophes: matched after Unicode normalisation."""
+    phrases = read_lines("refusal_phrases.txt")
+    assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.", phrases)
+    assert is_refusal("I\u2019M SORRY", phrases) and is_refusal("\uff29\u2019m sorry", phrases)  # fullwidth I
+    assert is_refusal("I can\u02bct do that", phrases)
+    assert not is_refusal("Sure \u2014 here\u2019s how to bake bread.", phrases)
+
+
+def test_degenerate_replies_are_neither_refusal_nor_attack_success():
+    phrases = read_lines("refusal_phrases.txt")
+    for text in ["", "   \n ", "------------", "!!! ??? ...", "sure sure sure sure", "the the cat the the",
+                 "PPPPPPPPPPPP", "ahahahahahah"]:
+        assert is_degenerate(text) and not is_refusal(text, phrases), text
+        assert reply_outcome(text, phrases) == "degenerate", text
+    for text in ["Sure! Here is a recipe for lemon cake.", "Step 1: mix the flour", "t9 t9 t9", "1. 2. 3."]:
+        assert not is_degenerate(text) and reply_outcome(text, phrases) == "answer", text
+    assert reply_outcome("I\u2019m sorry, but I can\u2019t help", phrases) == "refusal"
+
+
+def test_planted_degenerate_replies_are_counted_apart(planted):
+    """The planted model with its safety head ablated repeats the last word: over 5 tokens ("t9 t9 t9 t9
+    t9") a degenerate reply. The refusal rate falls, the attack success rate does not rise; the degenerate
+    share is reported in info and in the causal check's extra."""
+    model, folder = planted
+    det = get_detector("safety", harmful=str(folder / "harmful.txt"), harmless=str(folder / "harmless.txt"),
+                       refusal_phrases=str(folder / "phrases.txt"), max_new_tokens=5)
+    res = det.run(model, seed=0)
+    assert res.info["n_refused"] == 8 and res.info["n_degenerate"] == 0 and res.info["asr_baseline"] == 0
+    c = res.causal.to_dict()
+    assert c["clean"] == 1.0 and c["top_k_ablated"] == 0.0                     # refusals gone...
+    assert c["top_k_ablated_answer_rate"] == 0.0 and c["top_k_ablated_degenerate_rate"] == 1.0   # ...not answered
+    assert c["clean_degenerate_rate"] == 0.0 and len(c["random_k_ablated_degenerate_rate"]) == c["n_random"]
+    assert res.info["asr_group"] == res.info["asr_top_head"] == 0.0 and res.info["degenerate_group"] == 1.0
+    assert res.labelled == [] and "degenerate" in res.reason
+
+
 def test_wilson_interval():
     lo, hi = wilson(7, 24)
     assert lo < 7 / 24 < hi and 0.13 < lo < 0.16 and 0.47 < hi < 0.51     # textbook values 0.149-0.488
@@ -73,8 +110,17 @@ def test_planted_safety_head_found_and_causal(planted):
     assert (top["layer"].iloc[0], top["head"].iloc[0]) == SAFETY_HEAD
     assert top.safety_score.iloc[0] > 0.01 and top.safety_score.iloc[1] == 0
     assert top.safety_harmless_kl.iloc[0] < 1e-3
+    assert res.info["interval_unit"] == "refused harmful request" and res.info["interval_units"] == 8
+    assert top.safety_score_lo.iloc[0] <= top.safety_score.iloc[0] <= top.safety_score_hi.iloc[0]
+    assert top.safety_score_lo.iloc[0] >= 0                                   # a KL: clipped at 0
+    # Direct vs total (the score): the planted head's KL comes through its own path (last layer).
+    best = top.iloc[0]
+    assert best.safety_direct > 0.01 and abs(best.safety_self_repair) < 0.2
+    assert best.safety_compensation == pytest.approx(best.safety_direct - best.safety_score)
     c = res.causal.to_dict()
     assert c["clean"] == 1.0 and c["top_k_ablated"] == 0.0 and c["random_k_ablated_mean"] == 1.0
+    assert c["n_units"] == res.info["n_confirmation_prompts"] == 4     # half the 8 refused, held out
+    assert c["p_value"] == pytest.approx(1 / 100) and c["significant"] and c["effect"] == 1.0
 
 
 def test_model_that_never_refuses_is_not_applicable(planted):
@@ -108,7 +154,9 @@ def test_few_refusals_still_scored_on_the_refused_prompts(planted, tmp_path):
     mixed.write_text("\n".join(HARMFUL[:5] + HARMLESS[:5]))
     res = planted_detector(folder, harmful=str(mixed), min_refused=5).run(model, seed=0)
     assert res.status == "ok" and res.info["n_refused"] == 5 and res.info["refusal_rate"] == 0.5
-    assert res.info["refused_prompts"] == HARMFUL[:5] and res.info["n_ships_prompts"] == 5
+    # the refused requests split: 2 held out for the confirmation check, 3 for Ships (discovery)
+    assert res.info["refused_prompts"] == HARMFUL[:5] and res.info["n_ships_prompts"] == 3
+    assert res.info["n_confirmation_prompts"] == 2
     assert res.top(1)[["layer", "head"]].values.tolist() == [list(SAFETY_HEAD)]
     four = planted_detector(folder, harmful=str(mixed), min_refused=6).run(model)
     assert four.status == "not_applicable" and "fewer than min_refused=6" in four.reason

@@ -1,14 +1,65 @@
 """Direct vs total effect (self-repair) and the causal check's p-value, on planted models and SmolLM2."""
+import math
+
 import pytest
 import torch
 
 from headlens.detectors import get_detector
+from headlens.detectors.base import compensation, self_repair
 from headlens.detectors.induction import repeated_tokens
 from headlens.methods import ablate, clean_run, direct_effects, direct_logit_attribution, loss_metric, z_name
 from headlens.methods.metrics import logit_diff_metric
 from headlens.methods.patching import uniform_z
 
 from planted import INDUCTION_HEAD
+
+NAN = float("nan")
+
+
+def test_self_repair_only_where_the_effects_share_a_sign_and_direct_passes_both_floors():
+    """Hand-made effects (positive = the head matters), one head per case; the largest |direct| is 2."""
+    direct = torch.tensor([[2.0, 1.0, 1.0, 1.0, 0.5, -1.0],
+                           [1.0, -1.0, 0.15, 0.005, 0.0, NAN]])
+    total = torch.tensor([[0.5, 1.5, 0.0, -0.4, -0.1, -0.25],
+                          [NAN, 0.3, 0.15, 0.005, 0.2, 1.0]])
+    sr = self_repair(direct, total)                            # floors: 10% of 2 = 0.2, and 0.01
+    expected = [[0.75,            # same sign: three quarters repaired
+                 -0.5,            # same sign, |total| > |direct|: amplified downstream (kept, not clipped)
+                 1.0,             # total 0: fully repaired
+                 NAN,             # opposite signs: over-compensation, no share
+                 NAN,             # opposite signs again
+                 0.75],           # both negative (ablating helps, by both routes): same reading
+                [NAN,             # total unknown
+                 NAN,             # opposite signs
+                 NAN,             # |direct| 0.15 < 10% of the largest
+                 NAN,             # |direct| 0.005 < both floors
+                 NAN,             # direct 0
+                 NAN]]            # direct unknown
+    torch.testing.assert_close(sr, torch.tensor(expected), equal_nan=True)
+    assert (sr[~sr.isnan()] <= 1).all()                   # shared signs: never above 1
+    # The absolute floor alone: with a tiny largest |direct| the relative floor passes everything.
+    small_d, small_t = torch.tensor([[0.008, 0.004]]), torch.tensor([[0.004, 0.002]])
+    assert self_repair(small_d, small_t).isnan().all()         # under 0.01 (nats)
+    torch.testing.assert_close(self_repair(small_d, small_t, min_direct=0.001), torch.tensor([[0.5, 0.5]]))
+    torch.testing.assert_close(self_repair(direct, total, min_share=0.0, min_direct=0.0)[1, 2:4],
+                               torch.tensor([0.0, 0.0]))
+    # Compensation is direct - total in the metric's units wherever both exist, whatever the signs.
+    comp = compensation(direct, total)
+    both = ~(direct.isnan() | total.isnan())
+    torch.testing.assert_close(comp[both], (direct - total)[both])
+    assert comp[~both].isnan().all()
+    assert comp[0, 3].item() == pytest.approx(1.4)            # over-compensated: more than direct itself
+    assert comp[0, 1].item() == pytest.approx(-0.5)           # amplified: negative
+
+
+def test_detector_repair_columns_use_the_parameters_floors():
+    direct, total = torch.tensor([[1.0, 0.05, 0.02]]), torch.tensor([[0.5, 0.01, 0.01]])
+    default = get_detector("induction").repair_columns(direct, total)
+    assert set(default) == {"compensation", "self_repair"}
+    assert math.isnan(default["self_repair"][0, 1].item())                  # 0.05 < 10% of 1.0
+    torch.testing.assert_close(default["compensation"], direct - total)
+    loose = get_detector("induction", repair_min_share=0.0, repair_min_direct=0.03).repair_columns(direct, total)
+    torch.testing.assert_close(loose["self_repair"], torch.tensor([[0.5, 0.8, NAN]]), equal_nan=True)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +106,7 @@ def test_last_layer_direct_effect_equals_total_with_the_final_norm_frozen(plante
 
         def ablate(z, hook, head=head, mean=mean):
             z = z.clone()
-            z[:, :, head] = mean
+            z[:, 1:, head] = mean                       # ...of the mean and of what it replaces
             return z
         hooks = [(f"blocks.{last}.attn.hook_z", ablate),
                  ("ln_final.hook_scale", lambda s, hook: run.scale.to(s.dtype))]

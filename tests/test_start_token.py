@@ -46,3 +46,70 @@ def test_document_start_helps_smollm_continue_sequences(smollm):
         last = smollm.bridge(t)[:, -1].masked_fill(~cand, float("-inf"))
         acc[start] = float((last.argmax(-1) == target).float().mean())
     assert acc[0] > acc[1] + 0.1
+
+
+# ---- every public path prepends the chosen start token -------------------------------------------------
+
+@pytest.mark.real
+def test_smollm_public_paths_start_with_endoftext(smollm):
+    """``to_tokens``, ``to_str_tokens``, the plots' prompts: <|endoftext|> (id 0), never the chat marker."""
+    from headlens import plot
+
+    tokens = smollm.to_tokens("The cat")
+    assert tokens[0, 0] == smollm.start_token_id == 0 and 1 not in tokens.tolist()[0]
+    assert tokens[0, 1:].tolist() == smollm.tokenizer("The cat", add_special_tokens=False)["input_ids"]
+    assert smollm.to_str_tokens("The cat")[0] == "<|endoftext|>"
+    fig = plot.attention(smollm, "The cat sat", [(0, 0)])
+    assert fig.data[0].x[0] == "0:'<|endoftext|>'" and "<|im_start|>" not in "".join(fig.data[0].x)
+
+
+@pytest.fixture(scope="module")
+def t5_start(tmp_path_factory):
+    """The planted induction model with its start token overridden to 't5' (id 5): a start token that is
+    not the tokenizer's BOS (id 0), as on SmolLM2."""
+    from headlens import load_model
+
+    from planted import induction_model
+
+    return load_model(str(induction_model(tmp_path_factory.mktemp("t5_start"))), start_token="t5")
+
+
+def test_public_paths_use_the_chosen_start_token(t5_start, monkeypatch):
+    from headlens.methods.readout import attention_on, prompt_tokens
+
+    m = t5_start
+    assert m.start_token_id == 5 and m.tokenizer.bos_token_id == 0
+    assert m.to_tokens("t1 t2").tolist() == [[5, 1, 2]]
+    assert m.to_str_tokens("t1 t2") == ["t5", "t1", "t2"] and m.to_str_tokens([5, 1]) == ["t5", "t1"]
+    assert prompt_tokens(m, "t1 t2").tolist() == [[5, 1, 2]]
+    assert prompt_tokens(m, [0, 1]).tolist() == [[0, 1]]                   # token ids: used as they are
+    assert attention_on(m, "t1 t2", [(1, 2)])[0] == ["t5", "t1", "t2"]
+    # a batch: left-padded (as every batch headlens builds), the mask says where each prompt starts
+    tokens, mask = m.to_tokens(["t1 t2 t3", "t1"], return_mask=True)
+    assert tokens.tolist() == [[5, 1, 2, 3], [m.pad_id()] * 2 + [5, 1]]
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    # generate: the prompt it decodes from starts with the chosen token
+    seen = []
+    original = m.bridge.generate
+    monkeypatch.setattr(m.bridge, "generate", lambda tokens, **kw: (seen.append(tokens), original(tokens, **kw))[1])
+    assert m.generate("t1 t2 t3 t1", max_new_tokens=2) == "t1 t2 t3 t1 t2 t3"
+    assert seen[0].tolist() == [[5, 1, 2, 3, 1]]
+
+
+def test_a_model_without_start_token_prepends_nothing(t5_start):
+    import dataclasses
+
+    from headlens.models import HeadModel
+
+    m = HeadModel(t5_start.bridge, t5_start.tokenizer, dataclasses.replace(t5_start.info, start_token_id=None))
+    assert m.start_token_id is None
+    assert m.to_tokens("t1 t2").tolist() == [[1, 2]] and m.to_str_tokens("t1 t2") == ["t1", "t2"]
+
+
+def test_generate_uses_the_kv_cache_correctly(planted_induction):
+    """Cached decoding (the bridge's KV cache, made to work with transformers 5 by ``kv_cache_fix``) gives
+    what decoding without the cache gives: the planted induction head continues the repeated sequence."""
+    m = planted_induction
+    plain = m.bridge.generate(m.to_tokens("t1 t2 t3 t1"), max_new_tokens=4, use_past_kv_cache=False,
+                              do_sample=False, verbose=False, return_type="str")
+    assert m.generate("t1 t2 t3 t1", max_new_tokens=4) == plain == "t1 t2 t3 t1 t2 t3 t1 t2"

@@ -21,7 +21,7 @@ def planted_successor(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def planted_result(planted_successor):
-    return get_detector("successor", top_k=1, n_random=3).run(planted_successor, seed=0)
+    return get_detector("successor", top_k=1, n_random=99).run(planted_successor, seed=0)
 
 
 def test_planted_successor_head_ranked_first_and_alone_labelled(planted_result):
@@ -52,7 +52,12 @@ def test_planted_causal_check(planted_result):
     assert c["top_heads"] == ["L1H1"]
     assert c["clean"] == 1.0 and c["top_k_ablated"] == 0.0
     assert min(c["random_k_ablated"]) == 1.0                 # other heads do not carry succession
-    assert c["worse"] == "lower" and c["p_value"] == pytest.approx(1 / 4)   # the minimum with 3 draws
+    assert c["worse"] == "lower" and c["p_value"] == pytest.approx(1 / 100)   # the minimum with 99 draws
+    assert c["tested"] == "claimed" and c["significant"] and c["matched"]
+    assert all(d[0].startswith("L1H") for d in c["random_draws"])             # the claimed head's layer
+    assert c["effect"] > 1.0          # the next item falls below chance among the task's tokens
+    info = planted_result.info
+    assert info["n_confirmation_prompts"] > 0 and info["n_discovery_prompts"] > 0
 
 
 def test_planted_interval_and_direct_vs_total(planted_result):
@@ -61,10 +66,29 @@ def test_planted_interval_and_direct_vs_total(planted_result):
     # Every pair succeeds, so every resample does: the interval is the point.
     assert row.successor_score_lo == row.successor_score_hi == 1.0
     assert ((f.successor_score_lo <= f.successor_score) & (f.successor_score <= f.successor_score_hi)).all()
+    # The unit is the task word with all its spellings, resampled within its task.
+    info = planted_result.info
+    assert info["interval_unit"] == "task word (all its spellings), within its task"
+    assert info["interval_units"]["days"] == 7 and info["pairs_per_task"]["days"] >= 7
     # The planted head writes straight to the logits from the last layer: its ablation hurts the next
     # item's log-prob directly, and nothing downstream can repair it.
     assert row.successor_direct > 0.5 and row.successor_total > 0.5
     assert abs(row.successor_self_repair) < 0.2
+    assert row.successor_compensation == pytest.approx(row.successor_direct - row.successor_total)
+    # Heads with no direct path (|direct| under both floors) get no self-repair share, but a compensation.
+    small = f.successor_direct.abs() < 0.01
+    assert small.sum() == len(f) - 1 and f.successor_self_repair[small].isna().all()
+    assert ((f.successor_compensation - (f.successor_direct - f.successor_total)).abs() < 1e-6).all()
+
+
+def test_pair_items_name_the_task_word_across_spellings():
+    from headlens.detectors.successor import Group
+
+    spaced = Group("days", " ", [10, 11, None, 13], cyclic=True)      # " Wednesday" is not one token
+    bare = Group("days", "", [20, 21, 22, 23], cyclic=True)
+    assert spaced.pairs() == [(10, 11), (13, 10)] and spaced.pair_items() == [0, 3]
+    assert bare.pair_items() == [0, 1, 2, 3]                            # words 0 and 3 have two spellings
+    assert Group("letters", "", [1, 2, 3], cyclic=False).pair_items() == [0, 1]
 
 
 def test_single_token_filtering(smollm, planted_successor):
@@ -115,7 +139,7 @@ def planted_llama(tmp_path_factory):
     from planted import llama_successor_model
 
     model = load_model(str(llama_successor_model(tmp_path_factory.mktemp("llama_successor"))))
-    return model, get_detector("successor", top_k=1, n_random=3).run(model, seed=0)
+    return model, get_detector("successor", top_k=1, n_random=99).run(model, seed=0)
 
 
 def test_planted_llama_successor_head_first_and_significant(planted_llama):

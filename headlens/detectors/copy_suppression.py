@@ -32,11 +32,15 @@ vocabulary, ``n_tokens`` of them, listed in the metadata):
 Label rule (the paper's definition, "for most tokens the own token is among the extreme entries", made
 robust to sampling): the 95% Wilson lower bound of ``ov_bottom1pct`` AND of ``qk_top1pct`` above 0.5
 (most tokens, with a margin for the sample of ``n_tokens``), and ``dla_seen < 0``. A copying head cannot
-pass (its own logit is high). Causal check: the top-k heads by score mean-ablated together vs k random
-heads, on the mean log-prob of the model's own top prediction at positions where it repeats an earlier
-token: ablating real copy-suppression heads RAISES it (overconfidence). Specificity control (in
+pass (its own logit is high). Those are the claimed heads; they are labelled only if their confirmation
+check is significant: the claimed heads (at most ``max_k``; none claimed: the top-k by score, for the
+evidence) mean-ablated together vs ``n_random`` draws of as many random heads from the same layers, on
+``confirm_seqs`` held-out chunks of the corpus (the chunks after the ``n_seqs`` discovery ones), on the
+mean log-prob of the model's own top prediction at positions where it repeats an earlier token: ablating
+real copy-suppression heads RAISES it (overconfidence), at ``p <= alpha``. Specificity control (in
 ``info["causal_specificity"]``): the same ablations scored at positions whose prediction is not in the
-context, where copy suppression has nothing to suppress.
+context, where copy suppression has nothing to suppress. ``copy_suppression_stability``: the share of
+bootstrap resamples of the sampled tokens in which both Wilson bounds pass.
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ from ..methods import (
     z_name,
 )
 from ..methods.circuits import effective_embedding, head_dla, layer_weights, normalise, per_query_head
-from ..methods.metrics import summed, token_logprobs
+from ..methods.metrics import positioned, summed, token_logprobs
 from ..results import DetectorResult, head_frame
 from ..runtime import each
 from ..runtime.memory import release
@@ -262,10 +266,11 @@ def repeated_predictions(tokens: torch.Tensor, pred: torch.Tensor):
     return earlier.any(-1), earlier
 
 
-def repeat_logprob_metric(pred: torch.Tensor, *where: torch.Tensor):
+def repeat_logprob_metric(pred: torch.Tensor, *where: torch.Tensor, per_prompt: bool = False):
     """Mean log-prob of the model's own clean top prediction ``pred`` over the (prompt, position) pairs of
     each bool mask ``[b, pos]`` in ``where`` (e.g. where it repeats an earlier token): a scalar for one
-    mask, ``[n]`` for n.
+    mask, ``[n]`` for n; with ``per_prompt``, ``[b, n]``: each prompt's mean over its own positions (NaN
+    where it has none; then not a sum over prompts).
 
     It reads the logits only at the positions that some mask counts (``.positions``), so the batched
     sweeps unembed only there; it is a sum over prompts (the batched sweeps may take a few at a time),
@@ -273,6 +278,12 @@ def repeat_logprob_metric(pred: torch.Tensor, *where: torch.Tensor):
     read = torch.stack(where).any(0).any(0).nonzero()[:, 0]    # positions any mask counts in any prompt
     target, masks = pred[:, read], [w[:, read] for w in where]
     counts = [m.sum() for m in masks]
+    if per_prompt:
+        def each(logits: torch.Tensor) -> torch.Tensor:                      # [b, len(read), vocab]
+            lp = token_logprobs(logits, target[:len(logits)])                # [b, len(read)]
+            return torch.stack([(lp * m.to(lp.device)).sum(1) / m.sum(1).to(lp.device)
+                                for m in masks], -1)                          # [b, n] (NaN: 0 / 0)
+        return positioned(each, read)
 
     def share(logits: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:   # [n, len(read), vocab]
         lp = token_logprobs(logits, target[prompts])                          # [n, len(read)]
@@ -320,6 +331,7 @@ class CopySuppressionDetector(Detector):
     cost = 0.6   # share of a scan (relative; headlens.runtime.distributed.plan)
     summary = "attends to an earlier token the model is about to predict and lowers its logit"
     paper = "McDougall, Conmy, Rushing, McGrath, Nanda 2023, Copy Suppression"
+    key_columns = ("ov_bottom1pct", "qk_top1pct")   # the two fractions the label rule bounds
 
     @dataclass
     class Params(ReviewParams):
@@ -335,11 +347,16 @@ class CopySuppressionDetector(Detector):
         cspa_seqs: int = 4           # text chunks used by the CSPA-like ablation
         top_k: int = 3               # causal check: top-k heads vs k random heads
         effect_heads: int = 10       # top heads that get direct vs total effect (NaN elsewhere)
-        causal_seqs: int = 3         # text chunks used by the causal check
+        causal_seqs: int = 3         # discovery chunks for the per-head total/direct effects
+        confirm_seqs: int = 3        # confirmation: the corpus's next chunks, after the discovery ones
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
-        tokens = prose_tokens(model, p.corpus, p.seq_len, p.n_seqs).to(model.device)
+        chunks = prose_tokens(model, p.corpus, p.seq_len, p.n_seqs + p.confirm_seqs).to(model.device)
+        if len(chunks) <= p.n_seqs:
+            raise HeadlensError(f"corpus {p.corpus} has room for {len(chunks)} chunks of {p.seq_len} tokens: "
+                                f"none is left for confirmation after the {p.n_seqs} discovery chunks")
+        tokens, confirm = chunks[:p.n_seqs], chunks[p.n_seqs:]
         sample = random_token_ids(model, 1, p.n_tokens, torch.Generator().manual_seed(seed))[0].unique()
         lower, higher = ov_own_ranks(model, sample)                            # [L, H, n_tokens]
         suppress_tok, copy_tok = (lower < p.k).float(), (higher < p.k).float()
@@ -384,16 +401,23 @@ class CopySuppressionDetector(Detector):
         del kept
         n = len(sample)
         ov_lo, qk_lo = wilson_lower(ov_band, n, p.z), wilson_lower(qk_band, n, p.z)
-        labelled = [(l, h) for l, h in model.heads() if ov_lo[l, h] > p.majority
-                    and qk_lo[l, h] > p.majority and dla_seen[l, h] < 0]
-        causal, control, effects = self._causal_check(model, tokens[:p.causal_seqs], top[:p.top_k], score, seed)
+        claimed = [(l, h) for l, h in top_heads(score, score.numel()) if ov_lo[l, h] > p.majority
+                   and qk_lo[l, h] > p.majority and dla_seen[l, h] < 0]
+        causal, control = self._confirm(model, confirm, claimed, score, seed)
+        labelled, reason = self.decide(claimed, causal)
+        effects = self._effects(model, tokens[:p.causal_seqs], score)
+        bands = torch.stack([lower < band, qk_rank < band]).float().permute(3, 0, 1, 2)   # [n, 2, L, H]
+        stability = self.stability(bands, lambda b: (wilson_lower(b[:, 0], n, p.z) > p.majority)
+                                   & (wilson_lower(b[:, 1], n, p.z) > p.majority), seed)
         frame = head_frame(model, self.name, score, {
-            **self.interval((suppress_tok - copy_tok).permute(2, 0, 1), seed),
+            **self.interval((suppress_tok - copy_tok).permute(2, 0, 1), seed, bounds=(-1, 1)),
+            "stability": stability,
             "ov_suppress": suppress, "ov_copy": copy, "qk": qk,
             "ov_median_rank": ov_median, "ov_bottom1pct": ov_band,
             "qk_median_rank": qk_median, "qk_top1pct": qk_band,
             "attn_seen": attn_seen, "dla_seen": dla_seen, "neg_share": neg_share, "cspa": cspa, **effects})
-        reason = "" if labelled else (
+        if not claimed:
+            reason = (
             f"no head has most sampled tokens (95% Wilson lower bound > {p.majority}) in the extreme "
             f"{p.rank_band:.0%} of the vocabulary for both OV (own logit lowest) and QK (own key highest), "
             "with a negative attribution on repeated predictions; the top rows are the best candidates")
@@ -401,7 +425,8 @@ class CopySuppressionDetector(Detector):
                 "vocab_size": int(model.bridge.cfg.d_vocab), "rank_band_tokens": int(band),
                 "n_text_tokens": int(tokens.numel()), "n_repeat_positions": int(seen.sum()),
                 "clean_repeat_share": float(seen.float().mean()), "start_token": model.info.start_token,
-                "causal_specificity": control}
+                "claimed": [f"L{l}H{h}" for l, h in claimed], "n_confirmation_chunks": int(len(confirm)),
+                "causal_specificity": control, "interval_unit": "sampled token", "interval_units": int(len(sample))}
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
 
@@ -431,6 +456,8 @@ class CopySuppressionDetector(Detector):
             kept = einsum(attn, coef[..., None] * u, "b q k, b k d -> b q d")
             deltas[l][2 * i * n_b:(2 * i + 1) * n_b] = (mean - out).cpu()                  # mean ablation
             deltas[l][(2 * i + 1) * n_b:(2 * i + 2) * n_b] = (mean + kept - out).cpu()     # CSPA-like
+            # as MeanAblation's default: the start position (0; these chunks are unpadded) keeps its output
+            deltas[l][2 * i * n_b:(2 * i + 2) * n_b, 0] = 0
 
         # Variant 2i mean-ablates head i, 2i+1 gives it the CSPA-like output: one batched run_variants
         # per group of prompts (deltas row variant * n_b + prompt); each adds its part of the mean KL.
@@ -447,35 +474,48 @@ class CopySuppressionDetector(Detector):
         kls = kls.tolist()
         return [1 - kls[2 * i + 1] / kls[2 * i] if kls[2 * i] > 0 else float("nan") for i in range(len(heads))]
 
-    def _causal_check(self, model, tokens, top, score, seed) -> tuple[dict, dict, dict]:
-        """Top-k vs random-k on repeated predictions; the specificity control (the same ablations scored
-        at positions whose prediction is NOT in the context: copy suppression has nothing to act on there,
-        so a specific effect changes that log-prob little); and the direct vs total effect of the
-        ``effect_heads`` top heads on the repeat log-prob (signed so that positive = ablation raises it,
-        as for suppression)."""
+    def _confirm(self, model, tokens, claimed, score, seed) -> tuple:
+        """The confirmation check on held-out text chunks: per chunk, the mean log-prob of the model's top
+        prediction where it repeats an earlier token (copy suppression lowers it, so ablation raises it),
+        the claimed heads (else the best candidates) vs layer-matched random heads; and the specificity
+        control: the same ablations scored at positions whose prediction is NOT in the context (copy
+        suppression has nothing to act on there, so a specific effect changes that log-prob little).
+        No floor: the metric has no level that means "no copy suppression", so the effect is NaN and
+        ``z`` is the scale to compare with other roles."""
         p = self.params
         run = clean_run(model, tokens)
         pred = run.logits.argmax(-1).cpu()
         seen, _ = repeated_predictions(tokens, pred)
         unseen = ~seen
         unseen[:, 0] = False                                                 # the start position
-        on, both = repeat_logprob_metric(pred, seen), repeat_logprob_metric(pred, seen, unseen)
-        check = self.causal_check(
-            model, None, seed, "mean log-prob of the model's top prediction where it repeats an earlier "
-            f"token ({p.ablation} ablation; copy suppression lowers it, so ablation raises it)",
-            "higher", top=top, run=run, metric=both)
-        values, clean = check.raw, run.value(both).float().cpu()
-        rise_on = float(values[1, 0] - clean[0])
-        rise_off = float(values[1, 1] - clean[1])
+        both = repeat_logprob_metric(pred, seen, unseen, per_prompt=True)
+        check = self.confirm(
+            model, claimed, score, seed, "mean log-prob of the model's top prediction where it repeats an "
+            f"earlier token, on held-out text ({p.ablation} ablation; copy suppression lowers it, so "
+            "ablation raises it)", "higher", run=run, metric=both)
+        values = check.raw.nanmean(1)                                        # [variants, 2]
+        rise_on = float(values[1, 0] - values[0, 0])
+        rise_off = float(values[1, 1] - values[0, 1])
         control = {"metric": "the same mean log-prob at positions whose top prediction is not in the context",
                    "n_positions": int(unseen.sum()), "n_repeat_positions": int(seen.sum()),
-                   "clean": float(clean[1]), "top_k_ablated": float(values[1, 1]),
+                   "clean": float(values[0, 1]), "top_k_ablated": float(values[1, 1]),
                    "random_k_ablated_mean": float(values[2:, 1].mean()),
                    "top_k_change_repeat": rise_on, "top_k_change_control": rise_off,
                    "specificity": rise_on / (abs(rise_on) + abs(rise_off)) if rise_on or rise_off else float("nan")}
+        return check, control
+
+    def _effects(self, model, tokens, score) -> dict[str, torch.Tensor]:
+        """On discovery chunks: the direct vs total effect of the ``effect_heads`` top heads on the repeat
+        log-prob (signed so that positive = ablation raises it, as for suppression)."""
+        p = self.params
+        run = clean_run(model, tokens)
+        pred = run.logits.argmax(-1).cpu()
+        seen, _ = repeated_predictions(tokens, pred)
+        on = repeat_logprob_metric(pred, seen)
+        clean = float(run.value(on))
         heads = top_heads(score, p.effect_heads)
         # `on` reads the repeat positions only: the planner sizes the chunks by the logits there
         total = sweep_heads(model, run.tokens, on, p.ablation, heads=heads, batch_size=self.batch_size, run=run)
-        total = total - check.clean
-        direct = self.direct_and_self_repair(model, run, on, total, "higher", check.clean, heads=heads)
-        return check.to_dict(), control, {"total": total, **direct}
+        total = total - clean
+        direct = self.direct_and_self_repair(model, run, on, total, "higher", clean, heads=heads)
+        return {"total": total, **direct}

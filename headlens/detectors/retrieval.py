@@ -18,10 +18,16 @@ generated token only the last query row of each head's attention is computed. Co
   Attention is per query head, so grouped-query attention needs nothing special.
 - ``retrieval_active_runs``: share of those runs in which the head copied at least one token.
 
-Label rule: ``retrieval_score >= threshold`` (0.1, the paper's cut; it finds under 5% of heads above it).
-Causal check: needle recall (mean ROUGE-1 recall) with the top-k heads' attention made uniform vs k random
-heads (``n_random`` draws), all variants of a prompt decoded together as one batch. If the model never
-retrieves the needle, the role is not applicable (no runs to score).
+Discovery and confirmation: the needles are split (seeded): ``confirm_needles`` are held out; the scores
+come from the runs of the other needles, the confirmation check decodes the held-out needles' runs.
+
+Label rule: the claimed heads have ``retrieval_score >= threshold`` (0.1, the paper's cut; it finds under
+5% of heads above it); they are labelled only if their confirmation check is significant: needle recall
+(ROUGE-1) on up to ``causal_runs`` retrieved runs of the held-out needles with the claimed heads'
+attention made uniform while the answer is produced, vs ``n_random`` draws of as many random heads from
+the same layers (99 by default: every draw is decoded), all variants of a prompt decoded together, at
+``p <= alpha``; the effect's floor is recall 0. If the model never retrieves a needle, the role is not
+applicable; if it retrieves no held-out needle, nothing is labelled (no confirmation).
 """
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ from ..methods.metrics import positioned, token_logprobs
 from ..results import DetectorResult, head_frame
 from ..runtime import each
 from ..runtime.work import agreed_budget, plan
-from .base import Detector, ReviewParams, self_repair, top_heads
+from .base import Detector, ReviewParams, top_heads
 
 MARKER = "\x00CONTEXT\x00"
 PAPER_LENGTHS = [round(1000 + i * (50000 - 1000) / 19) for i in range(20)]   # Wu et al.: 1k..50k, 20 steps
@@ -226,6 +232,7 @@ class RetrievalDetector(Detector):
     cost = 0.55   # share of a scan (relative; headlens.runtime.distributed.plan)
     summary = "copies the needle from a long context into the answer (needle-in-a-haystack copy-paste score)"
     paper = "Wu et al. 2024, Retrieval Head Mechanistically Explains Long-Context Factuality"
+    key_columns = ("active_runs",)   # a high mean from one run vs a head that copies in most runs
 
     @dataclass
     class Params(ReviewParams):
@@ -244,8 +251,10 @@ class RetrievalDetector(Detector):
         ablation: str = "uniform"       # the causal check makes attention uniform (the only kind here)
         ablate_prompt: bool = False     # causal check: heads uniform while prefilling the prompt too, not only
                                         # while answering (Wu et al.'s masking); much costlier
-        top_k: int = 10                 # causal check: top-k heads vs k random heads
-        causal_runs: int = 6            # retrieved runs used for the causal check
+        top_k: int = 10                 # confirmation check: the best candidates tested when none is claimed
+        n_random: int = 99              # random draws: decoding is costly; p's resolution 0.01 (= alpha)
+        confirm_needles: int = 2        # needles held out for the confirmation check (the rest: discovery)
+        causal_runs: int = 6            # retrieved confirmation runs decoded by the confirmation check
         effect_runs: int = 2            # retrieved runs for the top-k heads' direct vs total effect (0 = none)
         max_bytes: int = 0              # memory for KV caches and activations of a batch (0 = auto)
 
@@ -278,22 +287,51 @@ class RetrievalDetector(Detector):
         if not retrieved:
             return self.not_applicable(model, f"the model retrieved the needle in none of {len(runs)} runs "
                                        f"(ROUGE-1 recall > {p.recall_threshold}); nothing to score", **info)
-        per_run = torch.stack(scores)
+        held_out = self._confirmation_needles([r.needle for r in runs], seed)
+        found = [i for i, r in enumerate(retrieved) if r.needle not in held_out]
+        confirm = [i for i, r in enumerate(retrieved) if r.needle in held_out][:p.causal_runs]
+        info.update({"confirmation_needles": sorted(held_out), "n_discovery_runs": len(found),
+                     "n_confirmation_runs": len(confirm)})
+        if not found:
+            n_found = len({r.needle for r in runs}) - len(held_out)
+            return self.not_applicable(model, f"the model retrieved none of the {n_found} discovery needles; "
+                                       "nothing to score", **info)
+        per_run = torch.stack([scores[i] for i in found])
         score = per_run.mean(0)
-        labelled = [(l, h) for l, h in model.heads() if score[l, h] >= p.threshold]
+        claimed = [(l, h) for l, h in top_heads(score, score.numel()) if score[l, h] >= p.threshold]
         if p.ablation != "uniform":
             raise HeadlensError("the retrieval causal check decodes with uniform attention; "
                                 f"ablation '{p.ablation}' is not available here")
-        causal = self.causal_check(model, score, seed, "needle recall (ROUGE-1, uniform attention)", "lower",
-                                   runs=retrieved[:p.causal_runs], stops=stops,
-                                   clean_recall=retrieved_recall[:p.causal_runs]).to_dict()
-        reason = "" if labelled else (f"no head reaches copy-paste score {p.threshold}; "
-                                      "the top rows are the best candidates")
+        if not confirm:
+            causal, labelled = None, []
+            reason = (f"the model retrieved none of the held-out needles ({', '.join(sorted(held_out))[:80]}): "
+                      "no confirmation check, so no head is labelled")
+        else:
+            causal = self.confirm(model, claimed, score, seed, "needle recall on held-out needles (ROUGE-1, "
+                                  "uniform attention)", "lower", floor=0.0, runs=[retrieved[i] for i in confirm],
+                                  stops=stops, clean_recall=[retrieved_recall[i] for i in confirm])
+            labelled, reason = self.decide(claimed, causal)
+        if not claimed:
+            reason = (f"no head reaches copy-paste score {p.threshold}; the top rows are the best candidates")
+        info["claimed"] = [f"L{l}H{h}" for l, h in claimed]
+        retrieved, answers = [retrieved[i] for i in found], [answers[i] for i in found]
         effects = self._effects(model, score, retrieved[:p.effect_runs], answers[:p.effect_runs])
-        frame = head_frame(model, self.name, score, {**self.interval(per_run, seed),
+        # the unit is the needle: its runs (lengths x depths) share the needle's text and are resampled together
+        needle_of = [r.needle for r in retrieved]
+        info.update({"interval_unit": "needle", "interval_units": len(set(needle_of))})
+        frame = head_frame(model, self.name, score, {**self.interval(per_run, seed, groups=needle_of,
+                                                                     bounds=(0, None)),
                                                      "active_runs": (per_run > 0).float().mean(0), **effects})
         return DetectorResult(role=self.name, frame=frame, labelled=labelled, reason=reason,
                               causal=causal, params=self.param_dict(), info=info)
+
+    def _confirmation_needles(self, needles: list[str], seed: int) -> set[str]:
+        """The needles held out for the confirmation check: ``confirm_needles`` of them, seeded (at most all
+        but one: the rest are the discovery needles the heads are scored on)."""
+        distinct = list(dict.fromkeys(needles))
+        n = min(self.params.confirm_needles, len(distinct) - 1)
+        order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed + 2)).tolist()
+        return {distinct[i] for i in order[:max(n, 0)]}
 
     def _effects(self, model, score, runs, answers) -> dict[str, torch.Tensor]:
         """Direct vs total effect of the top-k heads (attention made uniform one head at a time while the
@@ -302,10 +340,11 @@ class RetrievalDetector(Detector):
         drop: only the head's path to the logits carries it."""
         nan = torch.full((model.n_layers, model.n_heads), float("nan"))
         if not runs:
-            return {"total": nan, "direct": nan, "self_repair": nan}
+            return {"total": nan, "direct": nan, "compensation": nan, "self_repair": nan}
         heads = top_heads(score, self.params.top_k)
-        total, direct = torch.zeros_like(nan), torch.zeros_like(nan)
         layer, head = torch.tensor(heads).T
+        total, direct = nan.clone(), torch.zeros_like(nan)
+        total[layer, head] = 0.0                  # measured for the top-k only: NaN elsewhere, never 0
         for run, answer in zip(runs, answers):
             n = len(answer)
             target = torch.tensor([answer])
@@ -322,10 +361,10 @@ class RetrievalDetector(Detector):
             d = self.direct_and_self_repair(model, clean, metric, nan, "lower", float(clean.value(metric)),
                                             heads=heads, batch_size=4)["direct"]
             direct += d / len(runs)
-        return {"total": total, "direct": direct, "self_repair": self_repair(direct, total)}
+        return {"total": total, "direct": direct, **self.repair_columns(direct, total)}
 
     def causal_values(self, model, variants, runs=(), stops=(), clean_recall=None, **_) -> torch.Tensor:
-        """Mean needle recall with each variant's heads' attention uniform: ``[n_variants]``.
+        """Needle recall of each run with each variant's heads' attention uniform: ``[n_variants, n_runs]``.
 
         By default (Wu et al.'s masking) the heads are uniform while the answer is produced: from each
         prompt's last token on. Each run's prompt is then prefilled clean once (the filler start the runs
@@ -343,9 +382,9 @@ class RetrievalDetector(Detector):
         total = budget(model, p.max_bytes)   # every rank plans the same items
         n_prefix = min(deepest.span[0], total // 2 // kv)
         shared = [shared_length(run.tokens, deepest.tokens[:n_prefix]) if n_prefix > 1 else 0 for run in runs]
-        recall = torch.zeros(len(variants))
+        recall = torch.zeros(len(variants), len(runs))
         if clean:
-            recall[clean] = sum(clean_recall[:len(runs)]) / len(runs)
+            recall[clean] = torch.tensor([float(r) for r in clean_recall[:len(runs)]])
         if not decode:
             return recall
         if p.ablate_prompt:
@@ -390,10 +429,8 @@ class RetrievalDetector(Detector):
                 got[:, i:i + per] = self._recall(model, [runs[j] for j, _ in rows], gen.tokens).reshape(len(group), -1)
             return got
 
-        sums = torch.zeros(len(variants))
-        for (_, batch), got in zip(items, each(one_item, items, "retrieval causal check")):
-            sums[batch] += got.sum(0)
-        recall[decode] = sums[decode] / len(runs)
+        for (group, batch), got in zip(items, each(one_item, items, "retrieval causal check")):
+            recall[torch.tensor(batch)[:, None], torch.tensor(group)[None, :]] = got.T
         return recall
 
     @staticmethod

@@ -186,13 +186,39 @@ def ablate_group(model: HeadModel, tokens: torch.Tensor, heads: Sequence[Head], 
     return run_variants(model, tokens, [list(heads)], metric, ablation, attention_mask, run=run)[0]
 
 
-def random_head_sets(model: HeadModel, k: int, n_draws: int, seed: int = 0,
-                     exclude: Iterable[Head] = ()) -> list[list[Head]]:
-    """``n_draws`` random sets of ``k`` distinct heads (from a seeded generator)."""
-    pool = [h for h in model.heads() if h not in set(map(tuple, exclude))]
+def random_head_sets(model: HeadModel, k: int, n_draws: int, seed: int = 0, exclude: Iterable[Head] = (),
+                     layers: Sequence[int] | None = None) -> list[list[Head]]:
+    """``n_draws`` random sets of ``k`` distinct heads (from a seeded generator), none in ``exclude``.
+
+    ``layers`` (one layer per head of the set, e.g. the tested heads' layers): each draw takes as many
+    heads from each of those layers as the list names (layer-matched controls: late heads matter more
+    than early ones on average); a layer with too few heads left lends the rest from any layer.
+
+    >>> random_head_sets(model, 2, 3, layers=[17, 23])          # doctest: +SKIP
+    [[(17, 4), (23, 0)], [(17, 8), (23, 5)], [(17, 1), (23, 7)]]
+    """
+    excluded = set(map(tuple, exclude))
+    pool = [h for h in model.heads() if h not in excluded]
     g = torch.Generator().manual_seed(seed)
-    return [[pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist()]
-            for _ in range(n_draws)]
+    if layers is None:
+        return [[pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist()]
+                for _ in range(n_draws)]
+    need: dict[int, int] = {}
+    for layer in layers:
+        need[layer] = need.get(layer, 0) + 1
+    by_layer = {layer: [h for h in pool if h[0] == layer] for layer in need}
+    draws = []
+    for _ in range(n_draws):
+        draw: list[Head] = []
+        for layer in sorted(need):
+            own = by_layer[layer]
+            draw += [own[i] for i in torch.randperm(len(own), generator=g)[:need[layer]].tolist()]
+        rest = [h for h in pool if h not in set(draw)]
+        short = k - len(draw)
+        if short > 0:
+            draw += [rest[i] for i in torch.randperm(len(rest), generator=g)[:short].tolist()]
+        draws.append(draw)
+    return draws
 
 
 def random_baseline(model: HeadModel, tokens: torch.Tensor, k: int, metric: Metric, n_draws: int = 10,

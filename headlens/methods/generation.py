@@ -40,6 +40,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..errors import HeadlensError
+from ..models import kv_cache_fix, left_pad  # noqa: F401  (left_pad: re-exported)
 from .hooks import Head, pattern_name, uniform_pattern
 
 PREFILL_CHUNK = 8192   # default tokens prefilled per forward pass: longer prompts go in chunks (bounds activations)
@@ -374,20 +375,7 @@ def _layer_class() -> type:
 
 def _pad_id(model) -> int:
     """The tokenizer's padding id (0 when it has none: padded positions are masked anyway)."""
-    pad = model.tokenizer.pad_token_id
-    return 0 if pad is None else pad
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``tokens`` and ``attention_mask`` (both ``[batch, max_len]``)."""
-    n = max(len(p) for p in prompts)
-    tokens = torch.full((len(prompts), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), n), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if len(p):
-            tokens[i, n - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, n - len(p):] = 1
-    return tokens, mask
+    return model.pad_id()
 
 
 def row_masks(model, ablate: Sequence[Iterable[Head]], batch: int) -> dict[int, torch.Tensor]:
@@ -721,30 +709,6 @@ def continuation_logits(model, prompts: Sequence[Sequence[int]], n: int, ablate:
 
     with torch.no_grad(), model.bridge.hooks(fwd_hooks=[(pattern_name(l), hook) for l in sorted(masks)]):
         return model.bridge(tokens, attention_mask=mask)[:, -n:]
-
-
-@contextlib.contextmanager
-def kv_cache_fix(model):
-    """Make the bridge's attention components extend the HF cache during decoding.
-
-    TransformerLens 4.3 attention bridges look for the cache under ``past_key_values`` while
-    transformers 5.x passes it as ``cache``; without this, every decoding step would attend to itself
-    alone. The mapping is installed on the model's attention components for the block only.
-    """
-    mods = [m for m in model.bridge.modules() if hasattr(type(m), "_update_kv_cache")]
-    for m in mods:
-        def update(k, v, _orig=m._update_kv_cache, **kwargs):
-            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-                kwargs["past_key_values"] = kwargs["cache"]
-            return _orig(k, v, **kwargs)
-        m._update_kv_cache = update
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-            yield
-    finally:
-        for m in mods:
-            m.__dict__.pop("_update_kv_cache", None)
 
 
 def _uniform_rows(pattern: Float[Tensor, "batch head q k"], key_mask: Tensor, heads: Bool[Tensor, "batch head"],

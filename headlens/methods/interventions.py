@@ -9,7 +9,8 @@ manager (any forward pass, generation included).
 
 - :class:`ZeroAblation`: the head's output ``z`` set to 0.
 - :class:`MeanAblation`: ``z`` set to its mean over ``over`` (tokens), or over the run's own prompts,
-  leaving out each prompt's first position (the start-token sink) and padding.
+  leaving out each prompt's first position (the start-token sink) and padding; by default each prompt's
+  own start position keeps its output (``keep_start=False`` writes the mean there too).
 - :class:`ResampleAblation`: ``z`` taken from another prompt of the batch (a seeded derangement).
 - :class:`Patch`: ``z`` taken from a source run (activation patching).
 - :class:`Scale`: ``z`` multiplied by ``s`` (0 removes the head).
@@ -41,7 +42,7 @@ from torch import Tensor
 from ..errors import HeadlensError
 from ..models import HeadModel
 from .forward import clean_run
-from .hooks import check_head, uniform_pattern
+from .hooks import check_head, pattern_name, uniform_pattern
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Site:
     :func:`ablate`, where the forward pass is the user's. ``prompts``: ``[rows]``, which prompt of ``run``
     each row of ``x`` runs (None: the rows are the prompts, in order). ``attention_mask``: the rows' mask
     ``[rows, pos]``, when given. ``variants``: ``[rows]``, which variant of a batched sweep each row is.
+    ``offset``: the position in the sequence of ``x``'s first position (0, but for a decoding step with a
+    KV cache, which runs its new positions only; :func:`ablate` reads it off the layer's pattern).
     """
     model: Any
     layer: int
@@ -59,12 +62,20 @@ class Site:
     prompts: Int[Tensor, "rows"] | None = None
     attention_mask: Int[Tensor, "rows pos"] | None = None
     variants: Int[Tensor, "rows"] | None = None
+    offset: int = 0
 
     def rows(self, per_prompt: Tensor) -> Tensor:
         """A per-prompt tensor ``[batch, ...]`` of the run, indexed to the rows of ``x``."""
         if self.prompts is None or per_prompt.shape[0] == 1:
             return per_prompt
         return per_prompt[self.prompts.to(per_prompt.device)]
+
+    def row_mask(self) -> Tensor | None:
+        """The rows' attention mask: the one given, else the clean run's (indexed to the rows), else None."""
+        if self.attention_mask is not None:
+            return self.attention_mask
+        mask = getattr(self.run, "attention_mask", None) if self.run is not None else None
+        return None if mask is None else self.rows(mask)
 
 
 class Intervention:
@@ -82,13 +93,25 @@ class Intervention:
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.{self.hook}"
 
+    def positions(self, site: Site, rows: int, n_pos: int) -> Bool[Tensor, "rows pos"] | None:
+        """The positions this intervention writes, ``[rows, pos]`` (None: every position). The engine
+        replaces the selected heads there only; elsewhere they keep their own output."""
+        return None
+
     def select(self, mask: Bool[Tensor, "rows pos head"], x: Tensor) -> Tensor:
         """The head mask laid out to broadcast against ``x``."""
         return mask.to(x.device)[..., None]
 
+    def rows_and_positions(self, x: Tensor) -> tuple[int, int]:
+        """``(rows, query positions)`` of the hooked activation."""
+        return x.shape[0], x.shape[1]
+
     def apply(self, x: Tensor, mask: Bool[Tensor, "rows pos head"], site: Site) -> Tensor:
         """``x`` with the masked heads (and positions) replaced by :meth:`forward`."""
         new = self.forward(x, site)
+        where = self.positions(site, *self.rows_and_positions(x))
+        if where is not None:
+            mask = mask.to(x.device) & where.to(x.device)[:, :, None]
         return torch.where(self.select(mask, x), new.to(x.device, x.dtype), x)
 
     def key(self) -> tuple:
@@ -110,6 +133,9 @@ class PatternIntervention(Intervention):
     def select(self, mask, x):
         return mask.to(x.device).transpose(1, 2)[..., None]       # [rows, head, query|1, 1]
 
+    def rows_and_positions(self, x):
+        return x.shape[0], x.shape[2]
+
 
 class ZeroAblation(Intervention):
     name = "zero"
@@ -130,12 +156,24 @@ class Scale(Intervention):
 
 class MeanAblation(Intervention):
     """The head's mean output: over ``over`` (tokens ``[batch, pos]``), or over the run's own prompts
-    (``over=None``; inside :func:`ablate`, which sees no run, ``over`` is needed)."""
+    (``over=None``; inside :func:`ablate`, which sees no run, ``over`` is needed). The mean leaves out
+    each prompt's start position and padding (:func:`position_mean`).
+
+    ``keep_start`` (default True): each prompt's start position (its first real token: position 0, or
+    the first unpadded one) keeps the head's own output, so the attention sink every later position
+    reads is the clean one and only the positions the mean was taken over are ablated. ``False`` writes
+    the mean at every position, the start included (the older definition)."""
     name = "mean"
 
-    def __init__(self, over: Int[Tensor, "batch pos"] | None = None):
+    def __init__(self, over: Int[Tensor, "batch pos"] | None = None, keep_start: bool = True):
         self.over = over
+        self.keep_start = keep_start
         self._means: tuple[int, dict[int, Tensor]] | None = None
+
+    def positions(self, site, rows, n_pos):
+        if not self.keep_start:
+            return None
+        return ~start_positions((rows, n_pos), site.row_mask(), site.offset)
 
     def prepare(self, model):
         if self.over is not None and (self._means is None or self._means[0] != id(model)):
@@ -208,14 +246,30 @@ class UniformAttention(PatternIntervention):
         return uniform_pattern(pattern.shape[-2], n_key, key_mask, pattern.device, pattern.dtype)
 
 
+def start_positions(shape: tuple[int, int], attention_mask: torch.Tensor | None = None,
+                    offset: int = 0) -> Bool[Tensor, "batch pos"]:
+    """``[batch, pos]``: True at each prompt's start position, its first real token (position 0 without
+    a mask; with left padding the first unpadded one). ``offset``: the sequence position of the first
+    column (a cached decoding step holds only its new positions, none of them a start). A mask of one
+    row serves every row."""
+    b, n = shape
+    if attention_mask is None:
+        first = torch.zeros(b, dtype=torch.long)
+    else:
+        real = attention_mask.detach().cpu() > 0
+        if real.shape[0] not in (1, b):
+            raise HeadlensError(f"the attention mask has {real.shape[0]} rows, the activation {b}")
+        first = real.long().argmax(1).expand(b)          # the first real token (0 for an all-padding row)
+    return torch.arange(n)[None, :] == (first - offset)[:, None]
+
+
 def mean_weights(tokens_shape: tuple[int, int], attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[batch, pos]`` weights of the positions a mean ablation averages over: every real token except
     each prompt's first one (the start token, an attention sink whose output is unlike any other
     position's), never padding. A prompt of one real token keeps it (there is nothing else)."""
     b, n = tokens_shape
     real = torch.ones(b, n) if attention_mask is None else attention_mask.detach().float().cpu()
-    first = (real.cumsum(1) == 1) & (real > 0)
-    w = real.masked_fill(first, 0.0)
+    w = real.masked_fill(start_positions((b, n), attention_mask), 0.0)
     single = w.sum(1) == 0
     w[single] = real[single]
     return w
@@ -277,16 +331,23 @@ def ablate(model: HeadModel, heads: Sequence[tuple[int, int]], intervention: str
     Interventions that read the clean run see none here: :class:`MeanAblation` needs ``over=tokens``,
     :class:`ResampleAblation` takes another prompt of the same forward pass, :class:`Patch` needs a source
     of the run's shape. For left-padded batches pass their ``attention_mask``: :class:`UniformAttention`
-    then gives padding no weight.
+    then gives padding no weight, and :class:`MeanAblation` finds each prompt's start position. A decoding
+    step with a KV cache runs its new positions only: each touched layer's attention pattern (keys minus
+    queries) gives their offset in the sequence (:attr:`Site.offset`).
     """
     intervention = as_intervention(intervention)
     intervention.prepare(model)
     masks = head_masks(model, [tuple(h) for h in heads])
-    fwd = hooks(intervention, masks, lambda layer: Site(model, layer, attention_mask=attention_mask))
+    sites = {layer: Site(model, layer, attention_mask=attention_mask) for layer in masks}
+
+    def record_offset(pattern, hook):
+        sites[int(hook.name.split(".")[1])].offset = pattern.shape[-1] - pattern.shape[-2]
+        return pattern
+    fwd = [(pattern_name(layer), record_offset) for layer in masks] + hooks(intervention, masks, sites.__getitem__)
     with model.bridge.hooks(fwd_hooks=fwd):
         yield
 
 
 __all__ = ["Site", "Intervention", "PatternIntervention", "ZeroAblation", "MeanAblation",
            "ResampleAblation", "Patch", "Scale", "UniformAttention", "INTERVENTIONS", "as_intervention",
-           "ablate", "mean_weights", "position_mean"]
+           "ablate", "mean_weights", "position_mean", "start_positions"]

@@ -117,17 +117,25 @@ def token_logprobs(logits: Float[Tensor, "batch pos d_vocab"], targets: Tensor) 
     return torch.cat(out, 1)
 
 
-def loss_metric(tokens: torch.Tensor, positions: torch.Tensor | None = None) -> PositionMetric:
+def loss_metric(tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                per_prompt: bool = False) -> PositionMetric:
     """Mean next-token cross-entropy over ``positions`` (a bool mask over ``tokens[:, 1:]``, default all).
 
     It reads the logits only at the positions that predict a masked target (``.positions``), and is a
-    sum over prompts (:func:`summed`).
+    sum over prompts (:func:`summed`). With ``per_prompt``: ``[batch]``, each prompt's mean over its
+    masked positions (then not a sum: a variant's rows are gathered before the metric reads them).
     """
     targets = tokens[:, 1:]
     mask = torch.ones_like(targets, dtype=torch.bool) if positions is None else positions.bool()
     read = mask.any(0).nonzero()[:, 0]                        # positions whose prediction counts
     targets, weight = targets[:, read], mask[:, read].float()
     total = weight.sum()
+    if per_prompt:
+        def each(logits: Float[Tensor, "batch len_read d_vocab"]) -> Tensor:
+            nll = -token_logprobs(logits, targets[:len(logits)])
+            w = weight[:len(logits)].to(nll.device)
+            return (nll * w).sum(1) / w.sum(1).clamp_min(1)
+        return positioned(each, read)
 
     def share(logits: Float[Tensor, "n len_read d_vocab"], prompts: Tensor) -> Float[Tensor, ""]:
         nll = -token_logprobs(logits, targets[prompts])

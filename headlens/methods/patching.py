@@ -203,18 +203,25 @@ def direct_effects(model: HeadModel, run: CleanRun, metric: Metric, ablation: st
     """
     ablation = as_intervention(ablation)
     entries = [tuple(h) for h in (heads if heads is not None else model.heads())]
+    layers = {e[0] for e in entries}
+    written: dict[int, torch.Tensor | None] = {l: None for l in layers}   # positions it writes (None: all)
     if isinstance(ablation, UniformAttention):
         ablated_z = uniform_z(model, run)
     elif ablation.hook != "attn.hook_z":
         raise HeadlensError(f"direct effects of {ablation!r} are not available (it does not replace z)")
     else:
         ablation.prepare(model)
-        ablated_z = {l: ablation.forward(run.z[l], Site(model, l, run)) for l in {e[0] for e in entries}}
+        ablated_z, written = {}, {}
+        for l in layers:
+            site = Site(model, l, run)
+            ablated_z[l] = ablation.forward(run.z[l], site)
+            written[l] = ablation.positions(site, *run.z[l].shape[:2])
 
     def dz(entry):
         l, h = entry
         z = run.z[l][:, :, h]
-        return ablated_z[l][..., h, :].to(z.device, z.dtype).expand_as(z) - z
+        d = ablated_z[l][..., h, :].to(z.device, z.dtype).expand_as(z) - z
+        return d if written[l] is None else d * written[l].to(d.device, d.dtype)[..., None]
     values = _direct_path_values(model, run, entries, dz, metric, batch_size, positions,
                                  key=(ablation,))
     return _scatter(model, entries, values, False, run.tokens.shape[1])

@@ -23,11 +23,12 @@ __all__ = ["prompt_tokens", "token_id", "attention_on", "head_logit_attribution"
 
 
 def prompt_tokens(model: HeadModel, prompt) -> torch.Tensor:
-    """``[1, n]`` token ids from a string (the start token prepended) or from a sequence/tensor of ids."""
+    """``[1, n]`` token ids from a string (the model's start token prepended: :meth:`HeadModel.to_tokens`)
+    or from a sequence/tensor of ids (used as they are)."""
     if isinstance(prompt, str):
         if not prompt:
             raise HeadlensError("the prompt is empty")
-        tokens = model.bridge.to_tokens(prompt, truncate=False)
+        tokens = model.to_tokens(prompt)
     else:
         tokens = torch.as_tensor(prompt, dtype=torch.long)
         tokens = tokens[None] if tokens.ndim == 1 else tokens
