@@ -83,7 +83,8 @@ class Detector:
         """The confirmation check: the ``claimed`` heads (those passing the role's score rule: the set a
         label would claim, at most ``max_k``; when there are none, the ``top_k`` best by ``score``, for the
         evidence only) ablated together vs ``n_random`` draws of as many random heads (other than those;
-        from the same layers when ``matched``), all variants batched by :meth:`causal_values` on the
+        from the same layers when ``matched``; when nothing is claimed, at most ``candidate_draws``: that
+        check decides no label and is shown as evidence only), all variants batched by :meth:`causal_values` on the
         confirmation prompts the detector hands it in ``context`` (never the prompts the heads were chosen
         on).
 
@@ -97,7 +98,8 @@ class Detector:
         if worse not in ("higher", "lower"):
             raise ValueError(f"worse must be 'higher' or 'lower', not {worse!r}")
         tested = list(claimed)[:cp.max_k] if claimed else top_heads(score, cp.top_k)
-        draws = random_head_sets(model, len(tested), cp.n_random, seed, exclude=tested,
+        n_draws = cp.n_random if claimed else min(cp.n_random, cp.candidate_draws)
+        draws = random_head_sets(model, len(tested), n_draws, seed, exclude=tested,
                                  layers=[l for l, _ in tested] if cp.matched else None)
         units = torch.as_tensor(self.causal_values(model, [[], tested] + draws + [list(v) for v in extra_variants],
                                                    **context)).float().cpu()
@@ -249,6 +251,7 @@ class CausalParams:
     top_k: int = 5             # heads tested when none passes the score rule (the best candidates)
     max_k: int = 20            # the claimed heads tested together, at most this many
     n_random: int = 999        # random draws of as many heads (the p-value's resolution is 1 / (n_random + 1))
+    candidate_draws: int = 99  # draws when no head is claimed: the best candidates' check labels nothing
     matched: bool = True       # random heads from the tested heads' layers (False: from every layer)
     alpha: float = 0.01        # a label needs the check's p-value (and a per-head null's q-value) at most this
 

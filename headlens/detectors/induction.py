@@ -18,8 +18,9 @@ the logit of the token it attends to (copying). Columns:
   W_EE W_V W_O W_U (positive = copying; W_EE = the effective embedding, block 0 without attention).
 - ``induction_prev_token``: mean attention to the previous position; ``induction_duplicate_token``: mean
   attention to earlier copies of the current token (the other two heads of the circuit).
-- ``induction_loss_rise``: causal evidence: rise in mean loss on the repeated part when that head alone is
-  ablated (mean ablation by default), for all heads in batched forward passes.
+- ``induction_loss_rise``: causal evidence: rise in mean loss on the repeated part (of the first
+  ``sweep_repeats`` repeats of ``causal_seqs`` discovery sequences) when that head alone is ablated (mean
+  ablation by default), for all heads in batched forward passes.
 - ``induction_direct`` / ``induction_compensation`` / ``induction_self_repair``: the same ablation along
   the head's direct path to the logits only, ``direct - loss_rise``, and ``1 - loss_rise / direct`` where
   that is a share (:func:`~headlens.detectors.base.self_repair`: same signs, ``|direct|`` above both
@@ -134,6 +135,7 @@ class InductionDetector(Detector):
         threshold: float = 0.4     # prefix-matching score for the label
         copy_positions: int = 4    # sampled positions per sequence for the copying score
         causal_seqs: int = 4       # discovery sequences used by the all-heads ablation sweep
+        sweep_repeats: int = 2     # their first repeats the sweep runs on (the loss is read on repeats 2..)
         confirm_seqs: int = 4      # confirmation: other random sequences for the confirmation check
         confirm_repeats: int = 2   # repeats of a confirmation sequence (the loss is read on the second)
         effect_heads: int = 20     # top heads by score and by |total effect| given direct effects (0 = all)
@@ -253,7 +255,7 @@ class InductionDetector(Detector):
     def _loss_sweep(self, model, tokens):
         """Per-head rise of the repeated-part loss when that head alone is ablated (batched)."""
         p = self.params
-        sweep_tokens = tokens[:p.causal_seqs]
+        sweep_tokens = tokens[:p.causal_seqs, :1 + p.seq_len * min(p.sweep_repeats, p.n_repeats)]
         repeated = torch.zeros(sweep_tokens.shape[0], sweep_tokens.shape[1] - 1, dtype=torch.bool)
         repeated[:, p.seq_len:] = True                      # targets inside repeats 2..R
         metric = loss_metric(sweep_tokens, repeated)
