@@ -20,6 +20,7 @@ from .detectors import REGISTRY, Detector, get_detector
 from .errors import HeadlensError
 from .methods import (
     CleanRun,
+    Composition,
     Intervention,
     MeanAblation,
     Patch,
@@ -33,6 +34,7 @@ from .methods import (
     as_intervention,
     attribution_patching,
     clean_run,
+    composition,
     direct_logit_attribution,
     interventions,
     kl_metric,
@@ -55,4 +57,5 @@ __all__ = ["__version__", "data_path", "HeadlensError", "HeadModel", "ModelInfo"
            "patch_heads", "path_patch_logits", "direct_logit_attribution", "attribution_patching",
            "loss_metric", "kl_metric", "logit_diff_metric", "ablate", "Intervention", "PatternIntervention",
            "ZeroAblation", "MeanAblation", "ResampleAblation", "Patch", "Scale", "UniformAttention",
-           "as_intervention", "interventions", "plot", "plots", "methods", "detectors"]
+           "as_intervention", "interventions", "composition", "Composition", "plot", "plots", "methods",
+           "detectors"]

@@ -3,8 +3,10 @@
 Columns (see docs/catalogue.md): ``layer``, ``head``, ``head_id`` (``L18H6``), then for each detector
 that ran ``<role>_score``, its evidence columns ``<role>_<name>``, ``<role>_label`` (True where the head is
 labelled with that role) and ``<role>_status`` (``ok`` or ``not_applicable: <reason>``), and last ``roles``
-(the roles a head is labelled with, ``;``-separated). Run metadata (model, headlens version, seed,
-parameters, causal checks, timings) goes in a JSON sidecar ``<name>.json`` beside the CSV.
+(the roles a head is labelled with, ``;``-separated). When both ``induction`` and ``previous_token`` ran,
+``induction_k_partner`` and ``induction_k_partner_score`` follow the induction columns
+(:func:`induction_k_partners`). Run metadata (model, headlens version, seed, parameters, causal checks,
+timings) goes in a JSON sidecar ``<name>.json`` beside the CSV.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import torch
 
 from ._version import __version__
 from .detectors import Detector, as_detectors
+from .detectors.base import CausalParams
 from .errors import HeadlensError
+from .methods.composition import N_SAMPLES, composition
 from .models import HeadModel
 from .results import DetectorResult
 from .runtime import Runtime, current, distributed, use
@@ -31,7 +35,7 @@ from .runtime.memory import release
 from .runtime.progress import active, bars, in_notebook, note, progress, stage, step_times
 
 __all__ = ["Catalogue", "scan", "read_catalogue", "build_catalogue", "atomic_write", "check_writable",
-           "sidecar_path", "FLOAT_FORMAT"]
+           "sidecar_path", "FLOAT_FORMAT", "induction_k_partners"]
 
 FLOAT_FORMAT = "%.6g"
 
@@ -188,6 +192,58 @@ def _parse_head(head_id: str) -> tuple[int, int]:
     return int(layer), int(head)
 
 
+def _chosen(res: DetectorResult) -> tuple[list[tuple[int, int]], str]:
+    """A role's heads for the composition columns: the labelled ones, else its ``top_k`` (the causal
+    check's number of candidates, :class:`~headlens.detectors.base.CausalParams`) by score, finite scores
+    only; with a sentence saying which."""
+    if res.labelled:
+        return sorted((int(l), int(h)) for l, h in res.labelled), f"labelled {res.role} heads"
+    k = int(res.params.get("top_k", CausalParams.top_k))
+    scored = res.frame[res.frame[res.score_column].notna()]
+    top = scored.sort_values(res.score_column, ascending=False, kind="stable").head(k)
+    return sorted((int(l), int(h)) for l, h in zip(top["layer"], top["head"])), f"top {k} by {res.score_column}"
+
+
+def induction_k_partners(model: HeadModel, results: dict[str, DetectorResult], seed: int,
+                         n_samples: int = N_SAMPLES) -> tuple[pd.DataFrame, dict] | None:
+    """Each induction head's strongest K-composition partner among the previous-token heads (Elhage et al.
+    2021; Olsson et al. 2022: an induction head's key reads what a previous-token head wrote), when both
+    roles ran and apply; None otherwise.
+
+    Readers: the labelled induction heads, else the induction detector's ``top_k`` candidates by score;
+    writers: the labelled previous-token heads, else the top ``top_k`` by ``previous_token_score``. Only
+    those pairs are scored (:func:`headlens.methods.composition`, kind ``"k"``, baseline from ``seed``).
+    Returns a frame (``layer``, ``head``, ``induction_k_partner``: the writer's id in an earlier layer
+    with the highest score, ``induction_k_partner_score``: that score; one row per reader) and the sidecar
+    record (which heads, the random-matrix baseline)."""
+    ind, prev = results.get("induction"), results.get("previous_token")
+    if ind is None or prev is None or not (ind.applies and prev.applies):
+        return None
+    readers, readers_from = _chosen(ind)
+    writers, writers_from = _chosen(prev)
+    if readers and writers:    # only pairs where the reader comes later can compose
+        writers = [w for w in writers if w[0] < max(r[0] for r in readers)]
+        readers = [r for r in readers if writers and r[0] > min(w[0] for w in writers)]
+    record: dict[str, Any] = {"kind": "k", "readers": [f"L{l}H{h}" for l, h in readers], "readers_from": readers_from,
+                              "writers": [f"L{l}H{h}" for l, h in writers], "writers_from": writers_from,
+                              "baseline": None, "baseline_std": None, "n_samples": n_samples, "seed": seed,
+                              "source": "Elhage et al. (2021), A mathematical framework for transformer circuits"}
+    rows = {"layer": [], "head": [], "induction_k_partner": [], "induction_k_partner_score": []}
+    if readers and writers:
+        comp = composition(model, "k", writers=writers, readers=readers, n_samples=n_samples, seed=seed)
+        record.update(baseline=comp.baseline, baseline_std=comp.baseline_std)
+        best = torch.nan_to_num(comp.scores, nan=float("-inf"))
+        for j, (l, h) in enumerate(comp.readers):        # a handful of readers: their best writer each
+            i = int(best[:, j].argmax())                 # ties: the first writer (lower layer, then head)
+            found = bool(torch.isfinite(best[i, j]))
+            rows["layer"].append(l)
+            rows["head"].append(h)
+            rows["induction_k_partner"].append("L%dH%d" % comp.writers[i] if found else "")
+            rows["induction_k_partner_score"].append(float(comp.scores[i, j]) if found else float("nan"))
+    return pd.DataFrame(rows).astype({"layer": "int64", "head": "int64", "induction_k_partner": object,
+                                      "induction_k_partner_score": "float64"}), record
+
+
 def build_catalogue(model: HeadModel, results: Iterable, seed: int, extra_meta: dict | None = None) -> Catalogue:
     """Join detector results into one frame with labels, statuses and the ``roles`` column."""
     L, H = model.n_layers, model.n_heads
@@ -210,9 +266,18 @@ def build_catalogue(model: HeadModel, results: Iterable, seed: int, extra_meta: 
         detectors_meta[res.role] = {"status": res.status, "reason": res.reason, "params": res.params,
                                     "labelled": [f"L{l}H{h}" for l, h in res.labelled],
                                     "causal": res.causal.to_dict() if res.causal else {}, "info": res.info}
+    partners = induction_k_partners(model, {r.role: r for r in results}, seed)
+    if partners is not None:      # beside the induction columns; empty/NaN on the heads that are no reader
+        at = max(i for i, c in enumerate(frame.columns) if c.startswith("induction_")) + 1
+        frame = frame.merge(partners[0], on=["layer", "head"], how="left", validate="one_to_one")
+        frame["induction_k_partner"] = frame["induction_k_partner"].fillna("")
+        cols = [c for c in frame.columns if c not in ("induction_k_partner", "induction_k_partner_score")]
+        frame = frame[cols[:at] + ["induction_k_partner", "induction_k_partner_score"] + cols[at:]]
     frame["roles"] = [";".join(roles_of.get((l, h), [])) for l, h in zip(frame["layer"], frame["head"])]
     meta = {"headlens_version": __version__, "model": model.info.as_dict(), "seed": seed,
             "torch_version": torch.__version__, "detectors": detectors_meta}
+    if partners is not None:
+        meta["composition"] = {"induction_k_partner": partners[1]}
     meta.update(extra_meta or {})
     return Catalogue(frame=frame, meta=meta, results={r.role: r for r in results})
 

@@ -1,5 +1,6 @@
 """Plotly figures for exploring heads: layer x head maps of any catalogue column, a head's attention
-pattern on a prompt, per-head direct logit attribution, the causal check, and two catalogues compared.
+pattern on a prompt, per-head direct logit attribution, the causal check, two catalogues compared,
+and composition scores between heads (writer x reader).
 
 Every function returns a ``plotly.graph_objects.Figure`` (show it in a notebook, or ``fig.write_html``).
 """
@@ -15,7 +16,7 @@ import torch
 from .errors import HeadlensError
 from .methods.readout import attention_on, head_logit_attribution
 from .models import HeadModel
-from .results import CausalCheck, DetectorResult, as_causal_check
+from .results import CausalCheck, DetectorResult, as_causal_check, head_names
 
 _SEQUENTIAL = "Viridis"
 _DIVERGING = "RdBu_r"
@@ -236,5 +237,44 @@ def compare_catalogues(a, b, role: str, labels: Sequence[str] = ("a", "b"),
     return fig
 
 
-__all__ = ["attention", "attention_pattern", "causal_check", "compare_catalogues", "evidence", "head_heatmap",
-           "head_logit_attribution", "logit_attribution_bars"]
+def composition_heatmap(scores, writers: Sequence | None = None, readers: Sequence | None = None,
+                        kind: str | None = None, baseline: float | None = None,
+                        title: str | None = None) -> go.Figure:
+    """Writer x reader map of composition scores: ``scores`` ``[n_writers, n_readers]`` (numpy or torch;
+    NaN cells, e.g. readers not after the writer, stay blank), ``writers`` and ``readers`` the heads of the
+    rows and columns (``(layer, head)`` or ``"L0H1"``), ``kind`` ``"q"``, ``"k"`` or ``"v"``, ``baseline``
+    the random-matrix score (in the title). A :class:`~headlens.methods.composition.Composition` may be
+    given as ``scores``; its heads, kind and baseline are then the defaults.
+
+    >>> comp = hl.composition(model, "k")                                        # doctest: +SKIP
+    >>> hl.plot.composition_heatmap(comp.scores, comp.writers, comp.readers, kind="k")   # doctest: +SKIP
+    """
+    if hasattr(scores, "scores") and hasattr(scores, "writers"):      # a Composition
+        comp = scores
+        scores = comp.scores
+        writers = comp.writers if writers is None else writers
+        readers = comp.readers if readers is None else readers
+        kind = kind or comp.kind
+        baseline = comp.baseline if baseline is None else baseline
+    z = scores.detach().float().cpu().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
+    rows = head_names(list(writers) if writers is not None else [])
+    cols = head_names(list(readers) if readers is not None else [])
+    if z.ndim != 2 or z.shape != (len(rows), len(cols)):
+        raise HeadlensError(f"scores must be [n_writers={len(rows)}, n_readers={len(cols)}], got {list(z.shape)}")
+    if kind is None or str(kind).lower() not in ("q", "k", "v"):
+        raise HeadlensError(f"composition kind must be 'q', 'k' or 'v', not {kind!r}")
+    what = f"{str(kind).upper()}-composition"
+    fig = go.Figure(go.Heatmap(
+        z=z, x=cols, y=rows, colorscale=_SEQUENTIAL, zmin=0, hoverongaps=False,
+        colorbar={"title": {"text": what}},
+        hovertemplate="writer %{y} -> reader %{x}<br>" + what + " %{z:.4g}<extra></extra>"))
+    base = f" (random-matrix baseline {baseline:.3g})" if baseline is not None and np.isfinite(baseline) else ""
+    fig.update_layout(title=title or what + base, xaxis_title="reader head", yaxis_title="writer head",
+                      yaxis={"autorange": "reversed"}, xaxis={"tickangle": -60},
+                      height=max(320, 16 * len(rows) + 140), width=max(420, 16 * len(cols) + 260),
+                      margin={"l": 70, "r": 20, "t": 50, "b": 70})
+    return fig
+
+
+__all__ = ["attention", "attention_pattern", "causal_check", "compare_catalogues", "composition_heatmap", "evidence",
+           "head_heatmap", "head_logit_attribution", "logit_attribution_bars"]

@@ -171,3 +171,25 @@ def test_compare_catalogues(planted_induction, planted_cat):
         compare_catalogues(planted_cat, other, "successor")
     with pytest.raises(HeadlensError, match="unknown comparison kind"):
         compare_catalogues(planted_cat, other, "induction", kind="pie")
+
+
+def test_composition_heatmap(planted_induction):
+    from headlens import composition
+    from headlens.plots import composition_heatmap
+
+    scores = np.array([[0.1, np.nan, 0.25], [0.3, 0.2, np.nan]])
+    fig = composition_heatmap(scores, [(0, 1), "L1H0"], ["L1H2", (2, 0), (2, 3)], kind="k", baseline=0.05)
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z, float), scores)        # NaN cells stay blank
+    assert list(fig.data[0].y) == ["L0H1", "L1H0"] and list(fig.data[0].x) == ["L1H2", "L2H0", "L2H3"]
+    assert fig.layout.xaxis.title.text == "reader head" and fig.layout.yaxis.title.text == "writer head"
+    assert fig.layout.title.text == "K-composition (random-matrix baseline 0.05)"
+    with pytest.raises(HeadlensError, match=r"scores must be \[n_writers=2, n_readers=2\]"):
+        composition_heatmap(scores, ["L0H1", "L1H0"], ["L1H2", "L2H0"], kind="k")
+    with pytest.raises(HeadlensError, match="kind must be 'q', 'k' or 'v'"):
+        composition_heatmap(scores, ["L0H1", "L1H0"], ["L1H2", "L2H0", "L2H3"], kind="x")
+    # from a Composition: its scores, heads, kind and baseline
+    comp = composition(planted_induction, "q", readers=[(1, 2)], n_samples=4)
+    fig = composition_heatmap(comp)
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z, float), comp.scores.numpy())
+    assert list(fig.data[0].y) == [f"L{l}H{h}" for l, h in comp.writers] and list(fig.data[0].x) == ["L1H2"]
+    assert fig.layout.title.text.startswith("Q-composition (random-matrix baseline")

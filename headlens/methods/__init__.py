@@ -1,8 +1,10 @@
 """Causal methods every detector builds on: the forward-pass machinery, interventions, ablation (batched
-over heads), patching, attribution, weight circuits and generation. Detectors use this public API only."""
+over heads), patching, attribution, weight circuits, composition scores and generation. Detectors use
+this public API only."""
 from . import interventions as interventions
 from .ablation import KINDS, ablate_group, random_baseline, random_head_sets, run_variants, sweep_heads
 from .attribution import LogitAttribution, attribution_patching, attribution_vs_exact, direct_logit_attribution, pearson
+from .composition import COMPOSITION_KINDS, Composition, composition, composition_baseline
 from .forward import CleanRun, clean_run, forward_from, logits_at, row_bytes
 from .hooks import FINAL_SCALE, Head, mlp_out_name, pattern_name, resid_name, uniform_pattern, v_name, z_name
 from .interventions import (
@@ -30,5 +32,6 @@ __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "lo
            "kl_metric", "logit_diff_metric", "loss_metric", "LogitAttribution", "attribution_patching",
            "attribution_vs_exact", "direct_logit_attribution", "pearson",
            "direct_effects", "patch_heads", "path_patch_logits", "target_and_source",
+           "COMPOSITION_KINDS", "Composition", "composition", "composition_baseline",
            "INTERVENTIONS", "Intervention", "PatternIntervention", "Site", "ZeroAblation", "MeanAblation",
            "ResampleAblation", "Patch", "Scale", "UniformAttention", "ablate", "as_intervention"]
