@@ -165,7 +165,8 @@ def test_a_claim_less_check_round_trips(tmp_path):
     path = tmp_path / "x.pt"
     torch.save(result.to_state(), path)
     back = DetectorResult.from_state(torch.load(path, weights_only=True))
-    assert back.causal == check and back.causal.claim == "less" and "matter less" in str(back.causal)
+    assert str(back.causal) == str(check) and back.causal.claim == "less" and "matter less" in str(back.causal)
+    assert torch.equal(back.causal.raw, check.raw) and back.causal.to_dict().keys() == record.keys()
     pd.testing.assert_frame_equal(back.frame, frame, check_exact=True)
     assert CausalCheck("m", [], 0.0, 1.0, [], []).claim == "more"
 
@@ -175,7 +176,7 @@ def test_the_catalogue_keeps_the_dormant_column(planted_sink, corpus, tmp_path):
     import headlens as hl
     from headlens.catalogue import read_catalogue
 
-    det = get_detector("attention_sink", corpus=corpus, n_random=19, **SMALL)
+    det = get_detector("attention_sink", corpus=corpus, n_random=99, **SMALL)
     cat = hl.scan(planted_sink, [det], seed=0, progress=False)
     assert cat.frame.attention_sink_dormant.dtype == bool
     assert cat.heads("attention_sink", labelled=True) == [SINK_DORMANT_HEAD]
