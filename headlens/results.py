@@ -203,8 +203,14 @@ class CausalCheck:
     ``effect``: the fraction of the clean behaviour the ablation removes, ``(tested - clean) / (floor -
     clean)`` where ``floor`` is the metric's level without the behaviour (NaN where a role has none), with
     its bootstrap interval over the confirmation units (``effect_lo``, ``effect_hi``). ``z``: the tested
-    heads' ablation in standard deviations of the random draws, signed so that positive = the heads
-    matter more (a scale shared by every role).
+    heads' ablation in standard deviations of the random draws, signed so that positive = the check's
+    claim holds (a scale shared by every role).
+
+    ``claim``: what the check claims of the tested heads, ``"more"`` (the default, every role that labels
+    heads that do something: ablating them moves the metric the ``worse`` way more than random heads do) or
+    ``"less"`` (dormant heads: they matter *less* than random heads; ``worse`` is then the direction of
+    mattering less, e.g. ``lower`` for an absolute loss change, and the p-value counts the draws at
+    least as low). Records without it read as ``"more"``.
     """
     metric: str
     top_heads: list[str]
@@ -223,6 +229,7 @@ class CausalCheck:
     effect_lo: float = float("nan")
     effect_hi: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)     # detector-specific figures, kept in to_dict
+    claim: str = "more"            # "more" | "less": the tested heads matter more (less) than random ones
     raw: Any = field(default=None, repr=False, compare=False)  # every variant's full metric (not saved)
 
     @property
@@ -259,7 +266,8 @@ class CausalCheck:
 
     @property
     def z(self) -> float:
-        """(tested - random mean) / random sd, positive = the tested heads matter more."""
+        """(tested - random mean) / random sd, positive = the tested heads differ from random ones the way the
+        check claims (``claim``: they matter more, or less)."""
         sd = self.random_std
         diff = (self.top_k_ablated - self.random_mean) * (1 if self.worse == "higher" else -1)
         return float(diff / sd) if sd > 0 else float("nan")
@@ -272,7 +280,7 @@ class CausalCheck:
         return (f"{self.metric}: clean {self.clean:.4g}; {self.tested} {self.k} ablated "
                 f"{self.top_k_ablated:.4g}; {control}random {self.k} ablated {self.random_mean:.4g} "
                 f"± {self.random_std:.2g} ({self.n_random} draws; {self.n_as_extreme} as extreme); "
-                f"p = {self.p_value:.3g}{effect} ({self.worse} = the heads matter more)")
+                f"p = {self.p_value:.3g}{effect} ({self.worse} = the heads matter {self.claim})")
 
     __str__ = format
 
@@ -287,7 +295,7 @@ class CausalCheck:
         cells = "".join(f"<tr><td>{html.escape(a)}</td><td>{b:.4g}</td></tr>" if isinstance(b, float)
                         else f"<tr><td>{html.escape(a)}</td><td>{b}</td></tr>" for a, b in rows)
         return (f"<div><b>causal check</b>: {html.escape(self.metric)} ({self.worse} = the heads matter "
-                f"more)<table>{cells}</table></div>")
+                f"{html.escape(self.claim)})<table>{cells}</table></div>")
 
     def to_dict(self) -> dict[str, Any]:
         """The sidecar record: the keys of earlier catalogues plus ``p_value``, ``worse``, ``ablation``..."""
@@ -300,15 +308,16 @@ class CausalCheck:
                 "n_as_extreme": self.n_as_extreme, "p_value": self.p_value, "tested": self.tested,
                 "matched": self.matched, "alpha": self.alpha, "significant": self.significant,
                 "z": self.z, "n_units": self.n_units, "floor": self.floor, "effect": self.effect,
-                "effect_lo": self.effect_lo, "effect_hi": self.effect_hi, **self.extra}
+                "effect_lo": self.effect_lo, "effect_hi": self.effect_hi, "claim": self.claim, **self.extra}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CausalCheck":
-        """Read a sidecar record (older ones lack ``worse``: then ``higher`` is assumed)."""
+        """Read a sidecar record (older ones lack ``worse``: then ``higher`` is assumed; and ``claim``: then
+        ``more``)."""
         own = {"metric", "k", "top_heads", "clean", "top_k_ablated", "random_k_ablated_mean",
                "random_k_ablated_std", "random_k_ablated", "random_draws", "n_random", "worse",
                "ablation", "n_as_extreme", "p_value", "tested", "matched", "alpha", "significant", "z",
-               "n_units", "floor", "effect", "effect_lo", "effect_hi"}
+               "n_units", "floor", "effect", "effect_lo", "effect_hi", "claim"}
         nan = float("nan")
         return cls(metric=d["metric"], top_heads=list(d.get("top_heads", [])), clean=d["clean"],
                    top_k_ablated=d["top_k_ablated"], random_k_ablated=list(d.get("random_k_ablated", [])),
@@ -318,7 +327,7 @@ class CausalCheck:
                    alpha=_num(d.get("alpha", nan)), n_units=int(d.get("n_units", 0)),
                    floor=_num(d.get("floor", nan)), effect=_num(d.get("effect", nan)),
                    effect_lo=_num(d.get("effect_lo", nan)), effect_hi=_num(d.get("effect_hi", nan)),
-                   extra={k: v for k, v in d.items() if k not in own})
+                   claim=str(d.get("claim", "more")), extra={k: v for k, v in d.items() if k not in own})
 
 
 def _num(x) -> float:

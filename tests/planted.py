@@ -505,3 +505,142 @@ def llama_copy_suppression_model(folder: Path, vocab: int = 32, strength: float 
     set_llama_head(model, space, *LLAMA_COPY_SUPPRESSION_HEAD, q=q, k=k, v=v, o=o_sup)
     set_llama_head(model, space, *LLAMA_COPYING_HEAD, q=q, k=k, v=v, o=o_copy)
     return save(model, make_tokenizer(vocab, folder), folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention sinks: a dormant head, an active sink head and ordinary heads.
+# ---------------------------------------------------------------------------------------------------
+
+SINK_DORMANT_HEAD = (0, 0)     # attends to the first token, whose value it reads as zero: writes ~nothing
+SINK_ACTIVE_HEAD = (0, 1)      # half its attention on the first token, half on itself: predicts the successor
+SINK_VOCAB = 32                # ids 1..31; 30 is ",", 31 is "."; the successor of t is t % 31 + 1
+
+
+def sink_successor(t: int) -> int:
+    """The next word of the planted sink models' text: ``t1 -> t2 -> ... -> , -> . -> t1``."""
+    return t % (SINK_VOCAB - 1) + 1
+
+
+def sink_text(n_words: int, seed: int = 0) -> str:
+    """Text for the planted sink models: runs of 4-12 successive words (``sink_successor``) from random
+    starts, so the next word is mostly the current word's successor."""
+    import random
+
+    rng = random.Random(seed)
+    names = {30: ",", 31: "."}
+    words: list[str] = []
+    while len(words) < n_words:
+        t = rng.randint(1, SINK_VOCAB - 1)
+        for _ in range(rng.randint(4, 12)):
+            words.append(names.get(t, f"t{t}"))
+            t = sink_successor(t)
+    return " ".join(words[:n_words])
+
+
+def attention_sink_model(folder: Path, dormant: bool = True, n_pos: int = 32, strength: float = 160.0) -> Path:
+    """Two layers x 4 heads (GPT-2), layer 1 all zero. Layer 0:
+
+    - L0H0 (``dormant``): a constant query meets a key that only the first token (``<bos>``, id 0) has, so
+      it attends to position 0 (by ``strength / sqrt(d_head)`` = 20 nats over every other key); its value
+      reads words 1..31 with columns that sum to zero over the other dims (so neither the LayerNorm's mean
+      subtraction nor its bias, which headlens folds into the output bias, gives ``<bos>`` a value): the
+      value it attends to is zero and it writes almost nothing, although its W_O would write the successor
+      of a word it attended to. ``dormant=False`` leaves L0H0 all zero instead (uniform attention, no
+      output): then no head is dormant.
+    - L0H1, an active sink head: equal scores for position 0 and its own position, so half its attention
+      on the sink, and it writes the successor of the current word (the text's next word, mostly).
+    - L0H2: a previous-token head writing the successor of the successor of the previous word (helps);
+      L0H3: attends to itself and writes the current word (hurts). Both matter for the loss.
+
+    Layer 0's input is exactly two one-hots (token and position), so its LayerNorm bias is set to cancel
+    the mean subtraction: LN(x) = c * x (c ~ 1), and the one-hot queries and keys score exactly as set.
+    """
+    vocab = SINK_VOCAB
+    space = Space(vocab=vocab, n_pos=n_pos, d_model=4 * 64, n_head=4)
+    assert 2 * vocab + n_pos <= space.d_model and n_pos + 1 <= space.d_head
+    model = blank_gpt2(space, n_layer=2)
+    d, dh = space.d_model, space.d_head
+    ln = model.transformer.h[0].ln_1
+    m = 2.0 / d
+    with torch.no_grad():
+        ln.bias.fill_(float(ln.weight[0]) * m / math.sqrt(m - m * m + 1e-5))
+    zeros = lambda *shape: torch.zeros(*shape)      # noqa: E731
+    value = zeros(d, dh)                             # word t -> dim t; <bos> -> 0
+    for t in range(1, vocab):
+        value[space.tok(t), t] = 1.0
+
+    def writes(target, gain: float) -> torch.Tensor:          # dim t -> gain * e_{target(t)}
+        o = zeros(dh, d)
+        for t in range(1, vocab):
+            o[t, space.tok(target(t))] = gain
+        return o
+
+    if dormant:
+        q, k = zeros(d, dh), zeros(d, dh)
+        q[[space.pos(p) for p in range(n_pos)], 0] = strength
+        k[space.tok(0), 0] = 1.0
+        others = [j for j in range(d) if j not in (space.tok(0), space.pos(0))]
+        silent = zeros(d, dh)                        # each column sums to 0 and is 0 on <bos>'s dims
+        for t in range(1, vocab):
+            silent[others, t] = -1.0 / (len(others) - 1)
+            silent[space.tok(t), t] = 1.0
+        set_head(model, space, *SINK_DORMANT_HEAD, q=q, k=k, v=silent, o=writes(sink_successor, 1.0))
+    # Active sink: dim 0 scores the first token, dim 1 + p the own position p, both at `strength / 2`.
+    q, k = zeros(d, dh), zeros(d, dh)
+    for p in range(n_pos):
+        q[space.pos(p), 0] = strength / 2
+        q[space.pos(p), 1 + p] = strength / 2
+        k[space.pos(p), 1 + p] = 1.0
+    k[space.tok(0), 0] = 1.0
+    set_head(model, space, *SINK_ACTIVE_HEAD, q=q, k=k, v=value, o=writes(sink_successor, 8.0))
+    # Previous-token head (q(p) . k(p') = strength iff p' = p - 1) and a self-attending head.
+    q, k = zeros(d, dh), zeros(d, dh)
+    for p in range(n_pos):
+        q[space.pos(p), p] = strength / 2
+        if p + 1 < n_pos:
+            k[space.pos(p), p + 1] = 1.0
+    set_head(model, space, 0, 2, q=q, k=k, v=value, o=writes(lambda t: sink_successor(sink_successor(t)), 4.0))
+    q, k = zeros(d, dh), zeros(d, dh)
+    for p in range(n_pos):
+        q[space.pos(p), p] = strength / 2
+        k[space.pos(p), p] = 1.0
+    set_head(model, space, 0, 3, q=q, k=k, v=value, o=writes(lambda t: t, 2.0))
+    return save(model, make_tokenizer(vocab, folder, special={",": 30, ".": 31}), folder)
+
+
+def llama_attention_sink_model(folder: Path, strength: float = 15.0) -> Path:
+    """Llama-style (RMSNorm, rotary, 4 query heads on 2 key/value heads) version of
+    :func:`attention_sink_model`, two layers, layer 1 and the MLPs zero. Key/value head 0 has a key only the
+    first token (``<bos>``) has, and content keys (word t meets word t, in slowly rotating dims); its
+    value reads words 1..31, not ``<bos>``. L0H0 (dormant): a constant query on the ``<bos>`` key only: all
+    its attention on a zero value. L0H1 (active sink): the same ``<bos>`` score plus its own word's
+    copies: about half its attention on the sink, and it writes the successor of the current word. L0H2
+    and L0H3 (key/value head 1: content keys) attend to their own word and write it (hurts) or its
+    successor (helps)."""
+    vocab = SINK_VOCAB
+    space = LlamaSpace(vocab=vocab, d_model=128, d_head=128)
+    model = blank_llama(space, n_layer=2)
+    d, dh = space.d_model, space.d_head
+    k0, k1, value = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh)
+    k0[space.raw(0), space.content(0)] = 1.0
+    for t in range(1, vocab):
+        k0[space.raw(t), space.content(t)] = 1.0
+        k1[space.raw(t), space.content(t)] = 1.0
+        value[space.raw(t), t] = 1.0
+
+    def writes(target, gain: float) -> torch.Tensor:
+        o = torch.zeros(dh, d)
+        for t in range(1, vocab):
+            o[t, space.raw(target(t))] = gain
+        return o
+
+    sink_q = torch.zeros(d, dh)
+    sink_q[space.one, space.content(0)] = strength
+    own_q = torch.zeros(d, dh)
+    for t in range(1, vocab):
+        own_q[space.raw(t), space.content(t)] = strength
+    set_llama_head(model, space, *SINK_DORMANT_HEAD, q=sink_q, k=k0, v=value, o=writes(sink_successor, 1.0))
+    set_llama_head(model, space, *SINK_ACTIVE_HEAD, q=sink_q + own_q, o=writes(sink_successor, 3.0))
+    set_llama_head(model, space, 0, 2, q=own_q, k=k1, v=value, o=writes(lambda t: t, 1.0))
+    set_llama_head(model, space, 0, 3, q=own_q, o=writes(sink_successor, 2.0))
+    return save(model, make_tokenizer(vocab, folder, special={",": 30, ".": 31}), folder)

@@ -26,6 +26,7 @@ SMALL = {
     "05_retrieval": "PARAMS = dict(context_lengths=[150], depths=[0.5], n_needles=2, max_new_tokens=12, "
                     "causal_runs=2, top_k=5, n_random=2)",
     "06_safety": "PARAMS = dict(n_prompts=4, max_new_tokens=12, candidates=4, group_size=2, n_random=3)",
+    "09_attention_sink": "PARAMS = dict(seq_len=48, n_seqs=4, confirm_seqs=2, n_random=4, n_boot=200)",
 }
 
 

@@ -14,6 +14,7 @@ REGISTRY = {
     "copy_suppression": "headlens.detectors.copy_suppression:CopySuppressionDetector",
     "retrieval": "headlens.detectors.retrieval:RetrievalDetector",
     "safety": "headlens.detectors.safety:SafetyDetector",
+    "attention_sink": "headlens.detectors.attention_sink:AttentionSinkDetector",
 }
 
 
