@@ -21,6 +21,7 @@ from .interventions import (
 )
 from .metrics import kl_metric, logit_diff_metric, loss_metric
 from .patching import direct_effects, patch_heads, path_patch_logits, target_and_source
+from .patterns import pattern_scores
 from .prompts import random_token_ids, repeated_tokens
 
 __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "logits_at", "row_bytes",
@@ -32,3 +33,5 @@ __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "lo
            "direct_effects", "patch_heads", "path_patch_logits", "target_and_source",
            "INTERVENTIONS", "Intervention", "PatternIntervention", "Site", "ZeroAblation", "MeanAblation",
            "ResampleAblation", "Patch", "Scale", "UniformAttention", "ablate", "as_intervention"]
+
+__all__ += ["pattern_scores"]
