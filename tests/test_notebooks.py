@@ -27,6 +27,10 @@ SMALL = {
                     "causal_runs=2, top_k=5, n_random=2)",
     "06_safety": "PARAMS = dict(n_prompts=4, max_new_tokens=12, candidates=4, group_size=2, n_random=3)",
     "09_attention_sink": "PARAMS = dict(seq_len=48, n_seqs=4, confirm_seqs=2, n_random=4, n_boot=200)",
+    "07_previous_token": "PARAMS = dict(seq_len=32, n_seqs=2, confirm_seqs=2, confirm_len=8, text_seqs=1, "
+                         "text_draws=2, top_k=3, n_random=4)\n"
+                         "DUP_PARAMS = dict(seq_len=24, n_seqs=2, n_dups=4, confirm_seqs=2, confirm_len=24, "
+                         "confirm_pairs=2, top_k=3, n_random=4)",
 }
 
 

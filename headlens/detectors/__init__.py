@@ -14,6 +14,8 @@ REGISTRY = {
     "copy_suppression": "headlens.detectors.copy_suppression:CopySuppressionDetector",
     "retrieval": "headlens.detectors.retrieval:RetrievalDetector",
     "safety": "headlens.detectors.safety:SafetyDetector",
+    "previous_token": "headlens.detectors.previous_token:PreviousTokenDetector",
+    "duplicate_token": "headlens.detectors.duplicate_token:DuplicateTokenDetector",
     "attention_sink": "headlens.detectors.attention_sink:AttentionSinkDetector",
 }
 

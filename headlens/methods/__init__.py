@@ -23,6 +23,7 @@ from .interventions import (
 )
 from .metrics import kl_metric, logit_diff_metric, loss_metric
 from .patching import direct_effects, patch_heads, path_patch_logits, target_and_source
+from .patterns import pattern_scores
 from .prompts import random_token_ids, repeated_tokens
 
 __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "logits_at", "row_bytes",
@@ -35,3 +36,5 @@ __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "lo
            "COMPOSITION_KINDS", "Composition", "composition", "composition_baseline",
            "INTERVENTIONS", "Intervention", "PatternIntervention", "Site", "ZeroAblation", "MeanAblation",
            "ResampleAblation", "Patch", "Scale", "UniformAttention", "ablate", "as_intervention"]
+
+__all__ += ["pattern_scores"]
