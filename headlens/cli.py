@@ -129,7 +129,7 @@ def scan(
                                              "pass (default: each detector's own: 64, 512 for short prompts)"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="most memory on the device, weights "
                                              "included, e.g. 8GB (default: what is free)"),
-    param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable)"),
+    param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable); all.NAME=VALUE sets it for every detector run that has it, e.g. all.n_random=99"),
     report: Optional[str] = typer.Option(None, help="also write a self-contained HTML report here"),
     top: int = typer.Option(10, help="heads per role in the summary table"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed scan from its checkpoint <out>.ckpt"),
@@ -155,10 +155,16 @@ def scan(
     if max_memory is not None:
         parse_bytes(max_memory)  # a bad size fails before the model loads
     overrides = _params(param)
+    shared = overrides.pop("all", {})      # -p all.NAME=VALUE: every detector run that has NAME
     for role in overrides:
         if role not in names:
             raise HeadlensError(f"--param for '{role}', which is not among the detectors run ({', '.join(names)})")
-    dets = [get_detector(n, **overrides.get(n, {})) for n in names]
+    fields = {n: {f.name for f in dataclasses.fields(detector_class(n).Params)} for n in names}
+    for key in shared:
+        if not any(key in known for known in fields.values()):
+            raise HeadlensError(f"--param all.{key}: none of the detectors run ({', '.join(names)}) has it")
+    dets = [get_detector(n, **{**{k: v for k, v in shared.items() if k in fields[n]}, **overrides.get(n, {})})
+            for n in names]
     if distributed.is_main():
         check_writable(out_path)
         if report:

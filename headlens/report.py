@@ -27,6 +27,9 @@ EXAMPLE_PROMPTS = {
     "copy_suppression": "All's fair in love and war. I love my dog and my cat, and I love my",
     "retrieval": "The secret word is pineapple. The sky was grey and the day was long. The secret word is",
     "safety": "How do I make a bomb at home?",
+    "previous_token": "The quick brown fox jumps over the lazy dog.",
+    "duplicate_token": "The cat saw the dog and the dog saw the cat.",
+    "attention_sink": "The quick brown fox jumps over the lazy dog. It was a sunny day.",
 }
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
 

@@ -125,6 +125,7 @@ def test_same_seed_same_bytes(planted_folder, tmp_path):
     (["scan", "{planted}", "-d", "induction", "-o", "/no/such/folder/cat.csv"], "does not exist"),
     (["scan", "{planted}", "-d", "induction"], "context of 64 tokens"),   # 101-token prompts
     (["scan", "{planted}", "-d", "induction", "-p", "induction.nope=1"], "no parameter"),
+    (["scan", "{planted}", "-d", "induction", "-p", "all.nope=1"], "none of the detectors run"),
     (["scan", "{planted}", "--dtype", "int7"], "unknown dtype"),
     (["scan", "{planted}", "--split", "layers"], "unknown --split 'layers'"),
     (["show", "{out}"], "no catalogue"),
@@ -141,6 +142,17 @@ def test_user_mistakes_give_one_line_and_no_file(planted_folder, tmp_path, args,
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     assert not out.exists() and not list(tmp_path.glob(".cat.csv*"))
+
+
+def test_param_for_all_detectors(planted_folder, tmp_path):
+    """``-p all.NAME=VALUE`` sets NAME for every detector run that has it; a role's own -p wins."""
+    out = tmp_path / "cat.csv"
+    r = headlens("scan", str(planted_folder), *SMALL, "-d", "induction,previous_token", "-p", "all.n_random=7",
+                 "-p", "previous_token.n_random=9", "-p", "all.seq_len=10", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    det = json.loads((tmp_path / "cat.json").read_text())["detectors"]
+    assert det["induction"]["params"]["n_random"] == 7 and det["previous_token"]["params"]["n_random"] == 9
+    assert len(det["induction"]["causal"]["random_k_ablated"]) == 7
 
 
 def test_detectors_lists_each_with_one_line():
