@@ -277,7 +277,8 @@ class CausalCheck:
         effect = (f"; removes {self.effect:.0%} of the behaviour [{self.effect_lo:.0%}, {self.effect_hi:.0%}]"
                   if self.effect == self.effect else "")
         control = "layer-matched " if self.matched else ""
-        return (f"{self.metric}: clean {self.clean:.4g}; {self.tested} {self.k} ablated "
+        tested = f"top-{self.k}" if self.tested == "top-k" else f"{self.tested} {self.k}"   # older records
+        return (f"{self.metric}: clean {self.clean:.4g}; {tested} ablated "
                 f"{self.top_k_ablated:.4g}; {control}random {self.k} ablated {self.random_mean:.4g} "
                 f"± {self.random_std:.2g} ({self.n_random} draws; {self.n_as_extreme} as extreme); "
                 f"p = {self.p_value:.3g}{effect} ({self.worse} = the heads matter {self.claim})")

@@ -122,8 +122,8 @@ def induction_model(folder: Path, vocab: int = 32, n_pos: int = 64, strength: fl
     """Two layers x 4 heads: L0H1 is a previous-token head, L1H2 an induction head; the rest are off.
 
     With ``decoy``, L1H3 attends exactly as L1H2 does (the same query and key: the same prefix score) but
-    writes the attended token into the previous-token subspace, which nothing after it reads: the same
-    score, no causal role.
+    writes nothing (its W_O is zero; a write into an unread subspace would still move the final
+    LayerNorm's scale): the same score, no causal role.
 
     L0H1 attends from position p to p-1 and writes the attended token into the 'previous token'
     subspace. L1H2's query reads the current token, its key reads the previous-token subspace, so it
@@ -159,10 +159,7 @@ def induction_model(folder: Path, vocab: int = 32, n_pos: int = 64, strength: fl
         o[t, space.tok(t)] = 3.0
     set_head(model, space, *INDUCTION_HEAD, q=q, k=k, v=v, o=o)
     if decoy:
-        o_decoy = torch.zeros(dh, d)
-        for t in range(1, vocab):
-            o_decoy[t, space.prev(t)] = 3.0
-        set_head(model, space, *DECOY_HEAD, q=q, k=k, v=v, o=o_decoy)
+        set_head(model, space, *DECOY_HEAD, q=q, k=k, v=v, o=torch.zeros(dh, d))
     return save(model, make_tokenizer(vocab, folder), folder)
 
 

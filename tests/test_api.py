@@ -11,7 +11,7 @@ from planted import INDUCTION_HEAD
 
 def test_front_door(planted_induction, tmp_path):
     model = planted_induction
-    cat = hl.scan(model, [hl.get_detector("induction", seq_len=10, top_k=1, n_random=6)], seed=0)
+    cat = hl.scan(model, [hl.get_detector("induction", seq_len=10, top_k=1, n_random=99)], seed=0)
     res = cat["induction"]
     assert isinstance(res, hl.DetectorResult) and "induction" in cat
     top = cat["induction"].top(3)
@@ -20,7 +20,7 @@ def test_front_door(planted_induction, tmp_path):
     assert INDUCTION_HEAD in cat.heads("induction", labelled=True)
     check = res.causal_check
     assert isinstance(check, hl.CausalCheck) and check.top_heads[0] == "L%dH%d" % INDUCTION_HEAD
-    assert f"p = {check.p_value:.3g}" in str(check) and check.p_value == 1 / 7   # beyond all 6 draws
+    assert f"p = {check.p_value:.3g}" in str(check) and check.p_value == 1 / 100   # beyond all 99 draws
     # a TransformerLens-shaped metric: logits [batch, pos, vocab] -> scalar
     tokens = torch.randint(1, 30, (2, 12))
     values = hl.sweep_heads(model, tokens, metric=lambda logits: logits[:, -1, 3].mean(), ablation="zero")

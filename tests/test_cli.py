@@ -39,8 +39,8 @@ def test_scan_writes_catalogue_and_sidecar(planted_folder, tmp_path):
     # The table holds what a reader needs (head, score [interval], the role's key evidence, label); the
     # other evidence stays in the CSV.
     header = next(line for line in r.stdout.splitlines() if "score [95% interval]" in line)
-    assert [w for w in ("head", "ov_eigen", "loss_rise", "label") if w in header] == ["head", "ov_eigen",
-                                                                                      "loss_rise", "label"]
+    assert [w for w in ("head", "copying", "loss_rise", "label") if w in header] == ["head", "copying",
+                                                                                     "loss_rise", "label"]
     assert "prev_token" not in r.stdout and "self_repair" not in r.stdout
     top_row = next(line for line in r.stdout.splitlines() if "L1H2" in line)
     assert "yes" in top_row and "[" in top_row
@@ -71,7 +71,7 @@ def test_top_table_columns_key_evidence_label_and_stability():
     frame = pd.DataFrame({
         "layer": [1, 0], "head": [2, 1], "head_id": ["L1H2", "L0H1"],
         "induction_score": [0.83, 0.1], "induction_score_lo": [0.71, 0.05], "induction_score_hi": [0.9, 0.2],
-        "induction_ov_eigen": [0.95, -0.2], "induction_prev_token": [0.01, 0.97],
+        "induction_copying": [0.95, 0.2], "induction_prev_token": [0.01, 0.97],
         "induction_loss_rise": [0.79, 0.66], "induction_self_repair": [0.015, float("nan")],
         "induction_label": [True, False], "induction_status": ["ok", "ok"], "induction_stability": [0.9, 0.4],
         "my_role_score": [0.2, 0.7], "my_role_evidence": [1.0, 2.0], "my_role_label": [False, True],
@@ -81,7 +81,7 @@ def test_top_table_columns_key_evidence_label_and_stability():
     text = _rendered(top_table(cat, "induction", 2))
     header = next(line for line in text.splitlines() if "head" in line and "score" in line)
     names = [c.strip() for c in header.strip("┃ ").split("┃")]
-    assert names == ["head", "score [95% interval]", "ov_eigen", "loss_rise", "label", "stability"]
+    assert names == ["head", "score [95% interval]", "copying", "loss_rise", "label", "stability"]
     rows = [line for line in text.splitlines() if "L1H2" in line or "L0H1" in line]
     assert "L1H2" in rows[0] and "0.830 [0.710, 0.900]" in rows[0] and "yes" in rows[0] and "0.900" in rows[0]
     assert "L0H1" in rows[1] and "no" in rows[1]
@@ -92,7 +92,7 @@ def test_top_table_columns_key_evidence_label_and_stability():
     first = next(line for line in other.splitlines() if "L0H1" in line or "L1H2" in line)
     assert "L0H1" in first and "0.700" in first and "yes" in first and "evidence" not in other
     # A catalogue without the stability column (or an old one without a key column) drops them quietly.
-    old = Catalogue(frame=frame.drop(columns=["induction_stability", "induction_ov_eigen"]), meta=meta)
+    old = Catalogue(frame=frame.drop(columns=["induction_stability", "induction_copying"]), meta=meta)
     header = next(line for line in _rendered(top_table(old, "induction", 1)).splitlines() if "score" in line)
     assert [c.strip() for c in header.strip("┃ ").split("┃")] == ["head", "score [95% interval]", "loss_rise",
                                                                  "label"]

@@ -194,7 +194,9 @@ def test_ranks_finishing_far_apart_outwait_the_collective_timeout(tiny, tmp_path
     seconds) longer than a collective may take (HEADLENS_DIST_TIMEOUT_MIN=0.04: 2.4 s; at 70B such waits
     are hours). Without the store-polled wait before the exchange, gloo raises 'Timed out waiting'."""
     args = ["-d", "induction,successor", "--batch-size", "8", "-p", "induction.seq_len=30", "-p", "induction.n_seqs=64",
-            "-p", "induction.causal_seqs=64", "-p", "induction.n_random=100"]
+            "-p", "induction.causal_seqs=64", "-p", "induction.sweep_repeats=4", "-p", "induction.confirm_seqs=64",
+            "-p", "induction.n_random=100",
+            "-p", "successor.n_random=20"]
     r1 = headlens("scan", tiny, *args, "-o", tmp_path / "one.csv")
     r2 = headlens("scan", tiny, *args, "-o", tmp_path / "two.csv", ranks=2, env={"HEADLENS_DIST_TIMEOUT_MIN": "0.04"})
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr[-2000:] + r2.stderr[-2000:]
@@ -226,7 +228,8 @@ def test_two_ranks_share_needle_runs_same_bytes(tmp_path):
     check's generations (one item per batch of variants; a tiny byte budget makes it one variant each)
     and the direct effects are shared; same bytes."""
     folder = retrieval_model(tmp_path / "retriever")
-    (tmp_path / "needles.json").write_text(json.dumps([{"needle": "t20 t21 t22 t23 t24", "question": "t20"}]))
+    (tmp_path / "needles.json").write_text(json.dumps([{"needle": "t20 t21 t22 t23 t24", "question": "t20"},
+                                                       {"needle": "t25 t26 t27 t28 t29", "question": "t25"}]))
     (tmp_path / "hay.txt").write_text(" ".join(f"t{1 + (i * 7) % 15}" for i in range(60)))
     args = ["-d", "retrieval", "-p", f"retrieval.needles={tmp_path / 'needles.json'}",
             "-p", f"retrieval.haystack={tmp_path / 'hay.txt'}", "-p", "retrieval.context_lengths=[30,50]",

@@ -210,8 +210,8 @@ def test_a_failed_confirmation_labels_nothing(planted_induction):
 
 
 def test_a_decoy_with_the_same_score_and_no_causal_role_is_not_labelled(tmp_path):
-    """L1H3 attends exactly as the planted induction head (the same prefix score) but writes where nothing
-    reads: the planted head is labelled, the decoy is not (it copies nothing; ablating it changes no loss)."""
+    """L1H3 attends exactly as the planted induction head (the same prefix score) but writes nothing: the
+    planted head is labelled, the decoy is not (it copies nothing; ablating it changes no loss)."""
     from headlens import load_model
 
     from planted import DECOY_HEAD, induction_model
@@ -251,3 +251,15 @@ def test_eigenvalues_in_threads_equal_one_matrix_at_a_time(monkeypatch):
     assert torch.get_num_threads() == threads
     for i in range(len(m)):
         assert torch.equal(got[i], torch.linalg.eigvals(m[i:i + 1])[0])
+
+
+def test_draws_in_two_stages(planted_induction):
+    """The first ``candidate_draws`` draws decide whether the rest are run: a set that cannot reach alpha
+    over them stops there (6 draws: p >= 1/7); one that can gets all ``n_random`` (the same first draws)."""
+    stop = get_detector("induction", seq_len=10, top_k=1, n_random=999, candidate_draws=6).run(planted_induction)
+    assert stop.causal.n_random == 6 and stop.causal.p_value == pytest.approx(1 / 7) and stop.labelled == []
+    go = get_detector("induction", seq_len=10, top_k=1, n_random=50, candidate_draws=20,
+                      alpha=0.05).run(planted_induction)
+    assert go.causal.n_random == 50 and go.causal.p_value == pytest.approx(1 / 51) and go.labelled == [(1, 2)]
+    assert go.causal.random_draws[:6] == stop.causal.random_draws
+    assert go.causal.random_k_ablated[:6] == pytest.approx(stop.causal.random_k_ablated)

@@ -115,13 +115,13 @@ def _unembed_calls(model):
 def test_scan_under_small_max_memory_chunks_more(planted_induction):
     """The induction scan under a budget of a few rows: more chunks, the same catalogue."""
     m = planted_induction
-    det = lambda: get_detector("induction", seq_len=10, top_k=1, n_random=6)
+    det = lambda: get_detector("induction", seq_len=10, top_k=1, n_random=99)
     calls, handle = _unembed_calls(m)
     try:
         free = scan(m, [det()]).frame
         n_free = len(calls)
         calls.clear()
-        n_pos, batch, n_loss = 41, 4, 30  # 1 + seq_len * n_repeats; causal_seqs; repeated-part targets
+        n_pos, batch, n_loss = 21, 4, 10  # 1 + seq_len * sweep_repeats; causal_seqs; repeated-part targets
         budget = m.weight_bytes() + clean_run_bytes(m, batch, n_pos) + 3 * row_bytes(m, n_pos, n_loss)
         with use(max_memory=budget):
             small = scan(m, [det()]).frame
@@ -129,10 +129,11 @@ def test_scan_under_small_max_memory_chunks_more(planted_induction):
     finally:
         handle.remove()
     assert n_small > n_free
-    # The clean run (first, its 4 prompts) and the ablated runs read the loss positions only (30 of 41);
-    # no ablated run held more than three rows.
+    # The clean runs (the sweep's first, then the confirmation check's: 4 prompts each, of the same shape)
+    # and the ablated runs read the loss positions only (10 of 21); no ablated run held more than three rows.
     at_loss = [shape for shape in calls if shape[1] == n_loss]
-    assert at_loss[0][0] == batch and len(at_loss) > 1 and max(shape[0] for shape in at_loss[1:]) <= 3
+    assert at_loss[0][0] == batch and len(at_loss) > 2
+    assert sum(shape[0] == batch for shape in at_loss) == 2 and max(s[0] for s in at_loss if s[0] != batch) <= 3
     assert (free.induction_label == small.induction_label).all()
     for col in free.columns:
         if col.startswith("induction_") and free[col].dtype.kind == "f":

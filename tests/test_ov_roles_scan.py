@@ -49,11 +49,14 @@ def test_successor_label_rule_and_null(scanned):
     frame, meta, _ = scanned
     d = meta["detectors"]["successor"]
     p = d["params"]
-    rule = ((frame.successor_score >= p["threshold"]) & (frame.successor_p <= p["alpha"])
+    rule = ((frame.successor_score >= p["threshold"]) & (frame.successor_q <= p["alpha"])
             & (frame.successor_dla > 0))
-    assert set(d["labelled"]) == set(frame.head_id[rule])
+    assert set(d["info"]["claimed"]) == set(frame.head_id[rule])
+    # Labels follow the evidence: the claimed heads, only if their confirmation check is significant.
+    assert set(d["labelled"]) == (set(d["info"]["claimed"]) if d["causal"]["significant"] else set())
+    assert set(d["labelled"]) == set(frame.head_id[frame.successor_label])
     if not d["labelled"]:
-        assert "best candidates" in d["reason"]
+        assert "best candidates" in d["reason"] or "not significant" in d["reason"]
     # Empirical p-values live on the grid (1 + m) / (1 + n_null); z and p agree in direction.
     assert ((frame.successor_p > 0) & (frame.successor_p <= 1)).all()
     k = frame.successor_p * (1 + p["n_null"])          # p = k / (1 + n_null), k an integer (CSV: 6 digits)
@@ -64,7 +67,10 @@ def test_successor_label_rule_and_null(scanned):
 
 
 def test_successor_causal_margin_on_smollm(scanned):
-    c = scanned[1]["detectors"]["successor"]["causal"]
+    """The confirmation check runs on held-out prompts, against random heads from the tested heads' layers."""
+    d = scanned[1]["detectors"]["successor"]
+    c = d["causal"]
+    assert c["matched"] and c["n_units"] == d["info"]["n_confirmation_prompts"] == d["params"]["confirm_prompts"]
     assert c["top_k_ablated"] < c["random_k_ablated_mean"] - 2 * c["random_k_ablated_std"]
 
 
@@ -80,9 +86,10 @@ def test_copy_suppression_label_rule_and_rank_columns(scanned):
     lo = lambda col: wilson_lower(torch.tensor(frame[col].values), n, p["z"]).numpy()
     rule = ((lo("copy_suppression_ov_bottom1pct") > p["majority"])
             & (lo("copy_suppression_qk_top1pct") > p["majority"]) & (frame.copy_suppression_dla_seen < 0))
-    assert set(d["labelled"]) == set(frame.head_id[rule])
+    assert set(info["claimed"]) == set(frame.head_id[rule])
+    assert set(d["labelled"]) == (set(info["claimed"]) if d["causal"]["significant"] else set())
     if not d["labelled"]:
-        assert "best candidates" in d["reason"]
+        assert "best candidates" in d["reason"] or "not significant" in d["reason"]
     # Ranks are 1-based over the whole vocabulary; fractions are shares of the sampled tokens.
     vocab = info["vocab_size"]
     for col in ("ov_median_rank", "qk_median_rank"):

@@ -24,7 +24,7 @@ REPEATED = "t3 t7 t5 t9 t3 t7 t5 t9"
 
 def small_induction(**kw):
     return get_detector("induction", seq_len=8, n_repeats=3, n_seqs=4, copy_positions=3, causal_seqs=4,
-                        top_k=1, n_random=4, **kw)
+                        top_k=1, n_random=99, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ class NeverRefusesDetector(Detector):
 @pytest.fixture(scope="module")
 def planted_catalogue(planted_induction):
     induction = get_detector("induction", seq_len=8, n_repeats=3, n_seqs=4, copy_positions=3,
-                             causal_seqs=4, top_k=1, n_random=4)
+                             causal_seqs=4, top_k=1, n_random=99)
     return scan(planted_induction, [induction, NeverRefusesDetector()], seed=0)
 
 

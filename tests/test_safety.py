@@ -110,7 +110,8 @@ def test_planted_safety_head_found_and_causal(planted):
     assert (top["layer"].iloc[0], top["head"].iloc[0]) == SAFETY_HEAD
     assert top.safety_score.iloc[0] > 0.01 and top.safety_score.iloc[1] == 0
     assert top.safety_harmless_kl.iloc[0] < 1e-3
-    assert res.info["interval_unit"] == "refused harmful request" and res.info["interval_units"] == 8
+    assert res.info["interval_unit"] == "refused harmful request"
+    assert res.info["interval_units"] == 8 - res.info["n_confirmation_prompts"]          # the discovery ones
     assert top.safety_score_lo.iloc[0] <= top.safety_score.iloc[0] <= top.safety_score_hi.iloc[0]
     assert top.safety_score_lo.iloc[0] >= 0                                   # a KL: clipped at 0
     # Direct vs total (the score): the planted head's KL comes through its own path (last layer).

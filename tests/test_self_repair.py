@@ -77,8 +77,8 @@ def test_planted_causal_check_has_the_minimum_p_value(planted_induction, planted
     det = get_detector("induction", top_k=1, n_random=20)
     score = torch.zeros(planted_induction.n_layers, planted_induction.n_heads)
     score[INDUCTION_HEAD] = 1.0
-    check = det.causal_check(planted_induction, score, 0, "loss", "higher", run=run, metric=metric)
-    assert check.top_heads == ["L1H2"] and check.n_random == 20
+    check = det.confirm(planted_induction, [INDUCTION_HEAD], score, 0, "loss", "higher", run=run, metric=metric)
+    assert check.top_heads == ["L1H2"] and check.n_random == 20 and check.tested == "claimed"
     assert check.top_k_ablated > max(check.random_k_ablated)
     assert check.p_value == pytest.approx(1 / 21)
     assert "p = 0.0476" in check.format()
@@ -89,7 +89,8 @@ def test_planted_causal_check_of_a_switched_off_head_is_not_significant(planted_
     det = get_detector("induction", top_k=1, n_random=20)
     score = torch.zeros(planted_induction.n_layers, planted_induction.n_heads)
     score[1, 0] = 1.0                                   # a head whose weights are all zero
-    check = det.causal_check(planted_induction, score, 0, "loss", "higher", run=run, metric=metric)
+    check = det.confirm(planted_induction, [], score, 0, "loss", "higher", run=run, metric=metric)
+    assert check.tested == "best candidates" and check.top_heads == ["L1H0"]
     assert abs(check.top_k_ablated - check.clean) < 1e-5
     assert check.p_value > 0.5
 

@@ -21,7 +21,7 @@ from ..methods import direct_effects, random_head_sets, run_variants
 from ..models import HeadModel
 from ..results import NOT_APPLICABLE, CausalCheck, DetectorResult, head_frame, head_names
 from ..runtime import current
-from ..stats import bootstrap_means, bootstrap_t_ci, percentile_interval
+from ..stats import bootstrap_means, bootstrap_t_ci, empirical_p_value, percentile_interval
 
 __all__ = ["Detector", "CausalParams", "ReviewParams", "top_heads", "effect_heads", "self_repair", "compensation"]
 
@@ -101,11 +101,20 @@ class Detector:
         n_draws = cp.n_random if claimed else min(cp.n_random, cp.candidate_draws)
         draws = random_head_sets(model, len(tested), n_draws, seed, exclude=tested,
                                  layers=[l for l, _ in tested] if cp.matched else None)
-        units = torch.as_tensor(self.causal_values(model, [[], tested] + draws + [list(v) for v in extra_variants],
-                                                   **context)).float().cpu()
-        if units.dim() == 1:
-            units = units[:, None]
-        first = units.nanmean(1) if units.dim() == 2 else units[..., 0].nanmean(1)
+        # Two stages: the first ``candidate_draws`` draws, then the rest only if the check can still be
+        # significant (p over the first stage <= alpha): a check that fails stops early. Conservative: it
+        # rejects only where the one-stage test on all the draws would.
+        stage = draws[:cp.candidate_draws] if len(draws) > cp.candidate_draws else draws
+        extra = [list(v) for v in extra_variants]
+        units = self._units(model, [[], tested] + stage + extra, context)
+        if len(stage) < len(draws):
+            means = self._means(units)
+            if empirical_p_value(float(means[1]), means[2:2 + len(stage)].tolist(), worse == "higher") <= cp.alpha:
+                rest = self._units(model, draws[len(stage):], context)
+                units = torch.cat([units[:2 + len(stage)], rest, units[2 + len(stage):]])
+            else:
+                draws = stage
+        first = self._means(units)
         effect, lo, hi = self._effect(units if units.dim() == 2 else units[..., 0], floor, seed)
         return CausalCheck(metric=metric_name, top_heads=head_names(tested), clean=float(first[0]),
                            top_k_ablated=float(first[1]),
@@ -114,6 +123,16 @@ class Detector:
                            tested="claimed" if claimed else "best candidates", matched=cp.matched,
                            alpha=cp.alpha, n_units=int(units.shape[1]), floor=float(floor), effect=effect,
                            effect_lo=lo, effect_hi=hi, raw=units)
+
+    def _units(self, model, variants, context) -> torch.Tensor:
+        """:meth:`causal_values` of ``variants`` as a float CPU tensor ``[n_variants, n_units, ...]``."""
+        units = torch.as_tensor(self.causal_values(model, variants, **context)).float().cpu()
+        return units[:, None] if units.dim() == 1 else units
+
+    @staticmethod
+    def _means(units: torch.Tensor) -> torch.Tensor:
+        """Each variant's metric: the mean over the units (of the first column)."""
+        return units.nanmean(1) if units.dim() == 2 else units[..., 0].nanmean(1)
 
     def _effect(self, units: torch.Tensor, floor: float, seed: int) -> tuple[float, float, float]:
         """The fraction of the clean behaviour removed by the tested heads' ablation, ``(tested - clean) /
