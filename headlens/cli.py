@@ -129,7 +129,8 @@ def scan(
                                              "pass (default: each detector's own: 64, 512 for short prompts)"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="most memory on the device, weights "
                                              "included, e.g. 8GB (default: what is free)"),
-    param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable); all.NAME=VALUE sets it for every detector run that has it, e.g. all.n_random=99"),
+    param: list[str] = typer.Option([], "--param", "-p", help="detector parameter, ROLE.NAME=VALUE (repeatable); "
+                                "all.NAME=VALUE: every detector run that has NAME, e.g. all.n_random=99"),
     report: Optional[str] = typer.Option(None, help="also write a self-contained HTML report here"),
     top: int = typer.Option(10, help="heads per role in the summary table"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed scan from its checkpoint <out>.ckpt"),

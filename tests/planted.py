@@ -504,6 +504,63 @@ def llama_copy_suppression_model(folder: Path, vocab: int = 32, strength: float 
     return save(model, make_tokenizer(vocab, folder), folder)
 
 
+DUPLICATE_TOKEN_HEAD = (0, 2)
+DUPLICATE_READER_HEAD = (1, 2)     # reads where the earlier copy was: attends just after it and copies
+DUPLICATE_PREV_TOKEN_HEAD = (0, 1)  # a previous-token head whose output nothing reads
+
+
+def duplicate_token_model(folder: Path, vocab: int = 32, n_pos: int = 64, strength: float = 150.0,
+                          reader_strength: float = 300.0) -> Path:
+    """Two layers x 4 heads (d_head 128). L0H2 is a duplicate-token head: its query and key match token
+    identity (the start token excluded), a penalty on its own position keeps it off itself, and a weaker
+    bias on position 0 takes its attention where the token has no earlier copy; its OV writes the one-hot
+    of the attended *position* into a free subspace. L1H2 reads that subspace: its query (position p' of
+    the earlier copy) meets the key of position p' + 1, and its OV copies the token found there into the
+    logits, so after a repeated token ``a`` of a bigram ``(a, b)`` the model predicts ``b`` (induction by
+    Q-composition with the duplicate-token head). L0H1 is a previous-token head writing into the
+    previous-token subspace, which nothing reads. The other heads are zero.
+    """
+    space = Space(vocab=vocab, n_pos=n_pos, d_model=512, n_head=4)
+    d, dh = space.d_model, space.d_head
+    assert space.free(n_pos) <= d and vocab + n_pos + 1 <= dh and n_pos <= dh
+    model = blank_gpt2(space, n_layer=2)
+    # Duplicate-token head: token match in dims [0, vocab), self penalty in [vocab, vocab + n_pos), the
+    # fallback to position 0 in dim vocab + n_pos.
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    for t in range(1, vocab):
+        q[space.tok(t), t] = strength
+        k[space.tok(t), t] = 1.0
+    for p in range(n_pos):
+        q[space.pos(p), vocab + p] = -strength
+        k[space.pos(p), vocab + p] = 1.0
+        q[space.pos(p), vocab + n_pos] = strength / 2
+        v[space.pos(p), p] = 1.0
+        o[p, space.free(p)] = 1.0
+    k[space.pos(0), vocab + n_pos] = 1.0
+    set_head(model, space, *DUPLICATE_TOKEN_HEAD, q=q, k=k, v=v, o=o)
+    # Reader: query = where the earlier copy was (free(p')), key = position p' + 1; OV copies the token.
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    for p in range(n_pos - 1):
+        q[space.free(p), p + 1] = reader_strength
+    for p in range(1, n_pos):
+        k[space.pos(p), p] = 1.0
+    for t in range(1, vocab):
+        v[space.tok(t), t] = 1.0
+        o[t, space.tok(t)] = 3.0
+    set_head(model, space, *DUPLICATE_READER_HEAD, q=q, k=k, v=v, o=o)
+    # Previous-token head whose output nothing reads.
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    for p in range(n_pos):
+        q[space.pos(p), p] = strength / 2
+        if p + 1 < n_pos:
+            k[space.pos(p), p + 1] = 1.0
+    for t in range(vocab):
+        v[space.tok(t), t] = 1.0
+        o[t, space.prev(t)] = 1.0
+    set_head(model, space, *DUPLICATE_PREV_TOKEN_HEAD, q=q, k=k, v=v, o=o)
+    return save(model, make_tokenizer(vocab, folder), folder)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Attention sinks: a dormant head, an active sink head and ordinary heads.
 # ---------------------------------------------------------------------------------------------------
@@ -592,52 +649,6 @@ def attention_sink_model(folder: Path, dormant: bool = True, n_pos: int = 32, st
     set_head(model, space, *SINK_ACTIVE_HEAD, q=q, k=k, v=value, o=writes(sink_successor, 8.0))
     # Previous-token head (q(p) . k(p') = strength iff p' = p - 1) and a self-attending head.
     q, k = zeros(d, dh), zeros(d, dh)
-DUPLICATE_TOKEN_HEAD = (0, 2)
-DUPLICATE_READER_HEAD = (1, 2)     # reads where the earlier copy was: attends just after it and copies
-DUPLICATE_PREV_TOKEN_HEAD = (0, 1)  # a previous-token head whose output nothing reads
-
-
-def duplicate_token_model(folder: Path, vocab: int = 32, n_pos: int = 64, strength: float = 150.0,
-                          reader_strength: float = 300.0) -> Path:
-    """Two layers x 4 heads (d_head 128). L0H2 is a duplicate-token head: its query and key match token
-    identity (the start token excluded), a penalty on its own position keeps it off itself, and a weaker
-    bias on position 0 takes its attention where the token has no earlier copy; its OV writes the one-hot
-    of the attended *position* into a free subspace. L1H2 reads that subspace: its query (position p' of
-    the earlier copy) meets the key of position p' + 1, and its OV copies the token found there into the
-    logits, so after a repeated token ``a`` of a bigram ``(a, b)`` the model predicts ``b`` (induction by
-    Q-composition with the duplicate-token head). L0H1 is a previous-token head writing into the
-    previous-token subspace, which nothing reads. The other heads are zero.
-    """
-    space = Space(vocab=vocab, n_pos=n_pos, d_model=512, n_head=4)
-    d, dh = space.d_model, space.d_head
-    assert space.free(n_pos) <= d and vocab + n_pos + 1 <= dh and n_pos <= dh
-    model = blank_gpt2(space, n_layer=2)
-    # Duplicate-token head: token match in dims [0, vocab), self penalty in [vocab, vocab + n_pos), the
-    # fallback to position 0 in dim vocab + n_pos.
-    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
-    for t in range(1, vocab):
-        q[space.tok(t), t] = strength
-        k[space.tok(t), t] = 1.0
-    for p in range(n_pos):
-        q[space.pos(p), vocab + p] = -strength
-        k[space.pos(p), vocab + p] = 1.0
-        q[space.pos(p), vocab + n_pos] = strength / 2
-        v[space.pos(p), p] = 1.0
-        o[p, space.free(p)] = 1.0
-    k[space.pos(0), vocab + n_pos] = 1.0
-    set_head(model, space, *DUPLICATE_TOKEN_HEAD, q=q, k=k, v=v, o=o)
-    # Reader: query = where the earlier copy was (free(p')), key = position p' + 1; OV copies the token.
-    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
-    for p in range(n_pos - 1):
-        q[space.free(p), p + 1] = reader_strength
-    for p in range(1, n_pos):
-        k[space.pos(p), p] = 1.0
-    for t in range(1, vocab):
-        v[space.tok(t), t] = 1.0
-        o[t, space.tok(t)] = 3.0
-    set_head(model, space, *DUPLICATE_READER_HEAD, q=q, k=k, v=v, o=o)
-    # Previous-token head whose output nothing reads.
-    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
     for p in range(n_pos):
         q[space.pos(p), p] = strength / 2
         if p + 1 < n_pos:
@@ -687,8 +698,3 @@ def llama_attention_sink_model(folder: Path, strength: float = 15.0) -> Path:
     set_llama_head(model, space, 0, 2, q=own_q, k=k1, v=value, o=writes(lambda t: t, 1.0))
     set_llama_head(model, space, 0, 3, q=own_q, o=writes(sink_successor, 2.0))
     return save(model, make_tokenizer(vocab, folder, special={",": 30, ".": 31}), folder)
-    for t in range(vocab):
-        v[space.tok(t), t] = 1.0
-        o[t, space.prev(t)] = 1.0
-    set_head(model, space, *DUPLICATE_PREV_TOKEN_HEAD, q=q, k=k, v=v, o=o)
-    return save(model, make_tokenizer(vocab, folder), folder)
