@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 REPEATED_PROMPT = ("The old lighthouse keeper polished brass lamps every stormy night. "
                    "The old lighthouse keeper polished brass lamps every stormy night.")
 ROLE_TITLES = {"induction": "Induction", "successor": "Successor", "copy_suppression": "Copy suppression",
-               "retrieval": "Retrieval", "safety": "Safety"}
+               "retrieval": "Retrieval", "safety": "Safety", "previous_token": "Previous-token",
+               "duplicate_token": "Duplicate-token", "attention_sink": "Attention-sink"}
 
 
 def _find_browser() -> None:
