@@ -22,7 +22,7 @@ import torch
 from ..errors import HeadlensError
 from . import distributed
 from .context import current
-from .memory import fmt_bytes, resolve_budget
+from .memory import fmt_bytes, resolve_budget, trim
 from .progress import progress
 
 __all__ = ["chunked", "each", "plan", "budget", "agreed_budget", "digest"]
@@ -131,6 +131,7 @@ def chunked(fn: Callable[[Any], R], items: Sequence[T], *, per_chunk: int | None
             local[i] = call.done[i]
             continue
         local[i] = fn(units[i])
+        trim()                        # the chunk's freed buffers go back to the system (memory.trim)
         if call is not None:
             call.add(i, local[i])
     return distributed.gather(local, len(units), work)
