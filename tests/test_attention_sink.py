@@ -76,7 +76,8 @@ def test_the_check_says_the_dormant_head_matters_less(planted_result):
 def test_batched_statistics_equal_a_plain_per_head_loop(planted_sink, planted_result, corpus):
     """Every column against run_with_cache and one head at a time; the check's tested value against a
     plain mean ablation with run_with_hooks (the dormant head, and the first random draw)."""
-    from headlens.detectors.attention_sink import delimiter_ids, text_chunks
+    from headlens.detectors.attention_sink import delimiter_ids
+    from headlens.methods import text_chunks
 
     m, p = planted_sink, get_detector("attention_sink", **SMALL).params
     chunks = text_chunks(m, corpus, p.seq_len, p.n_seqs + p.confirm_seqs)

@@ -87,11 +87,11 @@ def test_repeat_metric_and_cspa_kl_match_plain_versions(planted_cs):
     """The repeat log-prob metric (several masks, read at their positions, a sum over prompts) equals a
     plain log-softmax over full logits, whole or a few prompts at a time; the CSPA's chunked KL equals
     a plain KL."""
-    from headlens.detectors.copy_suppression import mean_kl, prose_tokens, repeat_logprob_metric, repeated_predictions
-    from headlens.methods import clean_run, run_variants
+    from headlens.detectors.copy_suppression import mean_kl, repeat_logprob_metric, repeated_predictions
+    from headlens.methods import clean_run, run_variants, text_chunks
 
     model, text = planted_cs
-    tokens = prose_tokens(model, text, 24, 4)
+    tokens = text_chunks(model, text, 24, 4)
     run = clean_run(model, tokens)
     pred = run.logits.argmax(-1).cpu()
     seen, _ = repeated_predictions(tokens, pred)
@@ -118,9 +118,10 @@ def test_cspa_a_prompt_at_a_time_equals_all_at_once(planted_cs, monkeypatch):
     """Where the memory budget holds one prompt's logits only, the CSPA goes a prompt at a time (its own
     clean run each): the same values as all prompts in one batched call."""
     import headlens.detectors.copy_suppression as cs
+    from headlens.methods import text_chunks
 
     model, text = planted_cs
-    tokens = cs.prose_tokens(model, text, 24, 4)
+    tokens = text_chunks(model, text, 24, 4)
     names = {f"blocks.{l}.attn.{x}" for l in range(model.n_layers) for x in ("hook_z", "hook_pattern", "hook_v")}
     pred, cache = cs.cached_predictions(model, tokens, names)
     det = get_detector("copy_suppression")

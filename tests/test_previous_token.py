@@ -7,9 +7,9 @@ import torch
 from headlens import load_model
 from headlens.catalogue import scan
 from headlens.detectors import get_detector
-from headlens.detectors.previous_token import previous_token_chance, previous_token_score, text_chunks
+from headlens.detectors.previous_token import previous_token_chance, previous_token_score
 from headlens.errors import HeadlensError
-from headlens.methods import pattern_name, uniform_pattern
+from headlens.methods import pattern_name, text_chunks, uniform_pattern
 
 from planted import INDUCTION_HEAD, PREV_TOKEN_HEAD
 

@@ -59,9 +59,8 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from ..data import file_or_data
 from ..errors import HeadlensError
-from ..methods import clean_run, logits_at, pattern_name, row_bytes, z_name
+from ..methods import clean_run, logits_at, pattern_name, row_bytes, text_chunks, z_name
 from ..methods.circuits import layer_weights
 from ..methods.metrics import positioned, token_logprobs
 from ..results import DetectorResult, head_frame, head_names
@@ -69,24 +68,6 @@ from ..runtime import chunked
 from .base import Detector, ReviewParams, top_heads
 
 DELIMITER_CHARS = frozenset(".,\n\r")   # a delimiter token's text, spaces and tabs removed, is made of these
-
-
-def text_chunks(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
-    """``[m, 1 + seq_len]`` (``m <= n_seqs``): the model's start token, then consecutive ``seq_len``-token
-    chunks of ``corpus`` (a file in ``data/`` or a path); a model without a start token gets ``1 + seq_len``
-    text tokens per row instead (the sink is then the row's first text token)."""
-    path = file_or_data(corpus)
-    ids = model.tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
-    start = model.start_token_id
-    width = seq_len if start is not None else seq_len + 1
-    model.check_length(seq_len + 1, "attention-sink text chunk (1 + seq_len)")
-    n = min(n_seqs, len(ids) // width)
-    if n < 1:
-        raise HeadlensError(f"corpus {corpus} has {len(ids)} tokens, fewer than one chunk of {width}")
-    chunks = torch.tensor(ids[:n * width], dtype=torch.long).view(n, width)
-    if start is None:
-        return chunks
-    return torch.cat([torch.full((n, 1), int(start), dtype=torch.long), chunks], 1)
 
 
 def delimiter_ids(tokenizer, ids: torch.Tensor) -> list[int]:
@@ -210,7 +191,7 @@ class AttentionSinkDetector(Detector):
             raise HeadlensError(f"attention_sink needs n_seqs >= 2 (the interval's units), confirm_seqs >= 1 and "
                                 f"seq_len >= 2; got n_seqs={p.n_seqs}, confirm_seqs={p.confirm_seqs}, "
                                 f"seq_len={p.seq_len}")
-        chunks = text_chunks(model, p.corpus, p.seq_len, p.n_seqs + p.confirm_seqs)
+        chunks = text_chunks(model, p.corpus, p.seq_len, p.n_seqs + p.confirm_seqs, "attention-sink text chunk")
         if len(chunks) <= p.n_seqs:
             raise HeadlensError(f"corpus {p.corpus} has room for {len(chunks)} chunks of {p.seq_len} tokens: "
                                 f"none is left for confirmation after the {p.n_seqs} discovery chunks")

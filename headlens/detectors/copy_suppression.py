@@ -50,7 +50,6 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods import (
     FINAL_SCALE,
@@ -61,6 +60,7 @@ from ..methods import (
     row_bytes,
     run_variants,
     sweep_heads,
+    text_chunks,
     v_name,
     z_name,
 )
@@ -221,18 +221,6 @@ def wilson_lower(frac: torch.Tensor, n: int, z: float = 1.96) -> torch.Tensor:
     return wilson_interval(frac, n, z)[0]
 
 
-def prose_tokens(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
-    """``[n, 1 + seq_len]``: BOS + consecutive chunks of the corpus (a file in data/ or a path)."""
-    path = file_or_data(corpus)
-    ids = model.tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
-    n = min(n_seqs, len(ids) // seq_len)
-    if n < 1:
-        raise HeadlensError(f"corpus {corpus} has {len(ids)} tokens, fewer than seq_len={seq_len}")
-    model.check_length(seq_len + 1, "copy-suppression text chunk (1 + seq_len)")
-    chunks = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
-    return torch.cat([torch.full((n, 1), model.start_token_id, dtype=torch.long), chunks], 1)
-
-
 def full_logit_rows(model, n_pos: int) -> int:
     """How many prompts of ``n_pos`` tokens one pass may take with their logits at every position, within
     the working-memory budget (the same on every rank): ``[8, 129, 262144]`` in float32 is 1.1 GB."""
@@ -352,7 +340,8 @@ class CopySuppressionDetector(Detector):
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
-        chunks = prose_tokens(model, p.corpus, p.seq_len, p.n_seqs + p.confirm_seqs).to(model.device)
+        chunks = text_chunks(model, p.corpus, p.seq_len, p.n_seqs + p.confirm_seqs,
+                             "copy-suppression text chunk").to(model.device)
         if len(chunks) <= p.n_seqs:
             raise HeadlensError(f"corpus {p.corpus} has room for {len(chunks)} chunks of {p.seq_len} tokens: "
                                 f"none is left for confirmation after the {p.n_seqs} discovery chunks")

@@ -41,9 +41,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..data import file_or_data
 from ..errors import HeadlensError
-from ..methods import clean_run, loss_metric, pattern_scores, random_token_ids, repeated_tokens, run_variants
+from ..methods import (
+    clean_run,
+    loss_metric,
+    pattern_scores,
+    random_token_ids,
+    repeated_tokens,
+    run_variants,
+    text_chunks,
+)
 from ..results import DetectorResult, head_frame, head_names
 from .base import Detector, ReviewParams, top_heads
 
@@ -72,21 +79,6 @@ def previous_token_chance(n_pos: int) -> float:
     return float((1.0 / torch.arange(2, n_pos + 1, dtype=torch.float64)).mean())
 
 
-def text_chunks(model, corpus: str, seq_len: int, n_seqs: int) -> torch.Tensor:
-    """``[n, 1 + seq_len]``: the model's start token + consecutive chunks of the corpus (a file in data/ or
-    a path), as many as it holds up to ``n_seqs``."""
-    path = file_or_data(corpus)
-    if seq_len < 2:
-        raise HeadlensError(f"previous_token seq_len must be at least 2, not {seq_len}")
-    model.check_length(seq_len + 1, "previous-token text chunk (1 + seq_len)")
-    ids = model.tokenizer.encode(path.read_text(encoding="utf-8"), add_special_tokens=False)
-    n = min(n_seqs, len(ids) // seq_len)
-    if n < 1:
-        raise HeadlensError(f"corpus {corpus} has {len(ids)} tokens, fewer than seq_len={seq_len}")
-    chunks = torch.tensor(ids[:n * seq_len]).view(n, seq_len)
-    return torch.cat([torch.full((n, 1), model.start_token_id, dtype=torch.long), chunks], 1)
-
-
 class PreviousTokenDetector(Detector):
     name = "previous_token"
     cost = 0.4   # share of a scan (relative; headlens.runtime.distributed.plan)
@@ -112,7 +104,9 @@ class PreviousTokenDetector(Detector):
         p = self.params
         if p.n_seqs < 1:
             raise HeadlensError(f"previous_token n_seqs must be at least 1, not {p.n_seqs}")
-        chunks = text_chunks(model, p.corpus, p.seq_len, p.n_seqs + p.text_seqs)
+        if p.seq_len < 2:
+            raise HeadlensError(f"previous_token seq_len must be at least 2, not {p.seq_len}")
+        chunks = text_chunks(model, p.corpus, p.seq_len, p.n_seqs + p.text_seqs, "previous-token text chunk")
         if len(chunks) < p.n_seqs + min(p.text_seqs, 1):
             raise HeadlensError(f"corpus {p.corpus} has room for {len(chunks)} chunks of {p.seq_len} tokens: "
                                 f"none is left for the plain-text loss after the {p.n_seqs} discovery chunks "

@@ -24,12 +24,12 @@ from .interventions import (
 from .metrics import kl_metric, logit_diff_metric, loss_metric
 from .patching import direct_effects, patch_heads, path_patch_logits, target_and_source
 from .patterns import pattern_scores
-from .prompts import random_token_ids, repeated_tokens
+from .prompts import random_token_ids, repeated_tokens, text_chunks
 
 __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "logits_at", "row_bytes",
            "random_baseline", "random_head_sets", "run_variants", "sweep_heads", "uniform_pattern",
            "Head", "z_name", "pattern_name", "v_name", "resid_name", "mlp_out_name", "FINAL_SCALE",
-           "random_token_ids", "repeated_tokens",
+           "random_token_ids", "repeated_tokens", "text_chunks",
            "kl_metric", "logit_diff_metric", "loss_metric", "LogitAttribution", "attribution_patching",
            "attribution_vs_exact", "direct_logit_attribution", "pearson",
            "direct_effects", "patch_heads", "path_patch_logits", "target_and_source",
