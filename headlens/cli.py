@@ -117,7 +117,8 @@ def _as_bool(value) -> bool | str:
 @app.command()
 def scan(
     model: str = typer.Argument("smollm2-135m", help="built-in name, local HF folder, .gguf file or hub id"),
-    detectors: str = typer.Option("all", "--detectors", "-d", help="comma-separated roles, or 'all'"),
+    detectors: str = typer.Option("default", "--detectors", "-d", help="comma-separated roles; 'default' (every "
+                                   "role but the opt-in ones), 'all' (opt-in ones too), e.g. 'default,ioi'"),
     out_path: str = typer.Option("catalogue.csv", "--out", "-o", help="where to write the catalogue CSV"),
     seed: int = typer.Option(0, help="random seed (same seed, same catalogue)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
@@ -258,7 +259,7 @@ def list_detectors():
     for name in REGISTRY:
         cls = detector_class(name)
         params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
-        out.print(f"[bold]{name}[/bold]: {cls.summary}")
+        out.print(f"[bold]{name}[/bold]{' (opt-in: -d ' + name + ')' if cls.opt_in else ''}: {cls.summary}")
         out.print(f"    paper: {cls.paper}")
         out.print(f"    params: {params}", highlight=False)
 

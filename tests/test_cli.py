@@ -159,3 +159,21 @@ def test_detectors_lists_each_with_one_line():
     r = headlens("detectors")
     assert r.returncode == 0
     assert "induction:" in r.stdout and "Olsson" in r.stdout
+
+
+def test_opt_in_roles_are_left_out_of_the_default_scan_only(monkeypatch):
+    """A role whose class says ``opt_in`` runs only when named (``-d NAME``, ``all``, ``default,NAME``)."""
+    from headlens import detectors as d
+    from headlens.detectors.induction import InductionDetector
+
+    class Costly(InductionDetector):
+        name = "costly_test_role"
+        opt_in = True
+    original = d.detector_class
+    monkeypatch.setitem(d.REGISTRY, "costly_test_role", "x:y")
+    monkeypatch.setattr(d, "detector_class", lambda n: Costly if n == "costly_test_role" else original(n))
+    assert "costly_test_role" not in d.parse_detectors(None)
+    assert "costly_test_role" not in d.parse_detectors("default")
+    assert d.parse_detectors("all")[-1] == "costly_test_role"
+    assert d.parse_detectors("default,costly_test_role")[-1] == "costly_test_role"
+    assert d.parse_detectors("costly_test_role") == ["costly_test_role"]

@@ -32,19 +32,31 @@ def get_detector(name: str, **params) -> Detector:
     return detector_class(name)(**params)
 
 
+def default_detectors() -> list[str]:
+    """The roles a scan runs when none are named: every registered one but the opt-in ones (a class with
+    ``opt_in = True``, whose task costs more than a default scan should; named with ``-d NAME``)."""
+    return [n for n in REGISTRY if not detector_class(n).opt_in]
+
+
 def parse_detectors(spec: str | None) -> list[str]:
-    """``"induction,successor"`` -> names, checked; ``None``/``"all"`` -> every registered detector."""
-    if spec is None or spec.strip() in ("", "all"):
-        return list(REGISTRY)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    for n in names:
-        detector_class(n)
+    """``"induction,successor"`` -> names, checked; ``None`` / ``"default"`` -> :func:`default_detectors`;
+    ``"all"`` -> every registered detector, the opt-in ones included. ``"default,ioi"`` adds roles to the
+    default set."""
+    if spec is None or spec.strip() in ("", "default"):
+        return default_detectors()
+    names: list[str] = []
+    for s in (s.strip() for s in spec.split(",")):
+        group = list(REGISTRY) if s == "all" else default_detectors() if s == "default" else [s] if s else []
+        for n in group:
+            detector_class(n)
+            if n not in names:
+                names.append(n)
     return names
 
 
 def as_detectors(detectors) -> list[Detector]:
     """Detector objects from names, objects, a comma-separated string, or None (all of them)."""
-    if detectors is None or isinstance(detectors, str):
+    if detectors is None or isinstance(detectors, str):   # None: the default roles (no opt-in ones)
         return [get_detector(n) for n in parse_detectors(detectors)]
     out = []
     for d in detectors:
@@ -61,4 +73,4 @@ def as_detectors(detectors) -> list[Detector]:
 
 __all__ = ["as_detectors", "REGISTRY", "Detector", "DetectorResult", "NOT_APPLICABLE", "OK", "CausalCheck",
            "CausalParams", "format_causal", "top_heads", "detector_class", "get_detector", "head_frame",
-           "parse_detectors"]
+           "parse_detectors", "default_detectors"]

@@ -43,6 +43,9 @@ class Detector:
     # Its usual share of a scan's time, relative (induction 1.0; from the 8B scan of docs/scale.md): how a
     # distributed scan spreads detectors over ranks (headlens.runtime.distributed.plan). Speed only.
     cost: ClassVar[float] = 0.5
+    # An opt-in role is left out of a scan that names no roles (``headlens scan`` without ``-d``, ``hl.scan(model)``)
+    # because its task costs more than the default scan should; ``-d NAME`` or ``-d all`` runs it.
+    opt_in: ClassVar[bool] = False
 
     @dataclass
     class Params:
