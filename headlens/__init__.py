@@ -21,12 +21,14 @@ from .errors import HeadlensError
 from .methods import (
     CleanRun,
     Composition,
+    Emphasis,
     Intervention,
     MeanAblation,
     Patch,
     PatternIntervention,
     ResampleAblation,
     Scale,
+    Steer,
     UniformAttention,
     ZeroAblation,
     ablate,
@@ -36,6 +38,7 @@ from .methods import (
     clean_run,
     composition,
     direct_logit_attribution,
+    emphasis,
     interventions,
     kl_metric,
     logit_diff_metric,
@@ -44,6 +47,7 @@ from .methods import (
     path_patch_logits,
     random_baseline,
     run_variants,
+    steer,
     sweep_heads,
 )
 from .models import HeadModel, ModelInfo, load_model
@@ -58,4 +62,4 @@ __all__ = ["__version__", "data_path", "HeadlensError", "HeadModel", "ModelInfo"
            "loss_metric", "kl_metric", "logit_diff_metric", "ablate", "Intervention", "PatternIntervention",
            "ZeroAblation", "MeanAblation", "ResampleAblation", "Patch", "Scale", "UniformAttention",
            "as_intervention", "interventions", "composition", "Composition", "plot", "plots", "methods",
-           "detectors"]
+           "detectors", "Emphasis", "Steer", "emphasis", "steer"]

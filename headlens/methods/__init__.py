@@ -25,6 +25,7 @@ from .metrics import kl_metric, logit_diff_metric, loss_metric
 from .patching import direct_effects, patch_heads, path_patch_logits, target_and_source
 from .patterns import pattern_scores
 from .prompts import random_token_ids, repeated_tokens, text_chunks
+from .steering import Emphasis, Steer, emphasis, steer
 
 __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "logits_at", "row_bytes",
            "random_baseline", "random_head_sets", "run_variants", "sweep_heads", "uniform_pattern",
@@ -38,3 +39,4 @@ __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "lo
            "ResampleAblation", "Patch", "Scale", "UniformAttention", "ablate", "as_intervention"]
 
 __all__ += ["pattern_scores"]
+__all__ += ["Emphasis", "Steer", "emphasis", "steer"]
