@@ -63,3 +63,6 @@ __all__ = ["__version__", "data_path", "HeadlensError", "HeadModel", "ModelInfo"
            "ZeroAblation", "MeanAblation", "ResampleAblation", "Patch", "Scale", "UniformAttention",
            "as_intervention", "interventions", "composition", "Composition", "plot", "plots", "methods",
            "detectors", "Emphasis", "Steer", "emphasis", "steer"]
+from .methods import SteeredText, steer_generate  # noqa: E402
+
+__all__ += ["SteeredText", "steer_generate"]

@@ -1,4 +1,4 @@
-"""The ``headlens`` command line: ``scan``, ``show`` and ``detectors``."""
+"""The ``headlens`` command line: ``scan``, ``show``, ``detectors`` and ``steer``."""
 from __future__ import annotations
 
 import contextlib
@@ -262,6 +262,54 @@ def list_detectors():
         out.print(f"[bold]{name}[/bold]{' (opt-in: -d ' + name + ')' if cls.opt_in else ''}: {cls.summary}")
         out.print(f"    paper: {cls.paper}")
         out.print(f"    params: {params}", highlight=False)
+
+
+def steer_heads(spec: str) -> list[tuple[int, int]]:
+    """``--heads`` of ``headlens steer``: ``L12H3,L14H0`` (or ``12.3,14.0``), or ``CATALOGUE.csv:ROLE:K``,
+    the top K heads of ROLE by ``<role>_score`` in a catalogue."""
+    from .methods.steering import parse_heads
+
+    if spec.count(":") < 2:
+        return parse_heads(spec)
+    path, role, k = spec.rsplit(":", 2)
+    if not k.isdigit() or int(k) < 1:
+        raise HeadlensError(f"bad --heads '{spec}': write CATALOGUE.csv:ROLE:K with K a positive number")
+    return read_catalogue(path).heads(role, int(k))
+
+
+@app.command("steer")
+def steer_command(
+    model: str = typer.Argument("smollm2-135m", help="built-in name, local HF folder, .gguf file or hub id"),
+    heads: str = typer.Option(..., "--heads", help="heads to steer: L12H3,L14H0 or CATALOGUE.csv:ROLE:K "
+                              "(the top K heads of ROLE by score)"),
+    prompt: str = typer.Option(..., "--prompt", help="the prompt, with the text to attend to marked **like this**"),
+    alpha: float = typer.Option(0.01, help="scale of the steered heads' attention to the other prompt tokens"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="tokens to generate"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="put the prompt in the chat template (when the "
+                              "model has one)"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+):
+    """Greedy continuations of PROMPT without and with HEADS steered to its **emphasised** text (PASTA)."""
+    from .methods.steering import MARKER, Steer, steer_generate, strip_markers
+
+    if not strip_markers(prompt)[1]:
+        raise HeadlensError(f"the prompt has no emphasised span: mark the text to attend to as "
+                            f"{MARKER}like this{MARKER}")
+    Steer(torch.zeros(1, 1, dtype=torch.bool), alpha)          # a bad alpha fails before the model loads
+    if max_new_tokens < 1:
+        raise HeadlensError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    chosen = steer_heads(heads)
+    if not chosen:
+        raise HeadlensError(f"--heads '{heads}' names no head")
+    with err.status(f"loading {model}"):
+        m = load_model(model, device=device, dtype=dtype)
+    names = ", ".join(f"L{l}H{h}" for l, h in chosen)
+    res = steer_generate(m, prompt, chosen, alpha=alpha, max_new_tokens=max_new_tokens, chat=chat)
+    out.print(f"steering {names} with alpha {alpha:g} towards: "
+              + " | ".join(res.texts[0][a:b] for a, b in res.emphasis.spans[0]), highlight=False)
+    out.print(f"unsteered: {res.unsteered[0]}", highlight=False, soft_wrap=True)
+    out.print(f"steered: {res.steered[0]}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -698,3 +698,43 @@ def llama_attention_sink_model(folder: Path, strength: float = 15.0) -> Path:
     set_llama_head(model, space, 0, 2, q=own_q, k=k1, v=value, o=writes(lambda t: t, 1.0))
     set_llama_head(model, space, 0, 3, q=own_q, o=writes(sink_successor, 2.0))
     return save(model, make_tokenizer(vocab, folder, special={",": 30, ".": 31}), folder)
+
+
+STEER_COPY_HEAD = (1, 2)        # attends evenly to its causal prefix and copies what it attends to
+STEER_SELF_HEAD = (0, 0)        # attends to its own position and copies that token
+STEER_DECOY_HEAD = (1, 0)       # attends as the copy head does but writes where nothing reads
+STEER_SPAN_TOKEN = 9
+
+
+def steering_model(folder: Path, vocab: int = 32, n_pos: int = 32, strength: float = 60.0,
+                   gain: float = 4.0) -> Path:
+    """Two layers x 4 heads for attention steering (PASTA). L1H2, the copy head, has a zero query: it
+    attends evenly over its causal prefix, and its OV writes the attended token into the logits
+    (``gain`` x a token embedding), so unsteered it adds ``gain / n`` to each of n context tokens' logits;
+    steered to a marked span it adds nearly ``gain`` to the span's token. L0H0 attends to its own
+    position and copies that token (with the residual's own token: 2 for the current token), so the
+    unsteered model repeats the last token. L0H1 is a previous-token head and L1H0 attends as L1H2 does,
+    both writing into the previous-token subspace, which nothing reads; the other heads are off."""
+    space = Space(vocab=vocab, n_pos=n_pos, d_model=4 * 32, n_head=4)
+    assert 2 * vocab + n_pos <= space.d_model and n_pos <= space.d_head
+    model = blank_gpt2(space, n_layer=2)
+    d, dh = space.d_model, space.d_head
+    q_self, k_self = _self_attention(space, strength)
+    q_prev, k_prev = torch.zeros(d, dh), torch.zeros(d, dh)
+    for p in range(n_pos):
+        q_prev[space.pos(p), p] = strength
+        if p + 1 < n_pos:
+            k_prev[space.pos(p), p + 1] = 1.0
+    v = torch.zeros(d, dh)
+    o_copy, o_logit, o_unread = torch.zeros(dh, d), torch.zeros(dh, d), torch.zeros(dh, d)
+    for t in range(1, vocab):
+        v[space.tok(t), t] = 1.0
+        o_copy[t, space.tok(t)] = 1.0
+        o_logit[t, space.tok(t)] = gain
+        o_unread[t, space.prev(t)] = 1.0
+    zero = torch.zeros(d, dh)
+    set_head(model, space, *STEER_SELF_HEAD, q=q_self, k=k_self, v=v, o=o_copy)
+    set_head(model, space, 0, 1, q=q_prev, k=k_prev, v=v, o=o_unread)
+    set_head(model, space, *STEER_COPY_HEAD, q=zero, k=zero, v=v, o=o_logit)
+    set_head(model, space, *STEER_DECOY_HEAD, q=zero, k=zero, v=v, o=o_unread)
+    return save(model, make_tokenizer(vocab, folder), folder)

@@ -40,3 +40,6 @@ __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "lo
 
 __all__ += ["pattern_scores"]
 __all__ += ["Emphasis", "Steer", "emphasis", "steer"]
+from .steering import SteeredText, steer_generate  # noqa: E402
+
+__all__ += ["SteeredText", "steer_generate"]

@@ -12,7 +12,11 @@ ours, registered with transformers as ``"headlens"``:
 - each decoding step computes that one row explicitly;
 - a head ablated by uniform attention ("undifferentiated attention") outputs the mean of the values over
   its causal prefix: during prefill a running mean (cumulative sum / count, padding left out), at a
-  decoding step the mean of the cached values.
+  decoding step the mean of the cached values;
+- a steered head (PASTA, :func:`headlens.methods.steering.steer`, which sets :data:`_STEER`) gets
+  ``log(alpha)`` added to its scores of the prompt's keys outside the emphasised spans: an additive float
+  mask ``[batch, heads, q, key]`` for SDPA in the steered layers only, the same bias on the explicit row
+  of a decoding step (:class:`Steering`).
 
 Prompts of different lengths are left-padded; positions are counted over real tokens, so every row is
 computed as if it were alone. Runs that share a prefix (the same long context up to a needle, the chat
@@ -56,6 +60,72 @@ class _State:
     record: bool = False
     top1: dict[int, Int[Tensor, "batch head"]] = field(default_factory=dict)   # key column, per layer
     cache: object = None                                  # the forward pass's DynamicCache
+    bias: dict[int, Float[Tensor, "batch head 1 key"]] = field(default_factory=dict)   # steering, per layer
+
+
+@dataclass
+class Steering:
+    """PASTA steering on the native path: in every forward pass of ``hf`` (the transformers model) inside
+    :func:`headlens.methods.steering.steer`, the ``heads`` (per layer a bool ``[n_heads]`` of query heads)
+    get ``log_alpha`` added to their scores of each row's prompt keys outside its emphasised tokens.
+
+    Positions are each row's own (real tokens counted from its first, padding left out), so the bias
+    follows the row whatever its padding or cache: ``emphasised`` ``[rows, max_len]`` (True on emphasised
+    prompt positions, right-padded) and ``lengths`` ``[rows]`` (prompt tokens; keys at and after it, the
+    generated tokens, are not scaled). A row with no emphasised token is not steered. One row serves every
+    row of a batch."""
+    hf: object
+    heads: dict[int, Bool[Tensor, " head"]]
+    emphasised: Bool[Tensor, "rows pos"]
+    lengths: Int[Tensor, " rows"]
+    log_alpha: float
+
+    def columns(self, key_mask: Bool[Tensor, "batch key"]) -> Float[Tensor, "batch key"]:
+        """``log_alpha`` on the key columns this steering down-weights, 0 elsewhere."""
+        b, dev = key_mask.shape[0], key_mask.device
+        emph, lengths = self.emphasised.to(dev), self.lengths.to(dev)
+        if emph.shape[0] not in (1, b):
+            raise HeadlensError(f"steering: the emphasis has {emph.shape[0]} rows, the forward pass {b}")
+        pos = key_mask.long().cumsum(1) - 1                                        # key column -> position
+        inside = emph.expand(b, -1).gather(1, pos.clamp(0, emph.shape[1] - 1))
+        down = key_mask & (pos < lengths.expand(b)[:, None]) & ~inside & emph.any(1, keepdim=True)
+        return torch.where(down, self.log_alpha, 0.0)
+
+
+_STEER: contextvars.ContextVar[tuple[Steering, ...]] = contextvars.ContextVar("headlens_steer", default=())
+
+
+def _steer_bias(hf, key_mask: Tensor, dtype) -> dict[int, Float[Tensor, "batch head 1 key"]]:
+    """Per steered layer, the additive bias of the active steerings of ``hf`` (summed: nested blocks
+    multiply their scales)."""
+    bias: dict[int, Tensor] = {}
+    for spec in _STEER.get():
+        if spec.hf is not hf:
+            continue
+        cols = spec.columns(key_mask)[:, None, None, :]                            # [b, 1, 1, key]
+        for layer, heads in spec.heads.items():
+            b = (heads.to(cols.device)[None, :, None, None] * cols).to(dtype)       # [b, head, 1, key]
+            bias[layer] = bias[layer] + b if layer in bias else b
+    return bias
+
+
+def steering_active(model) -> bool:
+    """Whether a :func:`~headlens.methods.steering.steer` block steers ``model``'s native forward passes."""
+    return any(spec.hf is model.bridge.original_model for spec in _STEER.get())
+
+
+def _biased_mask(attention_mask: Tensor | None, bias: Tensor, q_len: int, n_key: int, dtype) -> Tensor:
+    """The float mask ``[batch, heads, q, n_key]``: the attention mask (bool or float; None: causal, the
+    queries the last ``q_len`` of ``n_key`` keys) plus the steering ``bias`` of its last ``n_key`` columns.
+    Masked keys get the dtype's lowest value (a fully masked padding row stays finite, as transformers'
+    own float masks)."""
+    if attention_mask is None:
+        q = torch.arange(q_len, device=bias.device)[:, None] + (n_key - q_len)
+        attention_mask = (torch.arange(n_key, device=bias.device)[None, :] <= q)[None, None]
+    m = attention_mask[..., -q_len:, -n_key:]
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+    return m.to(dtype) + bias[..., -n_key:].to(m.device)
 
 
 def _mask_scores(scores: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -112,6 +182,12 @@ def _attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor
     layer = int(module.layer_idx)
     shared = st.cache.layers[layer] if st is not None and st.cache is not None else None
     shared = shared if getattr(shared, "context", None) is not None else None
+    bias = st.bias.get(layer) if st is not None else None
+    if bias is not None:
+        if shared is not None:
+            raise HeadlensError("steering does not combine with a shared context")
+        n_key = attention_mask.shape[-1] if attention_mask is not None else key.shape[2]
+        attention_mask = _biased_mask(attention_mask, bias, q_len, n_key, query.dtype)
     if shared is not None:
         out, weights = _context_attention(query, key, value, shared, attention_mask, scaling, softcap)
     elif kwargs.get("s_aux") is not None or (softcap is not None and q_len > 1):
@@ -248,6 +324,7 @@ class Generation:
     tokens: list[list[int]]           # generated ids per row (up to and without the stop token)
     top1: torch.Tensor | None         # [steps, n_layers, batch, n_heads] top-1 key position (unpadded), -1 = none
     prompt_lengths: list[int]
+    logits: torch.Tensor | None = None   # [steps, batch, vocab] the logits each token was chosen from (keep_logits)
 
 
 @dataclass
@@ -453,6 +530,7 @@ def _forward(hf, state: _State, tokens: Tensor, cache, keep: int = 1) -> Tensor:
     mask = state.key_mask
     positions = (mask.long().cumsum(1) - 1).clamp_min(0)[:, -tokens.shape[1]:]
     state.cache = cache
+    state.bias = _steer_bias(hf, mask, hf.dtype) if _STEER.get() else {}
     token = _ACTIVE.set(state)
     try:
         out = hf(input_ids=tokens, attention_mask=mask.long(), position_ids=positions, use_cache=True,
@@ -474,6 +552,7 @@ def prefill(model, tokens: Sequence[int], ablate: Iterable[Head] = (),
     tokens = list(tokens)
     if not tokens:
         raise HeadlensError("prefill needs a non-empty token list")
+    _no_steering(model, "prefill")
     model.check_length(len(tokens), "prefix")
     rows = [ablate] if variants is None else list(variants)
     heads = tuple(frozenset(tuple(h) for h in v) for v in rows)
@@ -487,6 +566,12 @@ def prefill(model, tokens: Sequence[int], ablate: Iterable[Head] = (),
         _forward(hf, state, x, cache)
     keys, values = _cache_tensors(cache)
     return Prefix(tokens, keys, values, heads)
+
+
+def _no_steering(model, what: str) -> None:
+    if steering_active(model):
+        raise HeadlensError(f"{what} shares prefilled tokens between rows, which steering does not: call it "
+                            "outside the steer() block")
 
 
 def shared_length(prompt: Sequence[int], prefix: Sequence[int]) -> int:
@@ -503,23 +588,28 @@ def uses_native(model) -> bool:
     it decodes through the bridge with eager attention instead (full patterns)."""
     if "native" not in model.memo:
         x = torch.arange(1, 9, device=model.device)[None] % model.bridge.cfg.d_vocab
+        unsteered = _STEER.set(())
         with torch.no_grad():
             ref = torch.log_softmax(model.bridge(x)[:, -1].float(), -1)
             with native_forward(model) as hf:
                 state = _State(key_mask=torch.ones_like(x, dtype=torch.bool))
                 got = torch.log_softmax(_forward(hf, state, x, _cache(hf))[:, -1].float(), -1)
+        _STEER.reset(unsteered)
         tol = 1e-4 if ref.dtype == torch.float32 and model.info.dtype == "float32" else 5e-2
         model.memo["native"] = bool((got - ref).abs().max() <= tol * max(1.0, ref.abs().max()))
     return model.memo["native"]
 
 
 def _decode(logits: Tensor, advance, positions, max_new_tokens: int, stops: set[int], batch: int,
-            record_top1: bool) -> tuple[list[list[int]], Tensor | None]:
-    """The greedy loop: ``advance(next_ids) -> logits``; ``positions() -> [layers, batch, heads]``."""
+            record_top1: bool, kept: list | None = None) -> tuple[list[list[int]], Tensor | None]:
+    """The greedy loop: ``advance(next_ids) -> logits``; ``positions() -> [layers, batch, heads]``; each
+    step's logits appended to ``kept`` when given."""
     out: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
     top1 = []
     for step in range(max_new_tokens):
+        if kept is not None:
+            kept.append(logits.detach().float().cpu())
         nxt = logits.argmax(-1)
         if record_top1:
             top1.append(torch.where(done[None, :, None], -1, positions().cpu()))
@@ -539,7 +629,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
                     ablate: Sequence[Iterable[Head]] | None = None, record_top1: bool = False,
                     stop_ids: Iterable[int] = (), prefix: Prefix | None = None,
                     chunk_tokens: int | None = None, ablate_prompt: bool = True,
-                    context: Context | None = None) -> Generation:
+                    context: Context | None = None, keep_logits: bool = False) -> Generation:
     """Greedy-decode every prompt (a token list, BOS included) for up to ``max_new_tokens``.
 
     ``ablate[i]`` lists the heads whose attention is made uniform in row ``i``: at every prompt token and
@@ -553,10 +643,12 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     every row decodes ``max_new_tokens`` tokens. ``chunk_tokens`` prefills the prompts that many tokens at
     a time (0: at once; default :data:`PREFILL_CHUNK`), which bounds the activations' memory: a
     32k-token prompt of an 8B model peaks at 1.41x its weights in 8192-token chunks, 1.56x at once
-    (``docs/scale.md``).
+    (``docs/scale.md``). Inside :func:`headlens.steer` the steered heads are steered in the prompt and at
+    every decoding step (the prompts must be the emphasised ones; no prefix or context then).
 
-    Returns a :class:`Generation`: generated ids per row, and ``top1`` ``[steps, n_layers, batch,
-    n_heads]`` (positions in each prompt, -1 after a row stopped) when recorded.
+    Returns a :class:`Generation`: generated ids per row, ``top1`` ``[steps, n_layers, batch,
+    n_heads]`` (positions in each prompt, -1 after a row stopped) when recorded, and with
+    ``keep_logits`` the logits every token was chosen from ``[steps, batch, vocab]`` (float32, on the CPU).
 
     >>> g = greedy_generate(model, [ids, ids], 32, ablate=[[], [(17, 3)]], ablate_prompt=False)  # doctest: +SKIP
     >>> g.tokens[0], g.tokens[1]          # clean answer, answer with L17H3 uniform while answering  # doctest: +SKIP
@@ -569,13 +661,18 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     masks = row_masks(model, ablate, batch) if ablate is not None else {}
     stops = set(int(s) for s in stop_ids)
     masks = {l: m.to(model.device) for l, m in masks.items()}
-    if not uses_native(model):
+    kept = [] if keep_logits else None
+    native = uses_native(model)
+    steering = _check_steering(model, lengths) if _STEER.get() else False
+    if steering and (prefix is not None or context is not None or (native and not ablate_prompt)):
+        raise HeadlensError("steered generation runs each prompt whole: no prefix, context or ablate_prompt=False")
+    if not native:
         if context is not None:
             raise HeadlensError(f"{model.info.name} decodes through the bridge, which does not continue a "
                                 "shared context")
         tokens, out = _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, _pad_id(model),
-                                       ablate_prompt)
-        return Generation(tokens=tokens, top1=out, prompt_lengths=lengths)
+                                       ablate_prompt, kept)
+        return Generation(tokens=tokens, top1=out, prompt_lengths=lengths, logits=_stacked(kept))
     with native_forward(model) as hf:
         if context is not None and ablate_prompt and masks:
             raise HeadlensError("a context is prefilled clean: rows that continue it ablate heads only "
@@ -595,8 +692,23 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
             position = state.key_mask.long().cumsum(1) - 1                      # key column -> token position
             return torch.stack([position.gather(1, state.top1[l].to(position.device)) for l in range(model.n_layers)])
 
-        out, top1 = _decode(logits[:, -1], advance, positions, max_new_tokens, stops, batch, record_top1)
-    return Generation(tokens=out, top1=top1, prompt_lengths=lengths)
+        out, top1 = _decode(logits[:, -1], advance, positions, max_new_tokens, stops, batch, record_top1, kept)
+    return Generation(tokens=out, top1=top1, prompt_lengths=lengths, logits=_stacked(kept))
+
+
+def _stacked(kept: list | None) -> Tensor | None:
+    return None if kept is None else torch.stack(kept)
+
+
+def _check_steering(model, lengths: list[int]) -> bool:
+    """Whether ``model`` is steered here; if so, that the prompts are as long as the emphasised ones (the
+    emphasis is laid over each prompt's own positions)."""
+    specs = [s for s in _STEER.get() if s.hf is model.bridge.original_model]
+    for spec in specs:
+        want = spec.lengths.tolist()
+        if len(want) not in (1, len(lengths)) or any(a != b for a, b in zip(want * len(lengths), lengths)):
+            raise HeadlensError(f"steering: the prompts ({lengths} tokens) are not the emphasised ones ({want})")
+    return bool(specs)
 
 
 def _start(model, hf, prompts, masks, record, prefix, context, ablate, max_new_tokens, chunk_tokens,
@@ -666,6 +778,7 @@ def prefill_context(model, prompts: Sequence[Sequence[int]], prefix: Prefix | No
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise HeadlensError("prefill_context needs non-empty prompts")
+    _no_steering(model, "prefill_context")
     if not uses_native(model):
         raise HeadlensError(f"{model.info.name} decodes through the bridge, which does not continue a "
                             "shared context")
@@ -688,6 +801,7 @@ def continuation_logits(model, prompts: Sequence[Sequence[int]], n: int, ablate:
     """
     if n < 1 or any(len(p) <= n for p in prompts):
         raise HeadlensError("continuation_logits needs prompts longer than n")
+    _no_steering(model, "continuation_logits")
     masks = {l: m.to(model.device) for l, m in row_masks(model, ablate, len(prompts)).items()}
     if uses_native(model):
         with native_forward(model) as hf:
@@ -723,7 +837,8 @@ def _uniform_rows(pattern: Float[Tensor, "batch head q k"], key_mask: Tensor, he
     return torch.where(sel, uni, pattern)
 
 
-def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad, ablate_prompt=True):
+def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, pad, ablate_prompt=True,
+                     kept=None):
     """Decoding through the bridge with eager attention (full patterns): for models whose transformers
     modules do not hold the bridge's weights (:func:`uses_native`). A prefix is not reused here; without
     ``ablate_prompt`` the prompt's rows but the last keep their own pattern."""
@@ -759,7 +874,7 @@ def _bridge_generate(model, prompts, max_new_tokens, masks, record_top1, stops, 
         def positions():
             return torch.stack([rows[l].cpu() for l in range(model.n_layers)]) - n_pad[None, :, None]
 
-        return _decode(logits[:, -1], advance, positions, max_new_tokens, stops, len(prompts), record_top1)
+        return _decode(logits[:, -1], advance, positions, max_new_tokens, stops, len(prompts), record_top1, kept)
 
 
 def uses_chat(model, chat: bool = True) -> bool:

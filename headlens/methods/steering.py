@@ -9,7 +9,13 @@ pre-softmax scores. Keys after the prompt (generated tokens) are left alone, as 
 - :class:`Steer`: the intervention (a :class:`~headlens.methods.interventions.PatternIntervention`), usable
   wherever interventions are: the batched sweeps (:func:`~headlens.methods.run_variants`, one variant per
   head: profiling) and :func:`steer` (any forward pass through the bridge, generation included).
-- :func:`steer`: a context manager, ``with hl.steer(model, heads, spans): model.generate(...)``.
+- :func:`steer`: a context manager, ``with hl.steer(model, heads, spans): model.generate(...)``: every
+  forward pass inside it is steered, through the bridge (the pattern hooks, :class:`Steer`) and on the
+  native path of :func:`~headlens.methods.generation.greedy_generate` (an additive ``log(alpha)`` bias in
+  the attention function, SDPA kept; :class:`~headlens.methods.generation.Steering`), KV-cached
+  decoding included.
+- :func:`steer_generate`: prompts with markup -> the unsteered and the steered greedy continuations
+  (one batch; the ``headlens steer`` command).
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ from torch import Tensor
 
 from ..errors import HeadlensError
 from ..models import HeadModel, left_pad
-from .interventions import PatternIntervention, ablate
+from . import generation
+from .interventions import PatternIntervention, ablate, head_masks
 
-__all__ = ["Emphasis", "emphasis", "Steer", "steer", "steer_scale", "strip_markers", "parse_heads", "MARKER"]
+__all__ = ["Emphasis", "emphasis", "Steer", "steer", "steer_scale", "strip_markers", "parse_heads", "MARKER",
+           "SteeredText", "steer_generate"]
 
 MARKER = "**"
 
@@ -63,9 +71,11 @@ def strip_markers(text: str, marker: str = MARKER) -> tuple[str, list[tuple[int,
     return "".join(out), spans
 
 
-def _token_mask(model: HeadModel, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-    """Token ids of ``text`` after the start token (:meth:`HeadModel.encode`) and, per token, whether its
-    characters overlap an emphasised span (the tokenizer's offsets)."""
+def _token_mask(model: HeadModel, text: str, spans: Sequence[tuple[int, int]],
+                start_token: bool = True) -> tuple[list[int], list[bool]]:
+    """Token ids of ``text`` after the start token (:meth:`HeadModel.encode`; none without
+    ``start_token``) and, per token, whether its characters overlap an emphasised span (the tokenizer's
+    offsets)."""
     tok = model.tokenizer
     try:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -76,15 +86,29 @@ def _token_mask(model: HeadModel, text: str, spans: Sequence[tuple[int, int]]) -
         if not 0 <= a < b <= len(text):
             raise HeadlensError(f"emphasised span {(a, b)} is outside the prompt's {len(text)} characters")
     flags = [any(s < b and a < e for a, b in spans) for s, e in offsets]
-    start = [] if model.start_token_id is None else [int(model.start_token_id)]
+    start = [] if model.start_token_id is None or not start_token else [int(model.start_token_id)]
     return start + ids, [False] * len(start) + flags
 
 
+def _chat(model: HeadModel, text: str, spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` as the user turn of the chat template (with the generation prompt) and its spans moved
+    to where the text sits in the rendered prompt."""
+    rendered = model.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True)
+    at = rendered.rfind(text)
+    if at < 0:
+        raise HeadlensError("the chat template changes the prompt's text: emphasise it without --chat")
+    return rendered, [(a + at, b + at) for a, b in spans]
+
+
 def emphasis(model: HeadModel, prompts: str | Sequence[str],
-             spans: Sequence[Sequence[tuple[int, int]]] | None = None, marker: str = MARKER) -> Emphasis:
+             spans: Sequence[Sequence[tuple[int, int]]] | None = None, marker: str = MARKER,
+             chat: bool = False) -> Emphasis:
     """Tokenise ``prompts`` and find their emphasised tokens: from ``**...**`` markup (removed from the
     text the model sees; several spans per prompt), or from ``spans``, character ranges per prompt
-    (then the text is used as it is). A token is emphasised if any of its characters is.
+    (then the text is used as it is). A token is emphasised if any of its characters is. With ``chat``
+    (and a model with a chat template) each prompt is the user turn of the chat template, as
+    :func:`~headlens.methods.generation.encode_prompt` renders it; ``texts`` are then the rendered prompts.
 
     >>> e = emphasis(model, ["The capital is Rome. **The capital is Paris.** Q: capital? A:"])  # doctest: +SKIP
     >>> e.mask.sum().item()            # the emphasised sentence's tokens                  # doctest: +SKIP
@@ -98,7 +122,15 @@ def emphasis(model: HeadModel, prompts: str | Sequence[str],
     elif len(spans) != len(texts):
         raise HeadlensError(f"{len(spans)} span lists for {len(texts)} prompts")
     spans = [[(int(a), int(b)) for a, b in s] for s in spans]
-    rows = [_token_mask(model, t, s) for t, s in zip(texts, spans)]
+    for t, s in zip(texts, spans):
+        for a, b in s:
+            if not 0 <= a < b <= len(t):
+                raise HeadlensError(f"emphasised span {(a, b)} is outside the prompt's {len(t)} characters")
+    templated = generation.uses_chat(model, chat)
+    if templated:
+        rendered = [_chat(model, t, s) for t, s in zip(texts, spans)]
+        texts, spans = [t for t, _ in rendered], [s for _, s in rendered]
+    rows = [_token_mask(model, t, s, start_token=not templated) for t, s in zip(texts, spans)]
     tokens, attention_mask = left_pad([ids for ids, _ in rows], model.pad_id())
     flags, _ = left_pad([[int(f) for f in fl] for _, fl in rows], 0)
     for t in tokens:
@@ -165,8 +197,32 @@ def steer(model: HeadModel, heads: Sequence[tuple[int, int]], emphasised: Bool[T
     if isinstance(emphasised, Emphasis):
         attention_mask = emphasised.attention_mask if attention_mask is None else attention_mask
         emphasised = emphasised.mask
-    with ablate(model, heads, Steer(emphasised, alpha), attention_mask=attention_mask):
-        yield
+    intervention = Steer(emphasised, alpha)
+    masks = head_masks(model, [tuple(h) for h in heads])
+    generation.uses_native(model)      # checked (once per model) before anything is steered
+    spec = _native_steering(model, masks, intervention, attention_mask)
+    token = generation._STEER.set(generation._STEER.get() + (spec,))
+    try:
+        with ablate(model, heads, intervention, attention_mask=attention_mask):
+            yield
+    finally:
+        generation._STEER.reset(token)
+
+
+def _native_steering(model: HeadModel, masks: dict[int, Tensor], intervention: Steer,
+                     attention_mask: Tensor | None) -> "generation.Steering":
+    """The native path's description of a steering: the emphasis in each row's own positions."""
+    emph = intervention.emphasised.cpu()
+    real = torch.ones_like(emph) if attention_mask is None else torch.as_tensor(attention_mask).cpu().bool()
+    if real.shape != emph.shape:
+        raise HeadlensError(f"steer: the attention mask is {tuple(real.shape)}, the emphasis {tuple(emph.shape)}")
+    lengths = real.sum(1)
+    # each row's real positions first (a stable sort puts padding, False, last)
+    order = torch.sort((~real).long(), dim=1, stable=True).indices
+    own = emph.gather(1, order) & (torch.arange(emph.shape[1])[None, :] < lengths[:, None])
+    return generation.Steering(hf=model.bridge.original_model,
+                               heads={l: m.reshape(-1) for l, m in masks.items()},
+                               emphasised=own, lengths=lengths, log_alpha=intervention.log_alpha)
 
 
 def parse_heads(spec: str) -> list[tuple[int, int]]:
@@ -178,3 +234,40 @@ def parse_heads(spec: str) -> list[tuple[int, int]]:
             raise HeadlensError(f"cannot read head {part!r}: write L12H3 or 12.3")
         heads.append((int(m.group(1)), int(m.group(2))))
     return heads
+
+
+@dataclass
+class SteeredText:
+    """What :func:`steer_generate` returns: the prompts as the model saw them (markers removed, chat
+    template applied), each one's unsteered and steered greedy continuation, and the emphasis."""
+    texts: list[str]
+    unsteered: list[str]
+    steered: list[str]
+    emphasis: Emphasis
+
+
+def steer_generate(model: HeadModel, prompts: str | Sequence[str], heads: Sequence[tuple[int, int]],
+                   alpha: float = 0.01, max_new_tokens: int = 32, chat: bool = False, marker: str = MARKER,
+                   stop: bool = True) -> SteeredText:
+    """Greedy continuations of ``prompts`` (with ``**emphasis**`` markup; every prompt needs at least one
+    span) without and with ``heads`` steered to the emphasised tokens, in one batch of twice the prompts
+    (the unsteered rows carry no emphasis, which leaves them alone). ``chat``: the prompts go through the
+    chat template as the user turn; ``stop``: a row ends at EOS / end of turn.
+
+    >>> out = steer_generate(model, "Reply in French. **Answer in one word.** What is water?",
+    ...                      [(12, 3), (14, 0)], chat=True)                          # doctest: +SKIP
+    >>> out.unsteered[0], out.steered[0]                                              # doctest: +SKIP
+    """
+    e = emphasis(model, prompts, marker=marker, chat=chat)
+    missing = [i for i, row in enumerate(e.mask) if not bool(row.any())]
+    if missing:
+        raise HeadlensError(f"prompt {missing[0]} has no emphasised span: mark one as {marker}like this{marker}")
+    rows = [t[m.bool()].tolist() for t, m in zip(e.tokens.cpu(), e.attention_mask.cpu())]
+    mask = torch.cat([torch.zeros_like(e.mask), e.mask])             # first the unsteered rows
+    attention = torch.cat([e.attention_mask, e.attention_mask])
+    stops = generation.stop_token_ids(model) if stop else ()
+    with steer(model, heads, mask, alpha, attention_mask=attention):
+        g = generation.greedy_generate(model, rows + rows, max_new_tokens, stop_ids=stops)
+    text = [model.tokenizer.decode(t, skip_special_tokens=True) for t in g.tokens]
+    n = len(rows)
+    return SteeredText(e.texts, text[:n], text[n:], e)
