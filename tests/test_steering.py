@@ -347,3 +347,31 @@ def test_cli_steer(planted_steer, tmp_path):
         r = headlens("steer", folder, *args, "--no-chat")
         assert r.returncode != 0 and match in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# SmolLM2 (grouped-query attention, 9 query heads on 3 key/value heads)
+# ---------------------------------------------------------------------------------------------------
+
+def test_smollm2_native_decoding_equals_bridge(smollm):
+    """On the real model, KV-cached native decoding (SDPA prefill with the bias, explicit rows) under
+    steering gives at every step the logits of a full steered forward pass through the bridge's pattern
+    hooks (no cache); three of the steered heads share key/value head 0 of layer 17."""
+    model = smollm
+    prompts = ["Alice lives in Paris. **Bob lives in Rome.** Carol lives in Oslo. Bob lives in",
+               "**The code word is apple.** The code word is not pear. The code word is"]
+    heads = [(17, 0), (17, 1), (17, 2), (17, 3), (18, 7), (23, 2)]
+    e = hl.emphasis(model, prompts)
+    rows = [_own(e, i)[0] for i in range(len(prompts))]
+    with hl.steer(model, heads, e, alpha=ALPHA):
+        g = greedy_generate(model, rows, 4, keep_logits=True)
+    clean = greedy_generate(model, rows, 4, keep_logits=True)
+    assert (g.logits - clean.logits).abs().max() > 0.1
+    for step in range(4):
+        # every row has generated `step` tokens: the prompts' left padding stays, the new columns follow
+        new = torch.tensor([out[:step] for out in g.tokens], dtype=torch.long).reshape(len(rows), step)
+        tokens = torch.cat([e.tokens, new], 1)
+        mask = torch.cat([e.attention_mask, torch.ones_like(new)], 1)
+        with hl.steer(model, heads, e, alpha=ALPHA):       # keys after the emphasis' columns: not scaled
+            want = torch.log_softmax(model(tokens, attention_mask=mask)[:, -1].float(), -1)
+        torch.testing.assert_close(torch.log_softmax(g.logits[step], -1), want, atol=2e-3, rtol=0)
