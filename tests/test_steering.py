@@ -310,6 +310,10 @@ def test_planted_copy_head_follows_the_emphasis(planted_steer):
     others = [h for h in model.heads() if h != STEER_COPY_HEAD]
     assert [predicted([h]) for h in others] == [last] * len(others)
     assert predicted(others) == last
+    # the copy head's top-1 key as greedy_generate records it: the marked token (position 3) when steered
+    with hl.steer(model, [STEER_COPY_HEAD], e, alpha=ALPHA):
+        top1 = greedy_generate(model, [e.tokens[0].tolist()], 1, record_top1=True).top1
+    assert int(top1[0, STEER_COPY_HEAD[0], 0, STEER_COPY_HEAD[1]]) == 3
     # moved by the emphasis, not by steering as such: another span, another token
     e2 = hl.emphasis(model, "t3 t5 t11 t4 **t6** t2 t8 t1")
     with hl.steer(model, [STEER_COPY_HEAD], e2, alpha=ALPHA):

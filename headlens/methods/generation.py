@@ -60,7 +60,7 @@ class _State:
     record: bool = False
     top1: dict[int, Int[Tensor, "batch head"]] = field(default_factory=dict)   # key column, per layer
     cache: object = None                                  # the forward pass's DynamicCache
-    bias: dict[int, Float[Tensor, "batch head 1 key"]] = field(default_factory=dict)   # steering, per layer
+    bias: dict[int, tuple] = field(default_factory=dict)   # steering, per layer: (heads, [batch, head, 1, key])
 
 
 @dataclass
@@ -95,18 +95,21 @@ class Steering:
 _STEER: contextvars.ContextVar[tuple[Steering, ...]] = contextvars.ContextVar("headlens_steer", default=())
 
 
-def _steer_bias(hf, key_mask: Tensor, dtype) -> dict[int, Float[Tensor, "batch head 1 key"]]:
-    """Per steered layer, the additive bias of the active steerings of ``hf`` (summed: nested blocks
-    multiply their scales)."""
+def _steer_bias(hf, key_mask: Tensor, dtype) -> dict[int, tuple[Tensor, Float[Tensor, "batch head 1 key"]]]:
+    """Per steered layer, its steered query heads (an index) and the additive bias of the active
+    steerings of ``hf`` over all its heads (summed: nested blocks multiply their scales)."""
     bias: dict[int, Tensor] = {}
+    heads: dict[int, Tensor] = {}
     for spec in _STEER.get():
         if spec.hf is not hf:
             continue
         cols = spec.columns(key_mask)[:, None, None, :]                            # [b, 1, 1, key]
-        for layer, heads in spec.heads.items():
-            b = (heads.to(cols.device)[None, :, None, None] * cols).to(dtype)       # [b, head, 1, key]
+        for layer, sel in spec.heads.items():
+            sel = sel.to(cols.device)
+            b = (sel[None, :, None, None] * cols).to(dtype)                         # [b, head, 1, key]
             bias[layer] = bias[layer] + b if layer in bias else b
-    return bias
+            heads[layer] = heads[layer] | sel if layer in heads else sel
+    return {l: (heads[l].nonzero()[:, 0], bias[l]) for l in bias}
 
 
 def steering_active(model) -> bool:
@@ -182,15 +185,19 @@ def _attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor
     layer = int(module.layer_idx)
     shared = st.cache.layers[layer] if st is not None and st.cache is not None else None
     shared = shared if getattr(shared, "context", None) is not None else None
-    bias = st.bias.get(layer) if st is not None else None
-    if bias is not None:
+    steered = st.bias.get(layer) if st is not None else None
+    eager_path = kwargs.get("s_aux") is not None or (softcap is not None and q_len > 1)
+    plain_mask = attention_mask
+    if steered is not None:
         if shared is not None:
             raise HeadlensError("steering does not combine with a shared context")
+        heads, bias = steered
         n_key = attention_mask.shape[-1] if attention_mask is not None else key.shape[2]
-        attention_mask = _biased_mask(attention_mask, bias, q_len, n_key, query.dtype)
+        if q_len == 1 or eager_path:          # one row (or the eager function): every head's mask, biased
+            attention_mask = _biased_mask(attention_mask, bias, q_len, n_key, query.dtype)
     if shared is not None:
         out, weights = _context_attention(query, key, value, shared, attention_mask, scaling, softcap)
-    elif kwargs.get("s_aux") is not None or (softcap is not None and q_len > 1):
+    elif eager_path:
         # attention sinks, or softcapping in a prompt: the architecture's own eager attention
         eager = sys.modules[type(module).__module__].eager_attention_forward
         out, weights = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -203,6 +210,12 @@ def _attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor
 
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                         scaling=scaling, **kwargs)
+        if steered is not None:               # the steered heads again, with the biased float mask
+            out = _steered_heads(out, query, key, value, heads, _biased_mask(
+                attention_mask, bias[:, heads], q_len, n_key, query.dtype), scaling)
+            if st.record:                     # the last row's weights, steered, for the top-1 key
+                attention_mask = _biased_mask(None if plain_mask is None else plain_mask[..., -1:, :],
+                                              bias, 1, n_key, query.dtype)
     if st is None:
         return out, None
     if st.record:
@@ -219,6 +232,18 @@ def _attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor
     if layer in st.ablate:
         out = _uniform(out, value, st.key_mask, st.ablate[layer], q_len, shared)
     return out, None
+
+
+def _steered_heads(out: Float[Tensor, "batch q head d"], query, key, value, heads: Int[Tensor, " steered"],
+                   mask: Float[Tensor, "batch steered q k"], scaling: float) -> Float[Tensor, "batch q head d"]:
+    """``out`` with the ``heads``' outputs recomputed by SDPA under their biased float ``mask``: the mask
+    is materialised for the steered query heads only (each reads its key/value head), not all heads."""
+    kv = heads // (query.shape[1] // key.shape[1])
+    steered = torch.nn.functional.scaled_dot_product_attention(
+        query[:, heads], key[:, kv], value[:, kv], attn_mask=mask.to(query.dtype), scale=scaling)
+    out = out.clone()
+    out[:, :, heads] = steered.transpose(1, 2).to(out.dtype)
+    return out
 
 
 def _context_attention(query, key, value, layer, attention_mask, scaling, softcap):
