@@ -379,3 +379,24 @@ def test_smollm2_native_decoding_equals_bridge(smollm):
         with hl.steer(model, heads, e, alpha=ALPHA):       # keys after the emphasis' columns: not scaled
             want = torch.log_softmax(model(tokens, attention_mask=mask)[:, -1].float(), -1)
         torch.testing.assert_close(torch.log_softmax(g.logits[step], -1), want, atol=2e-3, rtol=0)
+
+
+def test_emphasis_through_the_chat_template(tmp_path):
+    """With chat=True the prompt is the user turn of the chat template (no start token of ours): the
+    spans move with the text, and steer_generate's texts are the rendered prompts."""
+    from transformers import AutoTokenizer
+
+    folder = _tiny(tmp_path / "chat", "llama")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = ("{% for m in messages %}t40 {{ m['content'] }} t41{% endfor %}"
+                         "{% if add_generation_prompt %} t42{% endif %}")
+    tok.save_pretrained(folder)
+    model = load_model(str(folder))
+    assert model.info.has_chat_template
+    e = hl.emphasis(model, ["t1 **t2** t3"], chat=True)
+    assert e.texts == ["t40 t1 t2 t3 t41 t42"] and e.spans == [[(7, 9)]]
+    assert e.tokens.tolist() == [[40, 1, 2, 3, 41, 42]]
+    assert e.mask.tolist() == [[False, False, True, False, False, False]]
+    assert hl.emphasis(model, ["t1 **t2** t3"]).tokens.tolist() == [[0, 1, 2, 3]]     # chat=False: as written
+    out = hl.steer_generate(model, "t1 **t2** t3", [(1, 0)], max_new_tokens=2, chat=True, stop=False)
+    assert out.texts == e.texts and len(out.steered) == len(out.unsteered) == 1

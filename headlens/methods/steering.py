@@ -187,12 +187,18 @@ class Steer(PatternIntervention):
 @contextlib.contextmanager
 def steer(model: HeadModel, heads: Sequence[tuple[int, int]], emphasised: Bool[Tensor, "batch pos"] | Emphasis,
           alpha: float = 0.01, attention_mask: Int[Tensor, "batch pos"] | None = None):
-    """Steer ``heads`` towards the emphasised positions in every forward pass inside the block (through the
-    bridge; generation included: generated tokens are never down-weighted)::
+    """Steer ``heads`` (query heads) towards the emphasised positions in every forward pass of ``model``
+    inside the block: through the bridge (:class:`Steer` on the pattern hooks: ``model(...)``,
+    ``model.generate``) and on the native path (an additive bias in SDPA and in every decoding row:
+    :func:`~headlens.methods.generation.greedy_generate`), KV-cached generation included. Generated
+    tokens are never down-weighted. ``emphasised``: an :class:`Emphasis`, or a bool ``[batch, pos]`` mask
+    with its ``attention_mask`` (left padding; None: no padding). The forward passes must run the
+    emphasised prompts (generated tokens after them)::
 
         e = hl.emphasis(model, "Answer in JSON. ... **Use the key 'name'.**")
         with hl.steer(model, [(12, 3), (14, 0)], e, alpha=0.01):
             logits = model(e.tokens, attention_mask=e.attention_mask)
+            text = model.generate(e.tokens, max_new_tokens=20)
     """
     if isinstance(emphasised, Emphasis):
         attention_mask = emphasised.attention_mask if attention_mask is None else attention_mask
