@@ -332,7 +332,7 @@ def test_cli_steer(planted_steer, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     unsteered = next(l for l in lines if l.startswith("unsteered"))
-    steered = next(l for l in lines if l.startswith("steered"))
+    steered = next(l for l in lines if l.startswith("steered:"))
     assert unsteered.split()[-1] == "t1" and steered.split()[-1] == f"t{STEER_SPAN_TOKEN}"
     # heads from a catalogue: the top K of a role by score
     cat = tmp_path / "cat.csv"
@@ -342,7 +342,8 @@ def test_cli_steer(planted_steer, tmp_path):
     r = headlens("steer", folder, "--heads", f"{cat}:copy:1", "--prompt", PLANTED_PROMPT,
                  "--max-new-tokens", "1", "--no-chat")
     assert r.returncode == 0, r.stderr
-    assert f"L{layer}H{head}" in r.stdout and r.stdout.splitlines()[-1].split()[-1] == f"t{STEER_SPAN_TOKEN}"
+    steered = next(l for l in r.stdout.splitlines() if l.startswith("steered:"))
+    assert f"steering L{layer}H{head} " in r.stdout and steered.split()[-1] == f"t{STEER_SPAN_TOKEN}", r.stdout
     for args, match in [(["--heads", "L1H2", "--prompt", "t1 t2"], "no emphasised span"),
                         (["--heads", f"{cat}:induction:2", "--prompt", PLANTED_PROMPT], "no role 'induction'"),
                         (["--heads", "L7H0", "--prompt", PLANTED_PROMPT], "no head L7H0"),
