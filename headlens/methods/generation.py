@@ -112,6 +112,17 @@ def _steer_bias(hf, key_mask: Tensor, dtype) -> dict[int, tuple[Tensor, Float[Te
     return {l: (heads[l].nonzero()[:, 0], bias[l]) for l in bias}
 
 
+@contextlib.contextmanager
+def steering(spec: Steering):
+    """Apply ``spec`` to the native forward passes inside the block (nested blocks add up); what
+    :func:`headlens.methods.steering.steer` uses for the native path."""
+    token = _STEER.set(_STEER.get() + (spec,))
+    try:
+        yield
+    finally:
+        _STEER.reset(token)
+
+
 def steering_active(model) -> bool:
     """Whether a :func:`~headlens.methods.steering.steer` block steers ``model``'s native forward passes."""
     return any(spec.hf is model.bridge.original_model for spec in _STEER.get())

@@ -207,12 +207,8 @@ def steer(model: HeadModel, heads: Sequence[tuple[int, int]], emphasised: Bool[T
     masks = head_masks(model, [tuple(h) for h in heads])
     generation.uses_native(model)      # checked (once per model) before anything is steered
     spec = _native_steering(model, masks, intervention, attention_mask)
-    token = generation._STEER.set(generation._STEER.get() + (spec,))
-    try:
-        with ablate(model, heads, intervention, attention_mask=attention_mask):
-            yield
-    finally:
-        generation._STEER.reset(token)
+    with generation.steering(spec), ablate(model, heads, intervention, attention_mask=attention_mask):
+        yield
 
 
 def _native_steering(model: HeadModel, masks: dict[int, Tensor], intervention: Steer,
