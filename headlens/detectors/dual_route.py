@@ -153,13 +153,16 @@ class DualRouteDetector(Detector):
                "(token route): causal copying scores of both, and which route each induction head serves")
     paper = "Feucht et al. 2025, The dual-route model of induction"
     key_columns = ("token_score", "kind")
+    # every head patched on every prompt of both kinds: too slow for the default scan on a CPU
+    # (docs/detectors/concept_induction.md has the measured cost); run it with -d concept_induction
+    opt_in = True
 
     @dataclass
     class Params(ReviewParams):
         words: str = "multitoken_words.txt"   # words file (data/ or a path), read with a leading space
         context: str = "prose.txt"            # corpus of the contexts (data/ or a path), or "random" tokens
         separator: str = "\n"                 # one token between the two copies (the paper: a newline)
-        n_prompts: int = 32        # discovery units (the paper: 1024 per score)
+        n_prompts: int = 16        # discovery units (the paper: 1024 per score)
         context_len: int = 16      # context tokens repeated before the item (the paper: 30 - item length)
         max_word_tokens: int = 5   # items of 2..this many tokens (the paper: 2..5)
         threshold: float = 0.05    # a claimed head's mean rise of P(X[1]) (a prior on the effect size)
