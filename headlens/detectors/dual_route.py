@@ -59,7 +59,7 @@ from ..errors import HeadlensError
 from ..methods import Patch, clean_run, loss_metric, random_token_ids, run_variants, text_chunks
 from ..methods.metrics import positioned
 from ..results import DetectorResult, head_frame, head_names
-from ..stats import bh_qvalues, binomial_sf, bootstrap_t_ci, wilson_interval
+from ..stats import bh_qvalues, binomial_sf, bootstrap_ci, wilson_interval
 from .base import Detector, ReviewParams, top_heads
 
 CONFIRM_SEED = 7919   # the confirmation units' seed offset (as the induction detector's)
@@ -274,14 +274,15 @@ class DualRouteDetector(Detector):
 
     def _behaviour(self, clean: dict[str, Tensor], n: int, seed: int) -> dict:
         """The task's clean behaviour per kind (the first ``n`` prompts are the words, the rest the random
-        items): the mean P(X[1]) on the clean and the corrupted prompts with bootstrap-t intervals over
-        the units, and the clean top-1 copying accuracy with its Wilson interval."""
+        items): the mean P(X[1]) on the clean and the corrupted prompts with percentile-bootstrap intervals
+        over the units (a bootstrap-t interval degenerates on probabilities stuck near 0 or 1), and the
+        clean top-1 copying accuracy with its Wilson interval."""
         out = {}
         p = self.params
         for k, rows in (("concept", slice(0, n)), ("token", slice(n, 2 * n))):
             for name in ("clean_prob", "corrupted_prob"):
                 v = clean[name][rows]
-                lo, hi = bootstrap_t_ci(v[:, None], p.n_boot, seed, p.ci_level, bounds=(0, 1))
+                lo, hi = bootstrap_ci(v[:, None], p.n_boot, seed, p.ci_level)
                 out[f"{k}_{name}"] = round(float(v.mean()), 4)
                 out[f"{k}_{name}_ci"] = [round(float(lo[0]), 4), round(float(hi[0]), 4)]
             acc = float(clean["clean_top1"][rows].mean())
