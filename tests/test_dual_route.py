@@ -129,3 +129,15 @@ def test_smollm_reports_both_routes_honestly(smollm):
         if not heads:
             assert f"{route} route" in r.reason
     assert f["concept_induction_score"].notna().all() and f["concept_induction_token_score"].notna().all()
+
+
+def test_catalogue_keeps_both_scores_and_the_kind(dual, tmp_path):
+    from headlens.catalogue import read_catalogue, scan
+
+    model, words = dual
+    cat = scan(model, [get_detector("concept_induction", words=words, **PLANTED)], seed=0)
+    back = read_catalogue(cat.to_csv(tmp_path / "cat.csv")).frame.set_index(["layer", "head"])
+    assert back.loc[DUAL_TOKEN_HEAD, "concept_induction_kind"] == "both"
+    assert bool(back.loc[DUAL_TOKEN_HEAD, "concept_induction_label"])
+    assert back.loc[DUAL_TOKEN_HEAD, "concept_induction_token_score"] > 0.05
+    assert not back.drop(index=[DUAL_TOKEN_HEAD])["concept_induction_label"].astype(bool).any()
