@@ -737,4 +737,76 @@ def steering_model(folder: Path, vocab: int = 32, n_pos: int = 32, strength: flo
     set_head(model, space, 0, 1, q=q_prev, k=k_prev, v=v, o=o_unread)
     set_head(model, space, *STEER_COPY_HEAD, q=zero, k=zero, v=v, o=o_logit)
     set_head(model, space, *STEER_DECOY_HEAD, q=zero, k=zero, v=v, o=o_unread)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dual-route induction: a look-ahead token-copying head (Feucht et al. 2025's copying scores).
+# ---------------------------------------------------------------------------------------------------
+
+DUAL_TOKEN_HEAD = (1, 2)       # at the token before an item, fetches the item's second token from its earlier copy
+DUAL_DECOY_HEAD = (1, 3)       # the same attention, writes nothing
+DUAL_PREV2_HEAD = (0, 1)       # attends two back, writes that token into a free subspace
+DUAL_READER_HEAD = (2, 1)      # attends to the previous position and unembeds what the token head wrote there
+DUAL_SEPARATOR = "t31"
+# "multi-token words" of the planted vocabulary: word-level tokens, so " t3 t7" is two tokens
+DUAL_WORDS = ["t3 t7", "t4 t9 t12", "t5 t11", "t6 t13 t2", "t8 t14", "t10 t15 t16", "t17 t18", "t19 t20 t21",
+              "t22 t23", "t24 t25 t26", "t27 t28", "t29 t30 t1", "t2 t9", "t12 t5 t7", "t14 t3", "t16 t8 t4"]
+
+
+def dual_route_words(folder: Path) -> Path:
+    """A words file of :data:`DUAL_WORDS` for the dual-route detector on :func:`dual_route_model`."""
+    path = Path(folder) / "dual_words.txt"
+    path.write_text("\n".join(DUAL_WORDS) + "\n")
+    return path
+
+
+def dual_route_model(folder: Path, vocab: int = 32, n_pos: int = 32, strength: float = 300.0,
+                     gain: float = 10.0) -> Path:
+    """Three layers x 4 heads (GPT-2, d_model 512): a token-route copying mechanism that raises, one
+    position *after* the token head reads it, the probability of the token two ahead of an earlier copy.
+
+    L0H1 attends from p to p - 2 and writes that token into ``free(t)``. L1H2 (the token head) matches its
+    current token against ``free`` (the token two back of each key, a weaker bias to position 0 where
+    there is none), so at the context token before an item ``X`` it attends to ``X[1]`` in the earlier
+    copy, and writes that token into ``free(vocab + t)``. L2H1 attends to the previous position and maps
+    ``free(vocab + t)`` to the token's logit: after ``X[0]`` the model predicts ``X[1]``. L1H3 (decoy)
+    attends as L1H2 does and writes nothing. The final LayerNorm's gain is raised so that the logits
+    reach probabilities near 1. The mechanism copies any sequence, so it serves words and random tokens
+    alike (token route; a planted concept head is not built).
+    """
+    space = Space(vocab=vocab, n_pos=n_pos, d_model=512, n_head=4)
+    d, dh = space.d_model, space.d_head
+    assert space.free(2 * vocab) <= d and n_pos + 2 < dh
+    model = blank_gpt2(space, n_layer=3)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(10.0)
+    z = lambda: (torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d))  # noqa: E731
+    q, k, v, o = z()
+    for p in range(n_pos):
+        q[space.pos(p), p] = strength
+        k[space.pos(p), p + 2] = 1.0        # q(p) . k(p') large iff p' = p - 2
+    for t in range(vocab):
+        v[space.tok(t), t] = 1.0
+        o[t, space.free(t)] = 1.0
+    set_head(model, space, *DUAL_PREV2_HEAD, q=q, k=k, v=v, o=o)
+    q, k, v, o = z()
+    for t in range(1, vocab):
+        q[space.tok(t), t] = strength
+        k[space.free(t), t] = 1.0
+    for p in range(n_pos):
+        q[space.pos(p), dh - 1] = strength / 2
+    k[space.pos(0), dh - 1] = 1.0
+    for t in range(vocab):
+        v[space.tok(t), t] = 1.0
+        o[t, space.free(vocab + t)] = 1.0
+    set_head(model, space, *DUAL_TOKEN_HEAD, q=q, k=k, v=v, o=o)
+    set_head(model, space, *DUAL_DECOY_HEAD, q=q, k=k, v=v, o=torch.zeros(dh, d))
+    q, k, v, o = z()
+    for p in range(n_pos):
+        q[space.pos(p), p] = strength
+        k[space.pos(p), p + 1] = 1.0        # attends to p - 1
+    for t in range(vocab):
+        v[space.free(vocab + t), t] = 1.0
+        o[t, space.tok(t)] = gain
+    set_head(model, space, *DUAL_READER_HEAD, q=q, k=k, v=v, o=o)
     return save(model, make_tokenizer(vocab, folder), folder)

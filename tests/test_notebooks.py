@@ -31,6 +31,8 @@ SMALL = {
                          "text_draws=2, top_k=3, n_random=4)\n"
                          "DUP_PARAMS = dict(seq_len=24, n_seqs=2, n_dups=4, confirm_seqs=2, confirm_len=24, "
                          "confirm_pairs=2, top_k=3, n_random=4)",
+    "12_dual_route": "PARAMS = dict(n_prompts=2, confirm_prompts=1, context_len=6, n_random=4, candidate_draws=4, "
+                     "n_boot=100)",
 }
 
 
