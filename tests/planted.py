@@ -737,6 +737,7 @@ def steering_model(folder: Path, vocab: int = 32, n_pos: int = 32, strength: flo
     set_head(model, space, 0, 1, q=q_prev, k=k_prev, v=v, o=o_unread)
     set_head(model, space, *STEER_COPY_HEAD, q=zero, k=zero, v=v, o=o_logit)
     set_head(model, space, *STEER_DECOY_HEAD, q=zero, k=zero, v=v, o=o_unread)
+    return save(model, make_tokenizer(vocab, folder), folder)
 
 
 # ---------------------------------------------------------------------------------------------------
