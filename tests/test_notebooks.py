@@ -31,6 +31,7 @@ SMALL = {
                          "text_draws=2, top_k=3, n_random=4)\n"
                          "DUP_PARAMS = dict(seq_len=24, n_seqs=2, n_dups=4, confirm_seqs=2, confirm_len=24, "
                          "confirm_pairs=2, top_k=3, n_random=4)",
+    "13_steering": "N_TRAIN = 4\nN_TEST = 4\nTOP_LAYERS = 1\nK = 3\nN_RANDOM = 1",
 }
 
 
