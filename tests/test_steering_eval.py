@@ -160,6 +160,23 @@ def test_cli_profile_same_seed_same_bytes(steerable, task_file, tmp_path):
     assert list(pd.read_csv(tmp_path / "eval.csv")["condition"]) == ["none", "profiled", "random", "all"]
 
 
+def test_cli_killed_profile_resumes_to_the_same_bytes(steerable, task_file, tmp_path):
+    args = ("profile-steering", steerable, "--task", task_file, "--n-train", "12", "--batch-size", "4")
+    fresh = tmp_path / "fresh.csv"
+    assert run_cli(*args, "--out", str(fresh)).returncode == 0
+    out = tmp_path / "heads.csv"
+    die = Path(__file__).with_name("die_after.py")
+    r = subprocess.run([sys.executable, str(die), "chunks:3", *args, "--out", str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 75, r.stderr[-2000:]
+    chunks = out.with_name("heads.csv.ckpt") / "steering_profile.chunks"
+    assert not out.exists() and any(chunks.iterdir())
+    r = run_cli(*args, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.read_bytes() == fresh.read_bytes()
+    assert not out.with_name("heads.csv.ckpt").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (("--task", "nope"), "unknown steering task 'nope'"),
     (("--alpha", "0"), "--alpha must be in (0, 1]"),
