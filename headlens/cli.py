@@ -1,4 +1,5 @@
-"""The ``headlens`` command line: ``scan``, ``show``, ``detectors`` and ``steer``."""
+"""The ``headlens`` command line: ``scan``, ``show``, ``detectors``, ``steer``, ``profile-steering`` and
+``evaluate-steering``."""
 from __future__ import annotations
 
 import contextlib
@@ -262,6 +263,127 @@ def list_detectors():
         out.print(f"[bold]{name}[/bold]{' (opt-in: -d ' + name + ')' if cls.opt_in else ''}: {cls.summary}")
         out.print(f"    paper: {cls.paper}")
         out.print(f"    params: {params}", highlight=False)
+
+def _write_csv(frame: pd.DataFrame, path: str) -> None:
+    """Write ``frame`` to ``path`` through a temporary file and a rename (no half-written CSV)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    frame.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+
+
+def _steering_setup(task: str, alpha: float, n_train: int, seed: int, out_path: str, max_memory: str | None):
+    """Check what can be checked before the model loads (task, split, alpha, output path, memory)."""
+    from .steering import load_task
+
+    if not 0 < alpha <= 1:
+        raise HeadlensError(f"--alpha must be in (0, 1], not {alpha}")
+    if max_memory is not None:
+        parse_bytes(max_memory)
+    load_task(task, "train", n_train, seed)
+    check_writable(out_path)
+
+
+@app.command("profile-steering")
+def profile_steering(
+    model: str = typer.Argument("smollm2-135m", help="built-in name, local HF folder, .gguf file or hub id"),
+    task: str = typer.Option("json_format", "--task", help="json_format, pronouns, counterfact, biasbios, or "
+                             "PATH.json[:NAME] (a file of the same format)"),
+    alpha: float = typer.Option(0.01, "--alpha", help="attention kept on non-emphasised keys (PASTA: 0.01)"),
+    out_path: str = typer.Option("steering_heads.csv", "--out", "-o", help="where to write the ranked heads"),
+    coarse_to_fine: bool = typer.Option(False, "--coarse-to-fine", help="steer each layer's heads together "
+                                        "first, then each head of the --top-layers best layers"),
+    top_layers: int = typer.Option(3, "--top-layers", help="layers kept by --coarse-to-fine"),
+    n_train: int = typer.Option(20, "--n-train", help="examples in the training split (the rest are held out)"),
+    seed: int = typer.Option(0, help="seed of the train/test split and of the intervals"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="prompts through the chat template, if any"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="most sequences in one forward pass"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="most memory on the device, e.g. 8GB"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint <out>.ckpt"),
+    top: int = typer.Option(10, help="heads in the summary table"),
+):
+    """Rank MODEL's heads for PASTA steering on a task (each head steered alone on the training split)."""
+    from .runtime.context import use
+    from .steering import profile_heads
+
+    _steering_setup(task, alpha, n_train, seed, out_path, max_memory)
+    m = load_model(model, device=device, dtype=dtype)
+    _interrupted["hint"] = f"finished work is checkpointed in {checkpoint_dir(out_path)}; rerun with --resume"
+    with progress.bars(), use(batch_size=batch_size, max_memory=max_memory):
+        ckpt = Checkpoint.open(out_path, m, seed, resume=resume, every_s=0)
+        with ckpt.detector("steering_profile"):
+            frame = profile_heads(m, task, alpha, "train", coarse_to_fine=coarse_to_fine, top_layers=top_layers,
+                                  n_train=n_train, seed=seed, chat=chat, batch_size=batch_size or 64)
+    _write_csv(frame, out_path)
+    ckpt.finish()
+    _interrupted.pop("hint", None)
+    table = Table(title=f"{frame.attrs['task']}: top {top} heads to steer (unsteered score "
+                        f"{frame.attrs['unsteered_score']:.3g})")
+    for name in ("rank", "head", "score", "gain [95% interval]"):
+        table.add_column(name, justify="left" if name == "head" else "right")
+    for _, r in frame.head(top).iterrows():
+        table.add_row(str(r["rank"]), r["head_id"], _cell(r["score"]),
+                      f"{_cell(r['gain'])} [{_cell(r['gain_lo'])}, {_cell(r['gain_hi'])}]")
+    out.print(table)
+    out.print(f"wrote {out_path} ({len(frame)} heads)")
+
+
+@app.command("evaluate-steering")
+def evaluate_steering(
+    model: str = typer.Argument("smollm2-135m", help="built-in name, local HF folder, .gguf file or hub id"),
+    task: str = typer.Option("json_format", "--task", help="a task name or PATH.json[:NAME]"),
+    heads: Optional[str] = typer.Option(None, "--heads", help="heads to steer, e.g. L12H3,L14H0"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="a CSV of profile-steering: its top --k heads"),
+    k: int = typer.Option(8, "--k", help="heads taken from --profile (those whose gain interval is above 0)"),
+    catalogue: Optional[str] = typer.Option(None, "--catalogue", help="a catalogue CSV: --role's labelled heads"),
+    role: str = typer.Option("retrieval", "--role", help="the catalogue role to steer"),
+    alpha: float = typer.Option(0.01, "--alpha"),
+    out_path: str = typer.Option("steering_eval.csv", "--out", "-o", help="where to write the table"),
+    n_train: int = typer.Option(20, "--n-train", help="examples held back for profiling (not evaluated)"),
+    n_random: int = typer.Option(5, "--n-random", help="draws of random heads"),
+    seed: int = typer.Option(0),
+    chat: bool = typer.Option(True, "--chat/--no-chat"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+):
+    """Evaluate steering on the task's held-out split: none, the given head sets, random heads, all heads."""
+    from .methods.steering import parse_heads
+    from .steering import catalogue_heads, evaluate, select_heads
+
+    _steering_setup(task, alpha, n_train, seed, out_path, None)
+    sets = {}
+    if heads:
+        sets["heads"] = parse_heads(heads)
+    if profile:
+        try:
+            frame = pd.read_csv(profile)
+        except (OSError, pd.errors.ParserError) as exc:
+            raise HeadlensError(f"cannot read the profile {profile}: {exc}") from None
+        if not {"layer", "head", "rank", "gain_lo"} <= set(frame.columns):
+            raise HeadlensError(f"{profile} is not a profile-steering CSV")
+        sets["profiled"] = select_heads(frame, k=k)
+    if catalogue:
+        sets["catalogue"] = catalogue_heads(catalogue, role)
+    if not any(sets.values()):
+        raise HeadlensError("no heads to steer: give --heads, --profile (with a head above 0) or --catalogue")
+    sets = {name: h for name, h in sets.items() if h}
+    m = load_model(model, device=device, dtype=dtype)
+    with progress.bars():
+        table = evaluate(m, task, sets, alpha, "test", n_train=n_train, n_random=n_random, seed=seed, chat=chat,
+                         batch_size=batch_size or 64)
+    _write_csv(table, out_path)
+    grid = Table(title=f"{table.attrs['task']}: steering on {int(table['n_examples'].iloc[0])} held-out examples")
+    for name in ("condition", "heads", "score [95%]", "gain [95%]", "accuracy", "fluency [95%]"):
+        grid.add_column(name, justify="left" if name == "condition" else "right")
+    for _, r in table.iterrows():
+        grid.add_row(r["condition"], str(r["n_heads"]), f"{_cell(r['score'])} [{_cell(r['score_lo'])}, "
+                     f"{_cell(r['score_hi'])}]", f"{_cell(r['gain'])} [{_cell(r['gain_lo'])}, {_cell(r['gain_hi'])}]",
+                     _cell(r["accuracy"]), f"{_cell(r['fluency'])} [{_cell(r['fluency_lo'])}, "
+                     f"{_cell(r['fluency_hi'])}]")
+    out.print(grid)
+    out.print(f"wrote {out_path}")
 
 
 def steer_heads(spec: str) -> list[tuple[int, int]]:

@@ -811,3 +811,40 @@ def dual_route_model(folder: Path, vocab: int = 32, n_pos: int = 32, strength: f
         o[t, space.tok(t)] = gain
     set_head(model, space, *DUAL_READER_HEAD, q=q, k=k, v=v, o=o)
     return save(model, make_tokenizer(vocab, folder), folder)
+
+
+STEERABLE_HEAD = (1, 2)
+WEAK_STEERABLE_HEAD = (0, 0)
+
+
+def steerable_model(folder: Path, vocab: int = 32, n_pos: int = 32, gain: float = 8.0, weak_gain: float = 1.0) -> Path:
+    """Two layers x 4 heads for PASTA steering: L1H2 attends evenly to every earlier position (its query and
+    key are zero) and copies the tokens it reads into the logits with ``gain``; L0H0 does the same with the
+    smaller ``weak_gain``; every other head writes nothing (steering it changes nothing). Steering a copier
+    towards an emphasised token raises that token's logit at the last position, L1H2 most."""
+    space = Space(vocab=vocab, n_pos=n_pos, d_model=4 * 32, n_head=4)
+    assert vocab + n_pos <= space.d_model and vocab <= space.d_head
+    model = blank_gpt2(space, n_layer=2)
+    d, dh = space.d_model, space.d_head
+    for head, g in ((STEERABLE_HEAD, gain), (WEAK_STEERABLE_HEAD, weak_gain)):
+        v = torch.zeros(d, dh)
+        o = torch.zeros(dh, d)
+        for t in range(1, vocab):
+            v[space.tok(t), t] = 1.0
+            o[t, space.tok(t)] = g
+        set_head(model, space, *head, q=torch.zeros(d, dh), k=torch.zeros(d, dh), v=v, o=o)
+    return save(model, make_tokenizer(vocab, folder), folder)
+
+
+def steering_examples(n: int, vocab: int = 32, length: int = 8, seed: int = 0) -> list[dict]:
+    """``n`` prompts of ``length`` distinct words ``t1``..``t{vocab-1}`` for :func:`steerable_model`, one of
+    them emphasised (``**t7**``): the target is the emphasised word, the distractor another word of the
+    prompt (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        words = (torch.randperm(vocab - 1, generator=g)[:length] + 1).tolist()
+        at, other = torch.randperm(length, generator=g)[:2].tolist()
+        text = " ".join(f"**t{w}**" if i == at else f"t{w}" for i, w in enumerate(words))
+        out.append({"prompt": text, "target": f"t{words[at]}", "distractor": f"t{words[other]}"})
+    return out

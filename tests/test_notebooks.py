@@ -33,6 +33,7 @@ SMALL = {
                          "confirm_pairs=2, top_k=3, n_random=4)",
     "12_dual_route": "PARAMS = dict(n_prompts=2, confirm_prompts=1, context_len=6, n_random=4, candidate_draws=4, "
                      "n_boot=100)",
+    "13_steering": "N_TRAIN = 4\nN_TEST = 4\nTOP_LAYERS = 1\nK = 3\nN_RANDOM = 1",
 }
 
 
