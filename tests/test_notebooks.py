@@ -31,6 +31,8 @@ SMALL = {
                          "text_draws=2, top_k=3, n_random=4)\n"
                          "DUP_PARAMS = dict(seq_len=24, n_seqs=2, n_dups=4, confirm_seqs=2, confirm_len=24, "
                          "confirm_pairs=2, top_k=3, n_random=4)",
+    "11_function_vector": "PARAMS = dict(n_demos=3, discovery_prompts=2, confirm_queries=2, n_top=3, top_k=3, "
+                          "n_random=4, n_boot=200)",
 }
 
 
