@@ -198,3 +198,41 @@ def test_the_same_seed_gives_the_same_frame(fv_model, fv_tasks, planted_result):
     again = get_detector("function_vector", tasks_file=fv_tasks, n_random=9, **SMALL).run(fv_model, seed=0)
     assert again.frame.equals(planted_result.frame)
     assert again.info["function_vector"] == planted_result.info["function_vector"]
+
+
+SMOLLM = dict(discovery_prompts=3, confirm_queries=4, n_random=20, candidate_draws=20)
+
+
+def test_smollm2_reports_its_clean_behaviour_first_and_labels_only_what_it_confirms(smollm):
+    """SmolLM2-135M-Instruct with few prompts (the default role is opt-in and takes far longer; see its
+    docs page): every task's clean vs shuffled behaviour is reported with its interval, the tasks kept are
+    exactly those whose gain interval lies above 0, the AIE interval holds the score, a label only follows a
+    significant check, and the function vector's zero-shot effect comes with its random-head control."""
+    res = get_detector("function_vector", **SMOLLM).run(smollm, seed=0)
+    tasks = res.info["tasks"]
+    for name, t in tasks.items():
+        assert t["kept"] >= 40 and t["kept"] + sum(t["dropped"].values()) == t["pairs"], name
+        assert t["clean_p_lo"] <= t["clean_p"] <= t["clean_p_hi"] and t["p_gain_lo"] <= t["p_gain"] <= t["p_gain_hi"]
+        assert (t["p_gain_lo"] > 0) == ("left_out" not in t), name
+    used = [n for n, t in tasks.items() if t["p_gain_lo"] > 0]
+    if not used:
+        assert res.status == "not_applicable" and "does none of the in-context tasks" in res.reason
+        return
+    assert res.status == "ok" and res.info["tasks_used"] == used
+    f = res.frame
+    assert (f.function_vector_score_lo <= f.function_vector_score + 1e-6).all()
+    assert (f.function_vector_score <= f.function_vector_score_hi + 1e-6).all()
+    claimed = res.info["claimed"]
+    assert all(f.set_index(["layer", "head"]).loc[(int(h[1:].split("H")[0]), int(h.split("H")[1]))]
+               .function_vector_score_lo > 0.001 for h in claimed)
+    c = res.causal
+    assert c.n_units == 4 * len(used) and c.tested == ("claimed" if claimed else "best candidates")
+    if c.significant and claimed:
+        assert [f"L{l}H{h}" for l, h in res.labelled] == claimed
+    else:
+        assert res.labelled == [] and res.reason
+    fv = res.info["function_vector"]
+    assert len(fv["heads"]) == 10 and len(fv["control_heads"]) == 10 and fv["layer"] == 10
+    for key in ("zero_shot_p_none", "zero_shot_p_function_vector", "zero_shot_p_random_heads",
+                "zero_shot_p_gain_function_vector", "zero_shot_p_gain_random_heads"):
+        assert fv[key]["lo"] <= fv[key]["mean"] + 1e-6 and fv[key]["mean"] <= fv[key]["hi"] + 1e-6, key
