@@ -219,7 +219,7 @@ class FunctionVectorDetector(Detector):
         tasks_file: str = "icl_tasks.json"   # in data/ (or a path)
         n_demos: int = 10            # demonstrations per prompt (the paper's 10)
         discovery_prompts: int = 12  # shuffled/clean prompt pairs per task on which each head is patched
-        confirm_queries: int = 12    # query pairs per task held out for the confirmation check and zero-shot
+        confirm_queries: int = 6     # query pairs per task held out for the confirmation check and zero-shot
         n_top: int = 10              # heads claimed at most (and summed into the function vector): the paper's 10
         min_aie: float = 0.001       # a claimed head's AIE interval lies above this (0.1 points of P)
         fv_layer: int = -1           # layer whose residual input gets the function vector (-1: n_layers // 3)
