@@ -30,6 +30,7 @@ EXAMPLE_PROMPTS = {
     "previous_token": "The quick brown fox jumps over the lazy dog.",
     "duplicate_token": "The cat saw the dog and the dog saw the cat.",
     "attention_sink": "The quick brown fox jumps over the lazy dog. It was a sunny day.",
+    "function_vector": "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA: slow\n\nQ: up\nA:",
 }
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
 

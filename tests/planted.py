@@ -848,3 +848,110 @@ def steering_examples(n: int, vocab: int = 32, length: int = 8, seed: int = 0) -
         text = " ".join(f"**t{w}**" if i == at else f"t{w}" for i, w in enumerate(words))
         out.append({"prompt": text, "target": f"t{words[at]}", "distractor": f"t{words[other]}"})
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Function-vector heads: a head whose output at the last position tells the model which task the
+# demonstrations show.
+# ---------------------------------------------------------------------------------------------------
+
+FV_HEAD = (1, 0)           # attends to the demonstrations' consistent answers, writes the task direction
+FV_ANSWER_HEAD = (0, 1)    # attends to the previous token and maps a_i -> b_i (alone, too weak to win)
+FV_NONE_HEAD = (1, 2)      # attends to <bos> and writes the default answer "none" at every position
+FV_PAIRS = 14              # a1 -> b1, ..., a14 -> b14
+
+
+def fv_vocabulary() -> dict[str, int]:
+    """The planted function-vector model's words: ``Q:``, ``A:``, ``a1..a14``, ``b1..b14``, ``none``."""
+    words = ["Q:", "A:"] + [f"a{i}" for i in range(1, FV_PAIRS + 1)] + [f"b{i}" for i in range(1, FV_PAIRS + 1)]
+    return {w: i + 1 for i, w in enumerate(words + ["none"])}
+
+
+def function_vector_tasks(folder: Path) -> Path:
+    """The planted model's one in-context task (``a_i -> b_i``) as an ``icl_tasks.json``-shaped file."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fv_tasks.json"
+    pairs = [{"input": f"a{i}", "output": f"b{i}"} for i in range(1, FV_PAIRS + 1)]
+    path.write_text(json.dumps({"tasks": {"letters": pairs}}))
+    return path
+
+
+def function_vector_model(folder: Path, n_pos: int = 48, strength: float = 400.0, answer: float = 2.0,
+                          task: float = 2.2, default: float = 3.0, final_gain: float = 30.0) -> Path:
+    """Two layers x 4 heads (GPT-2, d_model 512) over ``Q: a_i A: b_i`` few-shot prompts.
+
+    - L0H0 attends two positions back and writes that token into a free subspace (``P2``).
+    - MLP0 unit i fires where the current token is ``b_i`` and the token two back is ``a_i``: a demonstration
+      whose answer is consistent with the task; it writes a "consistent" dim ``C`` there (never at ``A:``).
+    - L0H1 (answer head) attends to the previous token and maps ``a_i`` to ``answer`` x ``b_i``'s logit.
+    - L1H0 (the function-vector head) attends from ``A:`` to the positions with ``C`` and writes ``task`` x
+      the sum of every ``b_j``'s direction: "the answer is one of the task's outputs".
+    - L1H2 attends to ``<bos>`` and writes ``default`` x the direction of the word ``none``, everywhere.
+
+    Without the task direction ``none`` wins; with it the answer head's ``b_i`` does. With shuffled labels no
+    demonstration is consistent, the function-vector head writes nothing, and the model answers ``none``;
+    its mean output on clean prompts, patched in at the last position, restores ``b_i``. L0H2, L0H3, L1H1
+    and L1H3 are zero. ``final_gain``: the final LayerNorm's gain (sharpens the logits).
+    """
+    ids = fv_vocabulary()
+    vocab = len(ids) + 1
+    space = Space(vocab=vocab, n_pos=n_pos, d_model=512, n_head=4)
+    d, dh = space.d_model, space.d_head
+    p2 = space.free                                     # P2(t): dims free(0..vocab)
+    consistent = space.free(vocab)
+    assert consistent < d and n_pos <= dh
+    model = blank_gpt2(space, n_layer=2)
+    a = [ids[f"a{i}"] for i in range(1, FV_PAIRS + 1)]
+    b = [ids[f"b{i}"] for i in range(1, FV_PAIRS + 1)]
+    # L0H0: two positions back, writes P2(token).
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    for p in range(n_pos):
+        q[space.pos(p), p] = strength
+        if p + 2 < n_pos:
+            k[space.pos(p), p + 2] = 1.0
+    for t in range(vocab):
+        v[space.tok(t), t] = 1.0
+        o[t, p2(t)] = 1.0
+    set_head(model, space, 0, 0, q=q, k=k, v=v, o=o)
+    # L0H1: the previous token; OV a_i -> b_i.
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    for p in range(n_pos):
+        q[space.pos(p), p] = strength
+        if p + 1 < n_pos:
+            k[space.pos(p), p + 1] = 1.0
+    for i, (x, y) in enumerate(zip(a, b)):
+        v[space.tok(x), i] = 1.0
+        o[i, space.tok(y)] = answer
+    set_head(model, space, *FV_ANSWER_HEAD, q=q, k=k, v=v, o=o)
+    # MLP0: unit i = [token b_i and P2 a_i and not at A:], written into C.
+    mlp = model.transformer.h[0].mlp
+    with torch.no_grad():
+        scale = 10.0
+        for i, (x, y) in enumerate(zip(a, b)):
+            mlp.c_fc.weight[space.tok(y), i] = scale
+            mlp.c_fc.weight[p2(x), i] = scale
+            mlp.c_fc.weight[space.tok(ids["A:"]), i] = -10 * scale
+            mlp.c_fc.bias[i] = -1.5 * scale * (2.0 / 3.0) ** 0.5
+            mlp.c_proj.weight[i, consistent] = 0.25
+    # L1H0: the function-vector head: from A: to the consistent answers; writes the task direction.
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    q[space.tok(ids["A:"]), 0] = strength
+    k[consistent, 0] = 1.0
+    v[consistent, 0] = 1.0
+    for y in b:
+        o[0, space.tok(y)] = task
+    set_head(model, space, *FV_HEAD, q=q, k=k, v=v, o=o)
+    # L1H2: the default answer "none", from <bos>.
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    for p in range(n_pos):
+        q[space.pos(p), 0] = strength
+    k[space.pos(0), 0] = 1.0
+    v[space.pos(0), 0] = 1.0
+    o[0, space.tok(ids["none"])] = default
+    set_head(model, space, *FV_NONE_HEAD, q=q, k=k, v=v, o=o)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(final_gain / d ** 0.5)
+    return save(model, make_tokenizer(vocab, folder, special=ids), folder)

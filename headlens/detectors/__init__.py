@@ -18,6 +18,7 @@ REGISTRY = {
     "duplicate_token": "headlens.detectors.duplicate_token:DuplicateTokenDetector",
     "attention_sink": "headlens.detectors.attention_sink:AttentionSinkDetector",
     "concept_induction": "headlens.detectors.dual_route:DualRouteDetector",
+    "function_vector": "headlens.detectors.function_vector:FunctionVectorDetector",
 }
 
 
