@@ -17,6 +17,7 @@ REGISTRY = {
     "previous_token": "headlens.detectors.previous_token:PreviousTokenDetector",
     "duplicate_token": "headlens.detectors.duplicate_token:DuplicateTokenDetector",
     "attention_sink": "headlens.detectors.attention_sink:AttentionSinkDetector",
+    "ioi": "headlens.detectors.ioi:IOIDetector",
 }
 
 

@@ -38,3 +38,8 @@ __all__ = ["KINDS", "CleanRun", "ablate_group", "clean_run", "forward_from", "lo
            "ResampleAblation", "Patch", "Scale", "UniformAttention", "ablate", "as_intervention"]
 
 __all__ += ["pattern_scores"]
+
+from .hooks import q_name  # noqa: E402
+from .patching import path_patch_to_heads  # noqa: E402
+
+__all__ += ["q_name", "path_patch_to_heads"]
