@@ -81,9 +81,9 @@ class IOIPrompts:
     tokens: Int[Tensor, "n pos"]
     abc: Int[Tensor, "n pos"]
     mask: Int[Tensor, "n pos"]
-    io: Int[Tensor, "n"]
-    s: Int[Tensor, "n"]
-    io_pos: Int[Tensor, "n"]
+    io: Int[Tensor, " n"]
+    s: Int[Tensor, " n"]
+    io_pos: Int[Tensor, " n"]
     s_pos: Int[Tensor, "n 2"]
     template: list[int]
 
@@ -143,7 +143,7 @@ def ioi_prompts(model, spec: dict, n: int, seed: int) -> tuple[IOIPrompts, int]:
     return IOIPrompts(tokens, abc_tokens, mask, io, s, io_pos, s_pos, [m[2] for m in meta]), dropped
 
 
-def copy_scores(model, name_ids: Int[Tensor, "n"], k: int = 5) -> tuple[Float[Tensor, "layer head"],
+def copy_scores(model, name_ids: Int[Tensor, " n"], k: int = 5) -> tuple[Float[Tensor, "layer head"],
                                                                           Float[Tensor, "layer head"]]:
     """The paper's copy score and negative copy score of every head: the share of ``name_ids`` whose
     effective embedding, through the head's OV circuit, the final norm (``normalise``) and ``W_U``, puts
