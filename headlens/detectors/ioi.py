@@ -26,7 +26,8 @@ that measured reason. Then, per head (columns ``ioi_<name>``):
   ``copy_k`` (5) logits of the vocabulary (``neg_copy``: with the OV negated, i.e. the bottom 5).
 - ``s_inhibition`` (with ``_lo``/``_hi``): the drop of the logit difference when the head's ABC output is
   path-patched into the name movers' queries at the last position only
-  (:func:`headlens.methods.path_patch_to_heads`). The receivers are the claimed name movers, or, when
+  (:func:`headlens.methods.path_patch_to_heads`), on the first ``sinh_prompts`` discovery prompts (a
+  forward pass per sender: the costly part). The receivers are the claimed name movers, or, when
   none is claimed, the ``top_k`` heads by ``direct`` (then the column is evidence only).
 - ``backup`` (with ``_lo``/``_hi``): the rise of the head's direct contribution to the logit difference
   (its output through the final norm scale onto ``W_U[IO] - W_U[S]``) when the receivers are
@@ -200,6 +201,7 @@ class IOIDetector(Detector):
         copy_threshold: float = 0.5  # copy score (share of names in the OV's top 5) for (negative) name movers
         copy_k: int = 5              # the paper's top 5
         top_k: int = 3               # receivers (and tested heads) when no name mover is claimed
+        sinh_prompts: int = 16       # the first this many discovery prompts for the S-inhibition path patching
 
     def run(self, model, seed: int = 0) -> DetectorResult:
         p = self.params
@@ -246,9 +248,10 @@ class IOIDetector(Detector):
         info["receivers"] = head_names(receivers)
 
         senders = [h for h in model.heads() if h[0] < max(l for l, _ in receivers) and h not in receivers]
-        sinh_each = (clean - path_patch_to_heads(model, disc.tokens, disc.abc, receivers, metric, senders,
-                                                 position=-1, attention_mask=disc.mask,
-                                                 batch_size=self.batch_size)).permute(2, 0, 1)
+        few = _split(disc, min(p.sinh_prompts, p.n_prompts))[0]      # a forward pass per sender: fewer prompts
+        sinh_each = (clean[:len(few.io)] - path_patch_to_heads(
+            model, few.tokens, few.abc, receivers, logit_diff_metric(few.io, few.s, per_prompt=True), senders,
+            position=-1, attention_mask=few.mask, batch_size=self.batch_size)).permute(2, 0, 1)
         sinh = sinh_each.mean(0)
         backup_each = self._backup(model, run, disc, receivers)
         backup = backup_each.mean(0)
