@@ -185,8 +185,9 @@ def test_copy_scores_equal_a_per_head_loop(ioi):
             hits = neg = 0
             for i, t in enumerate(ids.tolist()):
                 logits = normalise(ioi, x[i] @ ov) @ w_u
-                hits += int(sum(int(logits[j] >= logits[t]) for j in range(len(logits)) if j != t) < 5)
-                neg += int(sum(int(logits[j] <= logits[t]) for j in range(len(logits)) if j != t) < 5)
+                tie = 1e-4 * max(float(logits.abs().max()), 1.0)
+                hits += int(sum(int(logits[j] >= logits[t] - tie) for j in range(len(logits)) if j != t) < 5)
+                neg += int(sum(int(logits[j] <= logits[t] + tie) for j in range(len(logits)) if j != t) < 5)
             assert top[l, h] == pytest.approx(hits / len(ids)) and bottom[l, h] == pytest.approx(neg / len(ids))
     assert top[IOI_NAME_MOVER_HEAD] == 1 and bottom[IOI_NEGATIVE_NAME_MOVER_HEAD] == 1
     assert top[IOI_S_INHIBITION_HEAD] == 0

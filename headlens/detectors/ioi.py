@@ -70,7 +70,7 @@ from ..results import DetectorResult, head_frame, head_names
 from ..stats import bootstrap_ci
 from .base import Detector, ReviewParams, top_heads
 
-CONFIRM = "confirm"
+TIE = 1e-4   # copy score: logits closer than this share of the largest |logit| are tied
 ROLES = ("name_mover", "negative_name_mover", "s_inhibition", "backup_name_mover")
 
 
@@ -149,7 +149,9 @@ def copy_scores(model, name_ids: Int[Tensor, " n"], k: int = 5) -> tuple[Float[T
     """The paper's copy score and negative copy score of every head: the share of ``name_ids`` whose
     effective embedding, through the head's OV circuit, the final norm (``normalise``) and ``W_U``, puts
     the name among the top ``k`` logits of the vocabulary (negative: among the bottom ``k``, the OV
-    negated). A tie counts against the name (ranked below every token with an equal logit). One layer
+    negated). A tie counts against the name (ranked below every token whose logit is within ``TIE`` times
+    the largest absolute logit, or 1, of it: a head whose OV writes nothing the unembedding reads copies
+    nothing). One layer
     at a time, all its heads at once."""
     x = normalise(model, effective_embedding(model, name_ids))           # [n, d_model]
     w_u = model.bridge.W_U
@@ -160,8 +162,9 @@ def copy_scores(model, name_ids: Int[Tensor, " n"], k: int = 5) -> tuple[Float[T
         out = normalise(model, ov_out(model, x, [layer])[0]).to(w_u.device)    # [H, n, d_model]
         logits = out @ w_u.float()                                           # [H, n, vocab]
         own = logits.gather(-1, ids[None, :, None].expand(logits.shape[0], -1, 1))
-        above = (logits >= own).sum(-1) - 1                  # other tokens at or above the name
-        below = (logits <= own).sum(-1) - 1
+        tie = TIE * logits.abs().amax(-1, keepdim=True).clamp_min(1.0)   # rounding noise: a near tie counts against
+        above = (logits >= own - tie).sum(-1) - 1            # other tokens at or above the name
+        below = (logits <= own + tie).sum(-1) - 1
         top[layer] = (above < k).float().mean(-1).cpu()
         bottom[layer] = (below < k).float().mean(-1).cpu()
     return top, bottom
