@@ -30,6 +30,7 @@ EXAMPLE_PROMPTS = {
     "previous_token": "The quick brown fox jumps over the lazy dog.",
     "duplicate_token": "The cat saw the dog and the dog saw the cat.",
     "attention_sink": "The quick brown fox jumps over the lazy dog. It was a sunny day.",
+    "ioi": "When Mary and John went to the store, John gave a drink to",
 }
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
 

@@ -31,6 +31,7 @@ SMALL = {
                          "text_draws=2, top_k=3, n_random=4)\n"
                          "DUP_PARAMS = dict(seq_len=24, n_seqs=2, n_dups=4, confirm_seqs=2, confirm_len=24, "
                          "confirm_pairs=2, top_k=3, n_random=4)",
+    "10_ioi": "PARAMS = dict(n_prompts=8, n_confirm=8, sinh_prompts=4, n_random=4, n_boot=200)",
 }
 
 
