@@ -56,6 +56,7 @@ from torch import Tensor
 from ..data import file_or_data
 from ..errors import HeadlensError
 from ..methods import (
+    FINAL_SCALE,
     MeanAblation,
     clean_run,
     interventions,
@@ -63,9 +64,9 @@ from ..methods import (
     path_patch_logits,
     path_patch_to_heads,
     pattern_name,
+    z_name,
 )
 from ..methods.circuits import effective_embedding, head_dla, normalise, ov_out
-from ..methods.hooks import FINAL_SCALE, z_name
 from ..results import DetectorResult, head_frame, head_names
 from ..stats import bootstrap_ci
 from .base import Detector, ReviewParams, top_heads
