@@ -200,7 +200,7 @@ class IOIDetector(Detector):
     class Params(ReviewParams):
         data: str = "ioi.json"       # the prompt file (data/ or a path): templates and names
         n_prompts: int = 40          # discovery prompts
-        n_confirm: int = 40          # held-out confirmation prompts
+        n_confirm: int = 16          # held-out confirmation prompts (each of the ~1000 check variants runs them all)
         share: float = 0.1           # a sub-role's effect must be at least this share of the largest
         copy_threshold: float = 0.5  # copy score (share of names in the OV's top 5) for (negative) name movers
         copy_k: int = 5              # the paper's top 5
