@@ -237,3 +237,34 @@ def test_same_seed_same_frame_and_bad_settings(ioi, spec_file, planted_result):
         with pytest.raises(HeadlensError, match=message) as err:
             get_detector("ioi", **params).run(ioi)
         assert "\n" not in str(err.value)
+
+
+SMOLLM = dict(n_prompts=24, n_confirm=12, sinh_prompts=8, n_random=99, n_boot=500)
+
+
+def test_smollm_reports_its_clean_behaviour_first_and_labels_only_with_evidence(smollm):
+    """SmolLM2-135M-Instruct on the IOI prompts: the clean logit difference and its interval come first;
+    every labelled head passes its sub-role's rule and its held-out check; the receivers of the
+    S-inhibition path patching sit above every sender."""
+    res = get_detector("ioi", **SMOLLM).run(smollm, seed=0)
+    info = res.info
+    assert info["clean_logit_diff_lo"] <= info["clean_logit_diff"] <= info["clean_logit_diff_hi"]
+    assert info["n_names"] + info["names_dropped"] == 36 and info["n_names"] >= 20
+    assert res.applies == (info["clean_logit_diff_lo"] > 0)
+    assert res.applies, res.reason          # SmolLM2 does IOI: IO beats S on most prompts
+    f = res.frame.set_index(["layer", "head"])
+    receivers = [(int(h[1:].split("H")[0]), int(h.split("H")[1])) for h in info["receivers"]]
+    sent = f[f.ioi_s_inhibition.notna()].index
+    assert len(sent) and max(l for l, _ in sent) < max(l for l, _ in receivers)
+    assert (f.ioi_direct_lo <= f.ioi_direct + 1e-6).all() and (f.ioi_direct <= f.ioi_direct_hi + 1e-6).all()
+    for head in res.labelled:
+        row = f.loc[head]
+        assert row.ioi_role in ("name_mover", "negative_name_mover", "s_inhibition", "backup_name_mover")
+        if row.ioi_role == "name_mover":
+            assert row.ioi_direct_lo > 0 and row.ioi_copy >= 0.5
+        if row.ioi_role == "negative_name_mover":
+            assert row.ioi_direct_hi < 0 and row.ioi_neg_copy >= 0.5
+    positive = [h for h in res.labelled if f.loc[h].ioi_role != "negative_name_mover"]
+    assert (not positive) or res.causal.significant
+    if not res.labelled:
+        assert res.reason
