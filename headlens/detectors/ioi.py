@@ -279,6 +279,9 @@ class IOIDetector(Detector):
             info["negative_check"] = neg.to_dict() | {"p_value": neg.p_value, "significant": neg.significant}
             if neg_reason:
                 info["negative_reason"] = neg_reason
+        if reason and neg_labelled:
+            reason = (f"name movers, S-inhibition, backup: {reason}; negative name movers "
+                      f"{', '.join(head_names(neg_labelled))}: labelled by their own check (info['negative_check'])")
         if not claimed:
             reason = ("no head passes the name-mover rule (direct effect significantly above 0, at least "
                       f"{p.share} of the largest, copy score >= {p.copy_threshold}); S-inhibition and backup "
