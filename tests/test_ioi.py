@@ -268,3 +268,10 @@ def test_smollm_reports_its_clean_behaviour_first_and_labels_only_with_evidence(
     assert (not positive) or res.causal.significant
     if not res.labelled:
         assert res.reason
+
+
+def test_ioi_is_opt_in():
+    from headlens.detectors import parse_detectors
+
+    assert "ioi" not in parse_detectors(None) and "ioi" not in parse_detectors("default")
+    assert parse_detectors("default,ioi")[-1] == "ioi" and "ioi" in parse_detectors("all")
