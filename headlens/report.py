@@ -31,6 +31,7 @@ EXAMPLE_PROMPTS = {
     "duplicate_token": "The cat saw the dog and the dog saw the cat.",
     "attention_sink": "The quick brown fox jumps over the lazy dog. It was a sunny day.",
     "function_vector": "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA: slow\n\nQ: up\nA:",
+    "ioi": "When Mary and John went to the store, John gave a drink to",
 }
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
 

@@ -955,3 +955,78 @@ def function_vector_model(folder: Path, n_pos: int = 48, strength: float = 400.0
     with torch.no_grad():
         model.transformer.ln_f.weight.fill_(final_gain / d ** 0.5)
     return save(model, make_tokenizer(vocab, folder, special=ids), folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# IOI: a planted S-inhibition head, name mover, negative name mover and backup name mover.
+# ---------------------------------------------------------------------------------------------------
+
+IOI_NAMES = ("Ann", "Bob", "Cat", "Dan", "Eve", "Fay", "Gus", "Hal")
+IOI_WORDS = ("and", "went", "gave", "to")
+IOI_S_INHIBITION_HEAD = (0, 0)
+IOI_NAME_MOVER_HEAD = (1, 0)
+IOI_NEGATIVE_NAME_MOVER_HEAD = (1, 1)
+IOI_BACKUP_HEAD = (2, 0)
+IOI_END = 7             # the last position of the planted template "<bos> A and B went S gave to"
+IOI_S2 = 5              # the position of the repeated subject
+
+
+def ioi_model(folder: Path, strength: float = 40.0, gain: float = 3.0) -> Path:
+    """A 3-layer GPT-2 that does IOI on the fixed template ``"{A} and {B} went {S} gave to"`` (names at
+    positions 1, 3, 5; the answer read at position 7):
+
+    - L0H0, the S-inhibition head: from the last position it attends to position 5 (the repeated subject,
+      by position) and writes that name into an "inhibit" subspace ``free(t)``;
+    - L1H0, the name mover: from the last position its query is drawn to every name token and pushed away
+      from the name in the inhibit subspace, so it attends to the IO; its OV copies the name to the logits
+      (``gain``) and writes a "done" flag ``free(8)``; elsewhere it attends to the start token (writes 0);
+    - L1H1, a negative name mover: the same attention, OV writes ``-0.5`` of the name;
+    - L2H0, a backup name mover: the name mover's query and OV (``2/3 gain``), plus a pull to the start
+      token in proportion to the done flag: while the name mover works it attends to the start token
+      and writes nothing; with the name mover ablated it attends to the IO and copies it.
+
+    Under the ABC corruption (position 5 holds a third name) the inhibit subspace holds that name, the
+    name mover splits its attention between A and B, and the logit difference falls to about 0."""
+    vocab = 1 + len(IOI_NAMES) + len(IOI_WORDS) + 3
+    space = Space(vocab=vocab, n_pos=16, d_model=64, n_head=4)
+    ids = {n: i + 1 for i, n in enumerate(IOI_NAMES)}
+    ids.update({w: len(IOI_NAMES) + 1 + i for i, w in enumerate(IOI_WORDS)})
+    names = [ids[n] for n in IOI_NAMES]
+    model = blank_gpt2(space, n_layer=3)
+    d, dh = space.d_model, space.d_head
+    done = space.free(8)
+
+    q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+    q[space.pos(IOI_END), 0] = strength
+    k[space.pos(IOI_S2), 0] = 1.0
+    for j, t in enumerate(names):
+        v[space.tok(t), 1 + j] = 1.0
+        o[1 + j, space.free(j)] = 1.0
+    set_head(model, space, *IOI_S_INHIBITION_HEAD, q=q, k=k, v=v, o=o)
+
+    def mover(copy: float, flag: float, bos_pull: float = 0.0):
+        q, k, v, o = torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(d, dh), torch.zeros(dh, d)
+        q[space.pos(IOI_END), 0] = strength                  # drawn to every name from the last position
+        q[space.pos(IOI_END), 1] = -2.5 * strength            # elsewhere (the bias below): to the start token
+        k[space.tok(0), 1] = 1.0
+        for j, t in enumerate(names):
+            k[space.tok(t), 0] = 1.0
+            q[space.free(j), 2 + j] = -1.5 * strength         # pushed away from the inhibited name
+            k[space.tok(t), 2 + j] = 1.0
+            v[space.tok(t), 2 + j] = 1.0
+            o[2 + j, space.tok(t)] = copy
+            o[2 + j, done] = flag
+        q[done, 1] = bos_pull
+        return dict(q=q, k=k, v=v, o=o)
+    set_head(model, space, *IOI_NAME_MOVER_HEAD, **mover(gain, 1.0))
+    set_head(model, space, *IOI_NEGATIVE_NAME_MOVER_HEAD, **mover(-0.5, 0.0))
+    set_head(model, space, *IOI_BACKUP_HEAD, **mover(2 * gain / 3, 0.0, bos_pull=4 * strength))
+    with torch.no_grad():      # the query bias of the start-token pull (cancelled at the last position)
+        for layer, head in (IOI_NAME_MOVER_HEAD, IOI_NEGATIVE_NAME_MOVER_HEAD, IOI_BACKUP_HEAD):
+            model.transformer.h[layer].attn.c_attn.bias[head * dh + 1] = 2 * strength
+    return save(model, make_tokenizer(vocab, folder, special=ids), folder)
+
+
+def ioi_spec() -> dict:
+    """The planted model's prompt file content (for ``get_detector("ioi", data=...)``)."""
+    return {"templates": ["{A} and {B} went {S} gave to"], "names": list(IOI_NAMES)}

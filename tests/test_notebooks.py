@@ -36,6 +36,7 @@ SMALL = {
     "13_steering": "N_TRAIN = 4\nN_TEST = 4\nTOP_LAYERS = 1\nK = 3\nN_RANDOM = 1",
     "11_function_vector": "PARAMS = dict(n_demos=3, discovery_prompts=2, confirm_queries=2, n_top=3, top_k=3, "
                           "n_random=4, n_boot=200)",
+    "10_ioi": "PARAMS = dict(n_prompts=8, n_confirm=8, sinh_prompts=4, n_random=4, n_boot=200)",
 }
 
 

@@ -19,6 +19,7 @@ REGISTRY = {
     "attention_sink": "headlens.detectors.attention_sink:AttentionSinkDetector",
     "concept_induction": "headlens.detectors.dual_route:DualRouteDetector",
     "function_vector": "headlens.detectors.function_vector:FunctionVectorDetector",
+    "ioi": "headlens.detectors.ioi:IOIDetector",
 }
 
 

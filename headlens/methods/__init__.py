@@ -43,3 +43,8 @@ __all__ += ["Emphasis", "Steer", "emphasis", "steer"]
 from .steering import SteeredText, steer_generate  # noqa: E402
 
 __all__ += ["SteeredText", "steer_generate"]
+
+from .hooks import q_name  # noqa: E402
+from .patching import path_patch_to_heads  # noqa: E402
+
+__all__ += ["q_name", "path_patch_to_heads"]

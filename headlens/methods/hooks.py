@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..errors import HeadlensError
 
-__all__ = ["Head", "z_name", "pattern_name", "v_name", "resid_name", "mlp_out_name", "FINAL_SCALE",
+__all__ = ["Head", "z_name", "pattern_name", "v_name", "q_name", "resid_name", "mlp_out_name", "FINAL_SCALE",
            "check_head", "uniform_pattern"]
 
 Head = tuple[int, int]  # (layer, head), or (layer, head, position) to act at one position only
@@ -36,6 +36,15 @@ def pattern_name(layer: int) -> str:
 def v_name(layer: int) -> str:
     """A layer's value vectors ``[batch, pos, kv_head, d_head]``."""
     return f"blocks.{layer}.attn.hook_v"
+
+
+def q_name(layer: int) -> str:
+    """A layer's queries ``[batch, pos, head, d_head]`` (before any rotary embedding).
+
+    >>> q_name(3)
+    'blocks.3.attn.hook_q'
+    """
+    return f"blocks.{layer}.attn.hook_q"
 
 
 def resid_name(layer: int) -> str:

@@ -156,11 +156,14 @@ def kl_metric(clean_logits: torch.Tensor, position: int = -1, per_prompt: bool =
     return positioned(metric, [position])
 
 
-def logit_diff_metric(correct: torch.Tensor, wrong: torch.Tensor, position: int = -1) -> PositionMetric:
-    """Mean logit(correct) - logit(wrong) at ``position``; ``correct``/``wrong`` are ``[batch]`` ids."""
+def logit_diff_metric(correct: torch.Tensor, wrong: torch.Tensor, position: int = -1,
+                      per_prompt: bool = False) -> PositionMetric:
+    """Mean logit(correct) - logit(wrong) at ``position``; ``correct``/``wrong`` are ``[batch]`` ids
+    (``[batch]``, one per prompt, with ``per_prompt``)."""
     def metric(logits: Float[Tensor, "batch 1 d_vocab"]) -> Float[Tensor, ""]:
         last = logits[:, 0].float()
         c = last.gather(-1, correct.to(last.device)[:, None])
         w = last.gather(-1, wrong.to(last.device)[:, None])
-        return (c - w)[:, 0].mean()
+        diff = (c - w)[:, 0]
+        return diff if per_prompt else diff.mean()
     return positioned(metric, [position])

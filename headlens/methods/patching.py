@@ -9,6 +9,9 @@
   head's change in output goes through ``W_O`` straight to the unembedding, divided by the target run's
   final norm scale; every later layer still sees the unpatched head. Computed from cached ``z`` with no
   extra forward pass.
+- :func:`path_patch_to_heads`: a sender head's corrupted output along the path sender -> receiver
+  heads' queries only (Wang et al. 2023's path patching to the name movers' queries), every sender one
+  at a time, batched over senders.
 - :func:`direct_effects`: a head *ablated* (any intervention) along its direct path only, every head
   one at a time: the direct effect beside the total effect of :func:`sweep_heads` (self-repair).
 
@@ -19,18 +22,21 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from ..errors import HeadlensError
 from ..models import HeadModel
 from ..runtime.work import chunked
 from .ablation import per_variant, run_variants
-from .forward import CleanRun, clean_run
-from .hooks import Head, v_name
+from .forward import CleanRun, clean_run, forward_from, row_bytes
+from .hooks import Head, check_head, q_name, v_name
 from .interventions import Intervention, Patch, Site, UniformAttention, as_intervention
 from .metrics import Metric, metric_positions
 
 __all__ = ["DIRECTIONS", "target_and_source", "patch_heads", "path_patch_logits", "direct_effects",
-           "uniform_z", "final_norm_centres", "check_pair"]
+           "uniform_z", "final_norm_centres", "check_pair", "path_patch_to_heads", "receiver_queries",
+           "RECEIVER_INPUTS"]
 
 DIRECTIONS = ("denoise", "noise")
 
@@ -225,3 +231,115 @@ def direct_effects(model: HeadModel, run: CleanRun, metric: Metric, ablation: st
     values = _direct_path_values(model, run, entries, dz, metric, batch_size, positions,
                                  key=(ablation,))
     return _scatter(model, entries, values, False, run.tokens.shape[1])
+
+
+RECEIVER_INPUTS = ("q",)
+
+
+def receiver_queries(model: HeadModel, layer: int,
+                     resid: Float[Tensor, "rows pos d_model"]) -> Float[Tensor, "rows pos head d_head"]:
+    """The queries ``hook_q`` that block ``layer``'s attention would form from the residual stream
+    ``resid`` entering the block: the model's own input norm and query projection (its bridge modules,
+    so LayerNorm/RMSNorm and folded or unfolded weights are handled as the forward pass handles them)."""
+    block = model.bridge.blocks[layer]
+    q = block.attn.q(block.ln1(resid))
+    return q.reshape(*resid.shape[:2], model.n_heads, -1)
+
+
+def path_patch_to_heads(model: HeadModel, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
+                        receivers: Sequence[Head], metric: Metric, senders: Sequence[Head] | None = None,
+                        receiver_input: str = "q", position: int | None = None,
+                        attention_mask: Int[Tensor, "batch pos"] | None = None,
+                        batch_size: int | None = 64) -> Float[Tensor, "layer head ..."]:
+    """Path patching from each sender head into the ``receivers``' queries (Wang et al. 2023): the metric
+    of the clean run when only the path *sender -> receivers' query input* carries the sender's output
+    from the corrupted run, one sender at a time: ``[n_layers, n_heads, ...]`` (NaN for heads not sent).
+
+    The receivers' query input is the clean residual stream entering their block plus the sender's change
+    of output ``(z_corrupted - z_clean) @ W_O`` (every other head and every MLP in between frozen at its
+    clean value: the direct path only), put through the block's own norm and query projection; every
+    other part of the model (the receivers' keys and values, every other head's query, the senders'
+    other paths) sees the clean run. ``position`` limits the patched queries to one position (e.g. -1,
+    the end; default every position). A sender in a layer at or after a receiver's layer has no path to
+    it. Senders default to every head below the last receiver's layer.
+
+    Batched as :func:`run_variants` batches ablations: senders are stacked along the batch (each chunk
+    of senders one forward pass from the first receiver layer, its rows' queries replaced through
+    ``hook_q``), chunked by memory through :func:`headlens.runtime.work.chunked`. Checked against a
+    plain two-pass computation (the sender patched with everything else frozen, the receivers' queries
+    cached, then a clean run with those queries) in ``tests/test_ioi.py``.
+
+    >>> drop = path_patch_to_heads(model, ioi, abc, [(9, 9), (10, 0)], logit_diff)   # doctest: +SKIP
+    >>> drop.shape                                                                  # doctest: +SKIP
+    torch.Size([12, 12])
+    """
+    if receiver_input not in RECEIVER_INPUTS:
+        raise HeadlensError(f"path_patch_to_heads patches the receivers' {' / '.join(RECEIVER_INPUTS)} "
+                            f"input only, not {receiver_input!r}")
+    check_pair(clean, corrupted, "noise")
+    receivers = sorted({tuple(r)[:2] for r in receivers})
+    if not receivers:
+        raise HeadlensError("path_patch_to_heads needs at least one receiver head")
+    for r in receivers:
+        check_head(model, r)
+    layers = sorted({l for l, _ in receivers})
+    last = layers[-1]
+    senders = [tuple(s) for s in (senders if senders is not None else
+                                  [h for h in model.heads() if h[0] < last])]
+    for s in senders:
+        check_head(model, s)
+    target, source = target_and_source(model, clean, corrupted, "noise", attention_mask)
+    batch, n_pos = target.tokens.shape
+    if position is not None and not -n_pos <= position < n_pos:
+        raise HeadlensError(f"position {position} is outside the {n_pos}-token prompts")
+    where = metric_positions(metric, n_pos)
+    apply = metric if where is None else metric.on_positions
+    live = [s for s in senders if s[0] < last]
+    W_O = model.bridge.W_O          # the bridge re-stacks weights on each access: read once
+    first = layers[0]
+    pos = slice(None) if position is None else slice(position % n_pos, position % n_pos + 1)
+
+    def write(sender, layer):      # the sender's change of the residual stream entering ``layer``
+        l, h = sender
+        d = source.z[l][:, :, h].to(model.device) - target.z[l][:, :, h].to(model.device)
+        w = d @ W_O[l, h].to(d.device, d.dtype)
+        return w if l < layer else torch.zeros_like(w)
+
+    def one(chunk: list[tuple]) -> torch.Tensor:
+        n = len(chunk)
+        fwd = []
+        for layer in layers:
+            resid = target.resid[layer].to(model.device)
+            patched = (resid[None] + torch.stack([write(s, layer) for s in chunk])).flatten(0, 1)
+            with torch.no_grad():
+                q = receiver_queries(model, layer, patched)               # [n * batch, pos, H, dh]
+            heads = torch.tensor([h for l, h in receivers if l == layer])
+
+            def put(x, hook, q=q, heads=heads):
+                x = x.clone()
+                x[:, pos, heads.to(x.device)] = q[:, pos, heads.to(q.device)].to(x.device, x.dtype)
+                return x
+            fwd.append((q_name(layer), put))
+        resid = target.resid[first].to(model.device).repeat(n, 1, 1)
+        mask = None if target.attention_mask is None else target.attention_mask.to(model.device).repeat(n, 1)
+        logits = forward_from(model, resid, first, mask, fwd, where, target.block_returns_tuple)
+        return per_variant(apply, logits, n, batch)
+
+    n_logit = n_pos if where is None else len(where)
+    per_sender = batch * (row_bytes(model, n_pos, n_logit)
+                          + len(layers) * n_pos * (model.info.d_model + 2 * model.n_heads * model.info.d_head) * 4)
+    values = chunked(one, live, item_bytes=per_sender, device=model.device, weights=model.weight_bytes(),
+                     reserve=target.nbytes() + source.nbytes(),
+                     cap=max(1, batch_size // batch) if batch_size else None,
+                     description="path patching to heads",
+                     key=(live, receivers, target.tokens, source.tokens, position), resumable=True) if live else []
+    home = target.logits.device
+    flat = torch.cat([v.to(home) for v in values]) if values else torch.empty(0)
+    clean_value = target.value(metric).float().cpu()
+    out = torch.full((model.n_layers, model.n_heads, *clean_value.shape), float("nan"))
+    for s in senders:               # no path: the clean value
+        if s[0] >= last:
+            out[s] = clean_value
+    for s, v in zip(live, flat):
+        out[s] = v.float().cpu()
+    return out
