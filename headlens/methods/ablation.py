@@ -17,6 +17,13 @@ your own subclass), or its name (``"mean"``...); the batched sweeps and :func:`a
 
 A variant lists heads as ``(layer, head)`` (every position) or ``(layer, head, position)`` (that query
 position only; negative positions count from the end), so per-position patching batches the same way.
+
+**Suffix runs.** When every variant of a call acts at late positions only (all its heads are
+``(layer, head, position)`` with positions ``>= p0``) and the metric reads positions ``>= p0`` only,
+nothing before ``p0`` can change (causal attention): :func:`run_variants` then computes the clean KV
+cache of positions ``[0, p0)`` once and runs each row on positions ``[p0, n)`` alone, through every layer
+(see :func:`suffix_start` for when exactly). Patching at the prompts' last one or two positions (function
+vectors, concept induction) costs a few positions per layer instead of the whole prompt.
 """
 from __future__ import annotations
 
@@ -28,15 +35,48 @@ from torch import Tensor
 
 from ..models import HeadModel
 from ..runtime.work import chunked
-from .forward import CleanRun, clean_run, forward_from, row_bytes
+from .forward import (
+    CleanRun,
+    clean_run,
+    forward_from,
+    forward_suffix,
+    kv_cache_bytes,
+    prefix_cache,
+    row_bytes,
+    suffix_ok,
+)
 from .hooks import Head, check_head
 from .interventions import INTERVENTIONS, Intervention, Site, as_intervention, hooks
 from .metrics import Metric, metric_positions
 
 __all__ = ["KINDS", "run_variants", "sweep_heads", "ablate_group", "random_head_sets", "random_baseline",
-           "per_variant"]
+           "per_variant", "suffix_start", "SUFFIX_FRACTION"]
 
 KINDS = tuple(INTERVENTIONS)
+
+SUFFIX_FRACTION = 0.5   # suffix runs only when the suffix is at most this fraction of the prompt
+
+
+def suffix_start(model: HeadModel, variants: Sequence[Sequence[tuple]], index: Tensor | None, n_pos: int,
+                 intervention: Intervention) -> int | None:
+    """The first position ``p0`` of :func:`run_variants`'s suffix runs, or None for whole-prompt runs.
+
+    ``p0`` is the smallest position any variant acts at or the metric reads (``-2`` in ``n``-token prompts:
+    ``n - 2``). Suffix runs are taken when every head of every variant is ``(layer, head, position)`` (a
+    head at every position changes them all), the metric declares the positions it reads (``index``,
+    non-negative; a metric of the full logits reads every position), the suffix is at most
+    :data:`SUFFIX_FRACTION` of the prompt (``n - p0 <= n / 2``), the intervention is
+    :attr:`~headlens.methods.interventions.Intervention.offset_aware`, and the model's bridge continues a
+    KV cache exactly (:func:`~headlens.methods.forward.suffix_ok`)."""
+    entries = [e for v in variants for e in v]
+    if not entries or index is None or not intervention.offset_aware or any(len(e) != 3 for e in entries):
+        return None
+    for e in entries:
+        check_head(model, e, n_pos)
+    p0 = min(min(e[2] % n_pos for e in entries), int(index.min()))
+    if p0 < 1 or n_pos - p0 > SUFFIX_FRACTION * n_pos:
+        return None
+    return p0 if suffix_ok(model) else None
 
 
 def _layer_masks(model, variants: Sequence[Iterable[Head]], n_pos: int) -> dict[int, torch.Tensor]:
@@ -60,7 +100,8 @@ def _layer_masks(model, variants: Sequence[Iterable[Head]], n_pos: int) -> dict[
 def run_variants(model: HeadModel, tokens: torch.Tensor, variants: Sequence[Iterable[Head]], metric: Metric,
                  ablation: str | Intervention = "mean", attention_mask: torch.Tensor | None = None,
                  batch_size: int | None = 64, run: CleanRun | None = None,
-                 description: str = "ablating heads", stats: dict | None = None) -> torch.Tensor:
+                 description: str = "ablating heads", stats: dict | None = None,
+                 suffix: bool = True) -> torch.Tensor:
     """Run every variant (a set of heads to ablate) and return ``metric`` for each: ``[n_variants, ...]``.
 
     ``metric(logits)`` is TransformerLens-shaped: it gets one variant's logits ``[batch, pos, vocab]``
@@ -75,7 +116,15 @@ def run_variants(model: HeadModel, tokens: torch.Tensor, variants: Sequence[Iter
     :func:`~headlens.methods.forward.row_bytes` and the runtime's memory budget (``max_memory``), at most
     ``batch_size`` rows each (``None``: no cap); a variant may straddle two chunks. Each chunk starts at
     the first layer any of its rows touches, reusing the clean residual stream below it. ``stats``, if
-    given, receives ``per_chunk`` and ``chunks``.
+    given, receives ``per_chunk``, ``chunks`` and ``suffix`` (``p0``, or None for whole-prompt runs).
+
+    Suffix runs (``suffix=True``, the default; ``False`` always runs whole prompts): when every variant
+    acts at positions ``>= p0`` only and the metric reads positions ``>= p0`` only (:func:`suffix_start`
+    says exactly when), the clean keys and values of positions ``[0, p0)`` are computed once per prompt
+    (:func:`~headlens.methods.forward.prefix_cache`) and each chunk runs every layer on its rows'
+    positions ``[p0, n)`` only, after its prompts' cache (:func:`~headlens.methods.forward.forward_suffix`).
+    Interventions then see those positions only, with ``Site.offset = p0``. The values are the
+    whole-prompt runs' to float precision.
 
     >>> losses = run_variants(model, tokens, [[(0, 1)], [(0, 1), (2, 3)]], loss_metric)  # doctest: +SKIP
     >>> losses.shape                                                                        # doctest: +SKIP
@@ -90,6 +139,7 @@ def run_variants(model: HeadModel, tokens: torch.Tensor, variants: Sequence[Iter
     index = metric_positions(metric, n_pos)
     share = getattr(metric, "share", None) if index is not None else None
     n_logit = n_pos if index is None else len(index)
+    p0 = suffix_start(model, variants, index, n_pos, ablation) if suffix else None
     start = [min((e[0] for e in v), default=model.n_layers) for v in variants]
     order = sorted(range(len(variants)), key=lambda i: start[i])
     results: list[torch.Tensor | None] = [None] * len(variants)
@@ -98,6 +148,8 @@ def run_variants(model: HeadModel, tokens: torch.Tensor, variants: Sequence[Iter
         if start[i] >= model.n_layers:
             results[i] = run.value(metric)
     rows = [(v, p) for v in order if start[v] < model.n_layers for p in range(batch)]
+    prefix = prefix_cache(model, run.tokens, run.attention_mask, p0) if p0 is not None and rows else None
+    offset = p0 or 0
 
     def run_group(group: list[list[tuple[int, int]]]) -> dict[int, torch.Tensor]:
         """The metric of every variant whose rows are in ``group`` (consecutive chunks)."""
@@ -110,15 +162,20 @@ def run_variants(model: HeadModel, tokens: torch.Tensor, variants: Sequence[Iter
             prompt_of_row = torch.tensor([p for _, p in chunk])
             first = min(start[v] for v in chunk_vars)
             masks = _layer_masks(model, [variants[v] for v in chunk_vars], n_pos)
-            resid = run.resid[first][prompt_of_row.to(run.resid[first].device)].to(model.device)
             mask = None
             if run.attention_mask is not None:
                 mask = run.attention_mask[prompt_of_row.to(run.attention_mask.device)].to(model.device)
             ids = torch.tensor([v for v, _ in chunk])
-            fwd = hooks(ablation, {l: m[variant_of_row] for l, m in masks.items()},
-                        lambda layer, rows=prompt_of_row, mask=mask, ids=ids: Site(model, layer, run, rows, mask, ids))
-            logits = forward_from(model, resid, first, mask, fwd, index, run.block_returns_tuple)
-            del resid
+            fwd = hooks(ablation, {l: m[variant_of_row][:, offset:] for l, m in masks.items()},
+                        lambda layer, rows=prompt_of_row, mask=mask, ids=ids:
+                        Site(model, layer, run, rows, mask, ids, offset))
+            if prefix is not None:      # suffix runs: positions [p0, n) after the clean cache of [0, p0)
+                tokens_row = run.tokens[prompt_of_row.to(run.tokens.device), p0:]
+                logits = forward_suffix(model, tokens_row, mask, prefix, prompt_of_row, fwd, index - p0)
+            else:
+                resid = run.resid[first][prompt_of_row.to(run.resid[first].device)].to(model.device)
+                logits = forward_from(model, resid, first, mask, fwd, index, run.block_returns_tuple)
+                del resid
             j = 0
             for v in chunk_vars:
                 n = sum(1 for vv, _ in chunk if vv == v)
@@ -143,12 +200,20 @@ def run_variants(model: HeadModel, tokens: torch.Tensor, variants: Sequence[Iter
 
     # Whole variants per chunk when one fits (align), and a variant never split between two ranks
     # (together): a rank assembles each variant from the same rows, in the same batches, as one process.
-    # An explicit budget also holds the cached clean run (reserve).
-    groups = chunked(run_group, rows, item_bytes=row_bytes(model, n_pos, n_logit), device=model.device,
-                     weights=model.weight_bytes(), reserve=run.nbytes(), cap=batch_size,
+    # An explicit budget also holds the cached clean run (reserve), and the prefix cache of suffix runs.
+    # A suffix run's row holds its cache rows (copied out of the prefix, then grown by the suffix).
+    if prefix is None:
+        item_bytes, reserve, key = row_bytes(model, n_pos, n_logit), run.nbytes(), ()
+    else:
+        item_bytes = row_bytes(model, n_pos, n_logit, n_query=n_pos - p0) + 2 * kv_cache_bytes(model, n_pos)
+        reserve, key = run.nbytes() + batch * kv_cache_bytes(model, p0), ("suffix", p0)
+    if stats is not None:
+        stats["suffix"] = p0 if prefix is not None else None
+    groups = chunked(run_group, rows, item_bytes=item_bytes, device=model.device,
+                     weights=model.weight_bytes(), reserve=reserve, cap=batch_size,
                      strict=description, unit=f"{n_pos}-token sequence on {model.info.name}", align=batch,
                      together=lambda row: row[0], description=description,
-                     key=(variants, *ablation.key(), run.tokens), resumable=True, stats=stats)
+                     key=(variants, *ablation.key(), run.tokens, *key), resumable=True, stats=stats)
     for done in groups:
         for v, value in done.items():
             results[v] = value.to(run.logits.device)

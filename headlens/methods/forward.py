@@ -5,6 +5,9 @@
 - :func:`forward_from`: the logits of prompts resumed at block ``first`` from a given residual stream,
   with hooks; when every hook is on a head output and the model's own transformers modules compute the
   bridge's function (:func:`native_from_ok`), the blocks run natively with memory-efficient attention;
+- :func:`prefix_cache` / :func:`forward_suffix`: the clean KV cache of the prompts' first positions,
+  and the logits of rows that run only the positions after it, with hooks (what
+  :func:`~headlens.methods.run_variants` uses when every variant acts at late positions only);
 - :func:`logits_at`: the unembedding applied at chosen positions only;
 - :func:`row_bytes` / :func:`clean_run_bytes`: what one sequence of a forward pass, and a cached clean
   run, cost in bytes (what :func:`headlens.runtime.work.chunked` plans chunks with).
@@ -16,18 +19,19 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import HeadlensError
-from ..models import HeadModel
-from ..runtime.work import budget
-from .generation import native_forward, uses_native
+from ..models import HeadModel, kv_cache_fix
+from ..runtime.work import budget, plan
+from .generation import native_forward, shares_context, uses_native
 from .hooks import FINAL_SCALE, resid_name, v_name, z_name
 from .metrics import Metric, at_positions, metric_positions, position_index
 
 __all__ = ["CleanRun", "clean_run", "forward_from", "native_from_ok", "logits_at", "skip_blocks_before",
-           "block_returns_tuple", "row_bytes", "clean_run_bytes"]
+           "block_returns_tuple", "row_bytes", "clean_run_bytes", "kv_cache_bytes", "prefix_cache",
+           "forward_suffix", "suffix_ok"]
 
 
 @dataclass
@@ -244,6 +248,85 @@ def native_from_ok(model) -> bool:
     return model.memo["native_from"]
 
 
+KV = list[tuple[Float[Tensor, "batch kv_head p0 d_head"], Float[Tensor, "batch kv_head p0 d_head"]]]
+
+
+def prefix_cache(model: HeadModel, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
+                 p0: int) -> KV:
+    """The clean keys and values of every layer at the prompts' first ``p0`` positions: per layer
+    ``(keys, values)``, each ``[batch, kv_heads, p0, d_head]`` on the model's device.
+
+    One bridge forward of ``tokens[:, :p0]`` with its mask and ``use_cache=True`` (in chunks of prompts
+    planned from the memory budget); causal attention makes them the full run's keys and values there."""
+    tokens = tokens.to(model.device)
+    mask = None if attention_mask is None else attention_mask[:, :p0].to(model.device)
+    per_chunk = plan(row_bytes(model, p0, 1) + kv_cache_bytes(model, p0), device=model.device,
+                     weights=model.weight_bytes(), n_items=tokens.shape[0])
+    parts: list[KV] = []
+    last = torch.tensor([p0 - 1])
+    with torch.no_grad(), kv_cache_fix(model), logits_at(model, last):
+        for i in range(0, tokens.shape[0], per_chunk):
+            rows = slice(i, i + per_chunk)
+            _, cache = model.bridge(tokens[rows, :p0], attention_mask=None if mask is None else mask[rows],
+                                    use_cache=True, return_type="logits_and_cache")
+            parts.append([(layer.keys, layer.values) for layer in cache.layers])
+    if len(parts) == 1:
+        return parts[0]
+    return [(torch.cat([p[l][0] for p in parts]), torch.cat([p[l][1] for p in parts]))
+            for l in range(len(parts[0]))]
+
+
+def forward_suffix(model: HeadModel, tokens: Int[Tensor, "rows n_new"], attention_mask: Tensor | None,
+                   prefix: KV, prompts: Int[Tensor, " rows"], fwd_hooks: Sequence = (),
+                   index: torch.Tensor | None = None) -> Float[Tensor, "rows n vocab"]:
+    """Logits of rows that run only their prompts' last ``n_new`` positions (``tokens``), after the clean
+    KV cache of the positions before them (``prefix``, of :func:`prefix_cache`; row ``r`` continues
+    prompt ``prompts[r]``), with ``fwd_hooks`` in place; ``attention_mask``: the rows' whole mask
+    ``[rows, p0 + n_new]`` (the bridge takes the position ids from it, left padding included). Hooked
+    activations hold the ``n_new`` positions only (a pattern: ``n_new`` queries, every key);
+    ``index``: the logits' positions, counted within the ``n_new``.
+
+    Runs through the bridge (eager attention) under :func:`headlens.models.kv_cache_fix`; the cache rows
+    are copied out of ``prefix`` (``[rows, kv_heads, p0, d_head]`` per layer, :func:`kv_cache_bytes`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    hf = model.bridge.original_model
+    cache = DynamicCache(config=hf.config)
+    if not cache.layers:
+        cache.layers = [DynamicLayer() for _ in prefix]
+    with torch.no_grad():
+        for i, (k, v) in enumerate(prefix):
+            pick = prompts.to(k.device)
+            cache.update(k.index_select(0, pick), v.index_select(0, pick), i)
+        mask = None if attention_mask is None else attention_mask.to(model.device)
+        with kv_cache_fix(model), logits_at(model, index), model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
+            return model.bridge(tokens.to(model.device), attention_mask=mask, past_key_values=cache,
+                                return_type="logits")
+
+
+def suffix_ok(model) -> bool:
+    """Whether :func:`forward_suffix` gives the full run's logits for ``model``: every layer attends to
+    the whole sequence (no sliding-window cache), and a run of the last 3 of 8 tokens after the prefix's
+    cache matches the full run (log-probabilities to 1e-4; checked once per model)."""
+    if "suffix" not in model.memo:
+        ok = False
+        if shares_context(model.bridge.original_model):
+            x = torch.arange(1, 9, device=model.device)[None] % model.bridge.cfg.d_vocab
+            try:
+                with torch.no_grad():
+                    ref = model.bridge(x)[:, 5:]
+                got = forward_suffix(model, x[:, 5:], None, prefix_cache(model, x, None, 5),
+                                     torch.zeros(1, dtype=torch.long))
+                ref, got = torch.log_softmax(ref.float(), -1), torch.log_softmax(got.float(), -1)
+                tol = 1e-4 if model.info.dtype == "float32" else 5e-2
+                ok = got.shape == ref.shape and bool((got - ref).abs().max() <= tol * max(1.0, float(ref.abs().max())))
+            except Exception:   # an architecture whose bridge cannot continue a cache: whole prompts
+                ok = False
+        model.memo["suffix"] = ok
+    return model.memo["suffix"]
+
+
 @contextlib.contextmanager
 def logits_at(model, index: torch.Tensor | None):
     """Within the block, the unembedding sees only positions ``index``.
@@ -277,24 +360,34 @@ def _shape(model: HeadModel):
     return info, itemsize, d_mlp, cfg.d_vocab
 
 
-def row_bytes(model: HeadModel, n_pos: int, n_logit_pos: int | None = None) -> int:
+def row_bytes(model: HeadModel, n_pos: int, n_logit_pos: int | None = None, n_query: int | None = None) -> int:
     """Peak working bytes of one sequence of ``n_pos`` tokens in a forward pass (no gradients).
 
-    The largest of a layer's transients: eager attention's scores and pattern ``[heads, pos, pos]``
+    The largest of a layer's transients: eager attention's scores and pattern ``[heads, query, pos]``
     (scores in the model's dtype, softmax in float32, the hooked pattern and an ablation's
     replacement), or the MLP's hidden activations; plus the residual stream in and out, the query,
     key and value (keys and values repeated for grouped-query attention), and the logits at
     ``n_logit_pos`` positions (default all) with a float32 working copy for the metric.
+    ``n_query``: the positions that run (default all); fewer for a run of the last ``n_query``
+    positions after a KV cache of the others, whose cache is :func:`kv_cache_bytes` on top.
     """
     info, item, d_mlp, vocab = _shape(model)
     n_logit_pos = n_pos if n_logit_pos is None else n_logit_pos
+    n_query = n_pos if n_query is None else n_query
     heads, d_head = info.n_heads, info.d_head
-    attn = heads * n_pos * n_pos * (2 * item + 2 * 4)                 # scores, pattern (+fp32 softmax)
-    qkv = n_pos * d_head * (heads + 2 * info.n_kv_heads + 2 * heads + 2 * heads) * item  # q,k,v,repeat,z
-    mlp = 3 * n_pos * d_mlp * item
-    resid = 4 * n_pos * info.d_model * item
+    attn = heads * n_query * n_pos * (2 * item + 2 * 4)               # scores, pattern (+fp32 softmax)
+    qkv = d_head * (n_query * 3 * heads + n_pos * (2 * info.n_kv_heads + 2 * heads)) * item  # q,z,k,v,repeat
+    mlp = 3 * n_query * d_mlp * item
+    resid = 4 * n_query * info.d_model * item
     logits = n_logit_pos * vocab * (item + 4)
     return int(1.25 * (max(attn + qkv, mlp) + resid + logits))
+
+
+def kv_cache_bytes(model: HeadModel, n_pos: int) -> int:
+    """Bytes of one sequence's KV cache of ``n_pos`` positions at every layer (keys and values of the
+    key/value heads, in the model's dtype)."""
+    info, item, _, _ = _shape(model)
+    return 2 * info.n_layers * info.n_kv_heads * info.d_head * n_pos * item
 
 
 def clean_run_bytes(model: HeadModel, batch: int, n_pos: int, keep_z: bool = True) -> int:

@@ -53,8 +53,9 @@ class Site:
     :func:`ablate`, where the forward pass is the user's. ``prompts``: ``[rows]``, which prompt of ``run``
     each row of ``x`` runs (None: the rows are the prompts, in order). ``attention_mask``: the rows' mask
     ``[rows, pos]``, when given. ``variants``: ``[rows]``, which variant of a batched sweep each row is.
-    ``offset``: the position in the sequence of ``x``'s first position (0, but for a decoding step with a
-    KV cache, which runs its new positions only; :func:`ablate` reads it off the layer's pattern).
+    ``offset``: the position in the sequence of ``x``'s first position (0, but for a run with a KV cache,
+    which runs its new positions only: a decoding step, where :func:`ablate` reads it off the layer's
+    pattern, or :func:`~headlens.methods.run_variants`'s suffix runs, which give it).
     """
     model: Any
     layer: int
@@ -70,6 +71,14 @@ class Site:
             return per_prompt
         return per_prompt[self.prompts.to(per_prompt.device)]
 
+    def columns(self, per_position: Tensor, n: int) -> Tensor:
+        """A per-position tensor of the whole sequence ``[rows, offset + n, ...]`` cut to ``x``'s ``n``
+        positions (from :attr:`offset` on). Anything else (one position, a broadcast; no offset; another
+        length) is returned as it is, for the caller's own shape check."""
+        if self.offset == 0 or per_position.shape[1] != self.offset + n:
+            return per_position
+        return per_position[:, self.offset:]
+
     def row_mask(self) -> Tensor | None:
         """The rows' attention mask: the one given, else the clean run's (indexed to the rows), else None."""
         if self.attention_mask is not None:
@@ -80,9 +89,16 @@ class Site:
 
 class Intervention:
     """What the selected heads' output ``z`` ``[rows, pos, head, d_head]`` (``blocks.L.attn.hook_z``)
-    is replaced by. Subclasses set ``name`` and implement :meth:`forward`."""
+    is replaced by. Subclasses set ``name`` and implement :meth:`forward`.
+
+    ``offset_aware``: whether :meth:`forward` and :meth:`positions` are right when ``x`` holds only the
+    sequence's last positions (from :attr:`Site.offset` on; for a pattern, its queries): they read what is
+    per position through :meth:`Site.columns` or ``site.offset``. Only then may
+    :func:`~headlens.methods.run_variants` run the suffix of the prompts alone; a subclass that leaves it
+    False always gets whole prompts."""
     name: ClassVar[str] = ""
     hook: ClassVar[str] = "attn.hook_z"
+    offset_aware: ClassVar[bool] = False
 
     def forward(self, x: Float[Tensor, "rows pos head d_head"], site: Site) -> Tensor:
         raise NotImplementedError
@@ -139,6 +155,7 @@ class PatternIntervention(Intervention):
 
 class ZeroAblation(Intervention):
     name = "zero"
+    offset_aware = True
 
     def forward(self, z, site):
         return torch.zeros_like(z[:1, :1])
@@ -146,6 +163,7 @@ class ZeroAblation(Intervention):
 
 class Scale(Intervention):
     name = "scale"
+    offset_aware = True
 
     def __init__(self, s: float = 0.0):
         self.s = s
@@ -164,6 +182,7 @@ class MeanAblation(Intervention):
     reads is the clean one and only the positions the mean was taken over are ablated. ``False`` writes
     the mean at every position, the start included (the older definition)."""
     name = "mean"
+    offset_aware = True
 
     def __init__(self, over: Int[Tensor, "batch pos"] | None = None, keep_start: bool = True):
         self.over = over
@@ -193,6 +212,7 @@ class ResampleAblation(Intervention):
     """The head's output on another prompt of the batch (a seeded derangement per layer). Inside
     :func:`ablate` the other prompt's output is the one of the same forward pass."""
     name = "resample"
+    offset_aware = True
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -205,13 +225,14 @@ class ResampleAblation(Intervention):
         g = torch.Generator().manual_seed(self.seed + site.layer)
         perm = (torch.arange(n) + torch.randint(1, n, (1,), generator=g)) % n   # no prompt keeps its own
         resampled = source[perm.to(source.device)]
-        return site.rows(resampled) if site.run is not None else resampled
+        return site.columns(site.rows(resampled), z.shape[1]) if site.run is not None else resampled
 
 
 class Patch(Intervention):
     """The head's output from a source run: a :class:`~headlens.methods.ablation.CleanRun`, per-layer
     ``z`` ``{layer: [batch, pos, head, d_head]}``, or tokens (run once, on first use)."""
     name = "patch"
+    offset_aware = True
 
     def __init__(self, source=None):
         if source is None:
@@ -224,7 +245,7 @@ class Patch(Intervention):
 
     def forward(self, z, site):
         source = self.source if isinstance(self.source, dict) else self.source.z
-        src = site.rows(source[site.layer])
+        src = site.columns(site.rows(source[site.layer]), z.shape[1])
         if src.shape[1:] != z.shape[1:]:
             raise HeadlensError(f"Patch: the source has {src.shape[1]} positions, the run {z.shape[1]}")
         return src
@@ -237,6 +258,7 @@ class Patch(Intervention):
 class UniformAttention(PatternIntervention):
     """Attention spread evenly over the causal prefix (and over unpadded keys, given a mask)."""
     name = "uniform"
+    offset_aware = True
 
     def forward(self, pattern, site):
         mask, n_key = site.attention_mask, pattern.shape[-1]

@@ -159,6 +159,7 @@ class Steer(PatternIntervention):
     query's row renormalised, which equals adding ``log(alpha)`` to those keys' scores before the softmax.
     Keys after the prompt's ``pos`` columns (generated tokens) are not scaled."""
     name = "steer"
+    offset_aware = True      # it scales keys, all of them present whichever queries run
 
     def __init__(self, emphasised: Bool[Tensor, "batch pos"] | None = None, alpha: float = 0.01):
         if emphasised is None:
