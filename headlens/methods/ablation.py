@@ -201,12 +201,12 @@ def run_variants(model: HeadModel, tokens: torch.Tensor, variants: Sequence[Iter
     # Whole variants per chunk when one fits (align), and a variant never split between two ranks
     # (together): a rank assembles each variant from the same rows, in the same batches, as one process.
     # An explicit budget also holds the cached clean run (reserve), and the prefix cache of suffix runs.
-    # A suffix run's row holds its cache rows (copied out of the prefix, then grown by the suffix).
+    # A suffix run's row holds its cache rows at every layer (copied out of the prefix once).
     if prefix is None:
         item_bytes, reserve, key = row_bytes(model, n_pos, n_logit), run.nbytes(), ()
     else:
-        item_bytes = row_bytes(model, n_pos, n_logit, n_query=n_pos - p0) + 2 * kv_cache_bytes(model, n_pos)
-        reserve, key = run.nbytes() + batch * kv_cache_bytes(model, p0), ("suffix", p0)
+        item_bytes = row_bytes(model, n_pos, n_logit, n_query=n_pos - p0) + kv_cache_bytes(model, n_pos)
+        reserve, key = run.nbytes() + batch * kv_cache_bytes(model, n_pos), ("suffix", p0)
     if stats is not None:
         stats["suffix"] = p0 if prefix is not None else None
     groups = chunked(run_group, rows, item_bytes=item_bytes, device=model.device,

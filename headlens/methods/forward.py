@@ -253,8 +253,9 @@ KV = list[tuple[Float[Tensor, "batch kv_head p0 d_head"], Float[Tensor, "batch k
 
 def prefix_cache(model: HeadModel, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None,
                  p0: int) -> KV:
-    """The clean keys and values of every layer at the prompts' first ``p0`` positions: per layer
-    ``(keys, values)``, each ``[batch, kv_heads, p0, d_head]`` on the model's device.
+    """The clean keys and values of every layer at the prompts' first ``p0`` positions, laid out for the
+    whole prompts: per layer ``(keys, values)``, each ``[batch, kv_heads, pos, d_head]`` on the model's
+    device, zero from ``p0`` on (where :func:`forward_suffix` writes each row's own).
 
     One bridge forward of ``tokens[:, :p0]`` with its mask and ``use_cache=True`` (in chunks of prompts
     planned from the memory budget); causal attention makes them the full run's keys and values there."""
@@ -270,9 +271,8 @@ def prefix_cache(model: HeadModel, tokens: Int[Tensor, "batch pos"], attention_m
             _, cache = model.bridge(tokens[rows, :p0], attention_mask=None if mask is None else mask[rows],
                                     use_cache=True, return_type="logits_and_cache")
             parts.append([(layer.keys, layer.values) for layer in cache.layers])
-    if len(parts) == 1:
-        return parts[0]
-    return [(torch.cat([p[l][0] for p in parts]), torch.cat([p[l][1] for p in parts]))
+    pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, tokens.shape[1] - p0))    # noqa: E731
+    return [(pad(torch.cat([p[l][0] for p in parts])), pad(torch.cat([p[l][1] for p in parts])))
             for l in range(len(parts[0]))]
 
 
@@ -286,23 +286,41 @@ def forward_suffix(model: HeadModel, tokens: Int[Tensor, "rows n_new"], attentio
     activations hold the ``n_new`` positions only (a pattern: ``n_new`` queries, every key);
     ``index``: the logits' positions, counted within the ``n_new``.
 
-    Runs through the bridge (eager attention) under :func:`headlens.models.kv_cache_fix`; the cache rows
-    are copied out of ``prefix`` (``[rows, kv_heads, p0, d_head]`` per layer, :func:`kv_cache_bytes`)."""
+    Runs through the bridge (eager attention) under :func:`headlens.models.kv_cache_fix`; each layer's
+    cache rows are copied out of ``prefix`` once, when the layer runs (``[rows, kv_heads, pos, d_head]``
+    per layer, :func:`kv_cache_bytes`), and the suffix's keys and values are written into them."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     hf = model.bridge.original_model
     cache = DynamicCache(config=hf.config)
-    if not cache.layers:
-        cache.layers = [DynamicLayer() for _ in prefix]
+    p0 = prefix[0][0].shape[2] - tokens.shape[1]
+    cache.layers = [_rows_layer(k, v, prompts.to(k.device), p0) for k, v in prefix]
     with torch.no_grad():
-        for i, (k, v) in enumerate(prefix):
-            pick = prompts.to(k.device)
-            cache.update(k.index_select(0, pick), v.index_select(0, pick), i)
         mask = None if attention_mask is None else attention_mask.to(model.device)
         with kv_cache_fix(model), logits_at(model, index), model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
             return model.bridge(tokens.to(model.device), attention_mask=mask, past_key_values=cache,
                                 return_type="logits")
+
+
+def _rows_layer(keys: Tensor, values: Tensor, rows: Tensor, p0: int):
+    """A cache layer holding ``keys``/``values`` ``[batch, kv_heads, pos, d_head]`` (valid before ``p0``)
+    for rows ``rows`` of them: it reports ``p0`` cached positions, and its one update copies the rows
+    out (one copy) and writes the new keys and values at ``p0`` on."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RowsLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = p0 + key_states.shape[-2]
+            self.keys = keys.index_select(0, rows)[:, :, :end]
+            self.values = values.index_select(0, rows)[:, :, :end]
+            self.keys[:, :, p0:] = key_states
+            self.values[:, :, p0:] = value_states
+            return self.keys, self.values
+
+    layer = RowsLayer()
+    layer.keys, layer.values = keys[:1, :, :p0], values[:1, :, :p0]     # views: the cached length is p0
+    layer.device, layer.is_initialized = keys.device, True
+    return layer
 
 
 def suffix_ok(model) -> bool:
