@@ -25,7 +25,7 @@ from torch import Tensor
 from ..errors import HeadlensError
 from ..models import HeadModel, kv_cache_fix
 from ..runtime.work import budget, plan
-from .generation import native_forward, shares_context, uses_native
+from .generation import _cache_argument, native_forward, shares_context, uses_native
 from .hooks import FINAL_SCALE, resid_name, v_name, z_name
 from .metrics import Metric, at_positions, metric_positions, position_index
 
@@ -197,6 +197,16 @@ def forward_from(model: HeadModel, resid: Float[Tensor, "batch pos d_model"], fi
 
 
 def _native_from(model, resid, first, attention_mask, fwd_hooks, index, returns_tuple):
+    with native_hooks(model, fwd_hooks, index), skip_blocks_before(model, first, returns_tuple), \
+            native_forward(model) as hf:
+        return hf(inputs_embeds=resid, attention_mask=attention_mask, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def native_hooks(model, fwd_hooks: Sequence, index: torch.Tensor | None):
+    """``hook_z`` hooks ``fwd_hooks`` as forward pre-hooks on the output projections' inputs (viewed
+    ``[batch, pos, head, d_head]``), and the unembedding's input cut to positions ``index``, for runs of
+    the model's transformers modules (:func:`~headlens.methods.generation.native_forward`)."""
     handles = []
 
     def on_z(fn):
@@ -214,8 +224,7 @@ def _native_from(model, resid, first, attention_mask, fwd_hooks, index, returns_
             return (args[0][:, index.to(args[0].device)], *args[1:])
         handles.append(model.bridge.unembed.original_component.register_forward_pre_hook(select))
     try:
-        with skip_blocks_before(model, first, returns_tuple), native_forward(model) as hf:
-            return hf(inputs_embeds=resid, attention_mask=attention_mask, use_cache=False).logits
+        yield
     finally:
         for h in handles:
             h.remove()
@@ -286,9 +295,12 @@ def forward_suffix(model: HeadModel, tokens: Int[Tensor, "rows n_new"], attentio
     activations hold the ``n_new`` positions only (a pattern: ``n_new`` queries, every key);
     ``index``: the logits' positions, counted within the ``n_new``.
 
-    Runs through the bridge (eager attention) under :func:`headlens.models.kv_cache_fix`; each layer's
-    cache rows are copied out of ``prefix`` once, when the layer runs (``[rows, kv_heads, pos, d_head]``
-    per layer, :func:`kv_cache_bytes`), and the suffix's keys and values are written into them."""
+    When every hook is on a head output and :func:`native_from_ok`, the model's transformers modules run
+    (memory-efficient attention, hooks on the output projections' inputs, as in :func:`forward_from`;
+    position ids from the mask, as the bridge takes them); otherwise the bridge (eager attention) under
+    :func:`headlens.models.kv_cache_fix`. Each layer's cache rows are copied out of ``prefix`` once, when
+    the layer runs (``[rows, kv_heads, pos, d_head]`` per layer, :func:`kv_cache_bytes`), and the suffix's
+    keys and values are written into them."""
     from transformers import DynamicCache
 
     hf = model.bridge.original_model
@@ -297,8 +309,16 @@ def forward_suffix(model: HeadModel, tokens: Int[Tensor, "rows n_new"], attentio
     cache.layers = [_rows_layer(k, v, prompts.to(k.device), p0) for k, v in prefix]
     with torch.no_grad():
         mask = None if attention_mask is None else attention_mask.to(model.device)
+        tokens = tokens.to(model.device)
+        if all(name.endswith(".attn.hook_z") for name, _ in fwd_hooks) and native_from_ok(model):
+            n = p0 + tokens.shape[1]
+            real = torch.ones(1, n, dtype=torch.long, device=model.device) if mask is None else mask.long()
+            positions = (real.cumsum(1) - 1).clamp_min(0)[:, p0:].expand(tokens.shape[0], -1)
+            with native_hooks(model, fwd_hooks, index), native_forward(model) as hf:
+                return hf(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{_cache_argument(hf): cache}).logits
         with kv_cache_fix(model), logits_at(model, index), model.bridge.hooks(fwd_hooks=list(fwd_hooks)):
-            return model.bridge(tokens.to(model.device), attention_mask=mask, past_key_values=cache,
+            return model.bridge(tokens, attention_mask=mask, past_key_values=cache,
                                 return_type="logits")
 
 
