@@ -179,6 +179,7 @@ class TaskMeanPatch(Intervention):
     [n_tasks, n_heads, d_head]}``, ``task`` ``[n_prompts]`` (which mean each prompt of the run gets). Used
     with ``(layer, head, position)`` variants, it writes only there (the AIE patch)."""
     name = "task_mean_patch"
+    offset_aware = True      # one value per prompt for every position: right on the last positions alone
 
     def __init__(self, means: dict[int, Tensor], task: Tensor):
         self.means = means
