@@ -32,6 +32,7 @@ EXAMPLE_PROMPTS = {
     "attention_sink": "The quick brown fox jumps over the lazy dog. It was a sunny day.",
     "function_vector": "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA: slow\n\nQ: up\nA:",
     "ioi": "When Mary and John went to the store, John gave a drink to",
+    "concept_induction": "The violinist played in Philadelphia.\nThe violinist played in Phil",
 }
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
 
